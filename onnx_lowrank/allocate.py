@@ -1,0 +1,134 @@
+"""Global allocation: pick (k, r) for every layer so the whole model meets one budget.
+
+All three allocators solve the same problem with a different per-candidate score: minimise the largest score over
+the layers, subject to the total cost (params or FLOPs) staying within the budget. Keeping a layer dense is always
+an option (score 0); factorizations that are not smaller than the dense layer are never candidates.
+
+For a threshold t, every layer takes its cheapest option whose score is <= t. The total cost falls monotonically
+as t grows, so the smallest feasible t, found by bisection over the sorted distinct scores, is exactly the optimum
+of the min-max problem over the whole candidate set (no random seeds, no iterations to tune).
+
+- `alds`: score = relative spectral error bound of the (k, r) candidate, every k (the ALDS objective).
+- `uniform`: k = 1, score = 1 - r / max_rank: the same rank ratio in every layer (the classic SVD baseline).
+- `energy`: k = 1, score = fraction of squared singular values dropped: the same discarded energy everywhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyze import Analysis, Candidate, LayerAnalysis
+from .errors import BudgetError, InvalidOptionError
+from .plan import Plan
+
+__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate"]
+
+METRICS = ("params", "flops")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for one layer: its score, its cost, and (k, rank), or None for keeping the layer dense."""
+
+    score: float
+    cost: int
+    choice: tuple[int, int] | None
+
+
+def minmax_select(options: Sequence[Sequence[Option]], capacity: float) -> tuple[list[Option], float]:
+    """Pick one option per layer minimising the largest score, with the sum of costs <= capacity.
+
+    Every layer's options must include one of score 0 (the dense layer). Returns the choices and the threshold.
+    Ties go to the cheaper option, then to the lower score, then to the first listed.
+    """
+    stairs = [_staircase(layer_options) for layer_options in options]
+    thresholds = sorted({step.score for stair in stairs for step in stair})
+
+    def pick(t: float) -> list[Option]:
+        return [stair[bisect.bisect_right([s.score for s in stair], t) - 1] for stair in stairs]
+
+    def total(t: float) -> int:
+        return sum(o.cost for o in pick(t))
+
+    low, high = 0, len(thresholds) - 1
+    if total(thresholds[high]) > capacity:
+        raise ValueError("capacity is below the cheapest allocation")
+    while low < high:  # smallest index whose total fits
+        middle = (low + high) // 2
+        if total(thresholds[middle]) <= capacity:
+            high = middle
+        else:
+            low = middle + 1
+    return pick(thresholds[low]), thresholds[low]
+
+
+def _staircase(options: Sequence[Option]) -> list[Option]:
+    """Options by rising score, keeping only those cheaper than every option of lower score."""
+    ordered = sorted(options, key=lambda o: (o.score, o.cost, o.choice or (0, 0)))
+    if not ordered or ordered[0].score > 0:
+        raise ValueError("every layer needs an option of score 0 (keeping it dense)")
+    stair = [ordered[0]]
+    for option in ordered[1:]:
+        if option.cost < stair[-1].cost:
+            stair.append(option)
+    return stair
+
+
+def _alds_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
+    return [(c, c.error) for c in analysis.candidates]
+
+
+def _uniform_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
+    max_rank = analysis.spectra[1].max_rank
+    return [(c, 1.0 - c.rank / max_rank) for c in analysis.candidates if c.k == 1]
+
+
+def _energy_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
+    energy = analysis.spectra[1].singular_values[0] ** 2
+    total = float(energy.sum())
+    dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # dropped[r] = sum of energy[r:]
+    return [(c, float(dropped[c.rank]) / total if total else 0.0) for c in analysis.candidates if c.k == 1]
+
+
+ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
+
+
+def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
+    """The plan that keeps `budget` (a fraction in (0, 1]) of the model's params or FLOPs, per `allocator`."""
+    if metric not in METRICS:
+        raise InvalidOptionError(f"The metric must be one of {', '.join(METRICS)}. Got {metric!r} instead.")
+    if allocator not in ALLOCATORS:
+        raise InvalidOptionError(f"The allocator must be one of {', '.join(ALLOCATORS)}. Got {allocator!r} instead.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise InvalidOptionError(f"The budget must be a fraction in the range (0, 1]. Got {budget!r} instead.")
+    total = analysis.total_params if metric == "params" else analysis.total_flops
+    if total is None or any(a.dense_flops is None for a in analysis.layers) and metric == "flops":
+        raise InvalidOptionError(
+            "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs)."
+        )
+
+    def cost_of(analysis_: LayerAnalysis, candidate: Candidate | None) -> int:
+        if candidate is None:
+            return analysis_.dense_params if metric == "params" else analysis_.dense_flops
+        return candidate.params if metric == "params" else candidate.flops
+
+    options = [
+        [Option(0.0, cost_of(a, None), None)]
+        + [Option(score, cost_of(a, c), (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
+        for a in analysis.layers
+    ]
+    fixed = total - sum(o[0].cost for o in options)
+    smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
+    capacity = budget * total - fixed
+    if budget * total < smallest:
+        raise BudgetError(
+            f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
+            f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}."
+        )
+    chosen, threshold = minmax_select(options, capacity) if options else ([], 0.0)
+    layers = {a.layer.name: o.choice for a, o in zip(analysis.layers, chosen) if o.choice is not None}
+    return Plan(layers=layers, allocator=allocator, metric=metric, budget=float(budget), threshold=threshold)

@@ -1,0 +1,104 @@
+"""What a layer or a model costs, in parameters and FLOPs: the one place every cost is computed.
+
+Parameters count weight elements. FLOPs count a multiply and an add as two operations (2 x MACs, the convention of
+most detection papers) for every Conv, ConvTranspose, Gemm and MatMul node, from concrete tensor shapes; other
+operators are not counted. A factorized layer costs its grouped encoder plus its decoder:
+
+    params = r * (k * out + in_channels * taps)          (dense: out * in_channels * taps)
+    flops  = 2 * positions * params                      (the encoder keeps the layer's strides and output size)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from .discover import Layer
+
+__all__ = ["dense_params", "factorized_params", "dense_flops", "factorized_flops", "model_params", "model_flops"]
+
+
+def dense_params(layer: Layer) -> int:
+    return int(layer.matrix.size)
+
+
+def factorized_params(layer: Layer, k: int, rank: int) -> int:
+    return int(rank * (k * layer.out_channels + layer.matrix.shape[1]))
+
+
+def dense_flops(layer: Layer) -> int | None:
+    return None if layer.output_positions is None else 2 * layer.output_positions * dense_params(layer)
+
+
+def factorized_flops(layer: Layer, k: int, rank: int) -> int | None:
+    if layer.output_positions is None:
+        return None
+    return 2 * layer.output_positions * factorized_params(layer, k, rank)
+
+
+def model_params(model: onnx.ModelProto) -> int:
+    """Elements of every floating-point initializer and Constant-node tensor: the model's weight parameters."""
+    tensors = _constant_tensors(model)
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in float_types))
+
+
+def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """FLOPs of one inference over every Conv/ConvTranspose/Gemm/MatMul node; None if a needed shape is unknown."""
+    known = {**_constant_shapes(model), **shapes}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in _NODE_MACS:
+            continue
+        needed = [node.output[0], node.input[0], node.input[1]]
+        if any(name not in known for name in needed):
+            return None
+        total += 2 * _NODE_MACS[node.op_type](node, *(known[name] for name in needed))
+    return int(total)
+
+
+def _constant_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors.extend(a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+    return tensors
+
+
+def _constant_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of initializers and Constant-node outputs (Constant tensors carry no name of their own)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    shapes[node.output[0]] = tuple(a.t.dims)
+    return shapes
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _conv_macs(node, out_shape, in_shape, weight_shape) -> int:
+    # every output element reads (c_in / group) * taps inputs; the weight's dims 1.. are exactly that
+    return int(np.prod(out_shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
+
+
+def _conv_transpose_macs(node, out_shape, in_shape, weight_shape) -> int:
+    # every input element is scattered to (c_out / group) * taps outputs
+    return int(np.prod(in_shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
+
+
+def _matmul_macs(node, out_shape, a_shape, b_shape) -> int:
+    inner = a_shape[-1] if node.op_type == "MatMul" or not _trans_a(node) else a_shape[0]
+    return int(np.prod(out_shape, dtype=np.int64)) * int(inner)
+
+
+def _trans_a(node: onnx.NodeProto) -> bool:
+    return bool(next((a.i for a in node.attribute if a.name == "transA"), 0))
+
+
+_NODE_MACS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _matmul_macs, "MatMul": _matmul_macs}

@@ -1,0 +1,334 @@
+"""Find the layers we can factorize: Conv (group 1), Gemm and MatMul whose weight is a constant.
+
+A weight counts as constant when it is an initializer or the output of a `Constant` node (PaddlePaddle exports store
+every weight that way). A Conv whose only consumer is an inference-mode BatchNormalization is seen with the BN
+folded in, so its error is measured on what the pair really computes. Everything else is listed as skipped, with the
+reason, and left untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+__all__ = ["Layer", "Skipped", "Discovery", "discover"]
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One factorizable layer, seen as a matrix.
+
+    `matrix` is the effective weight, shape (out, in_channels * prod(kernel_shape)): a Conv weight (out, c, *kernel)
+    reshaped in C order with any following BatchNormalization folded in; a Gemm weight as (out, in) whatever transB
+    says; a MatMul weight (in, out) transposed. Splitting its columns into k contiguous equal blocks splits the input
+    channels into k contiguous groups.
+    """
+
+    name: str  # node name, or the node's first output when the node is unnamed; unique in the model
+    op: str  # "Conv", "Gemm" or "MatMul"
+    node_output: str  # first output of the node: identifies it in the graph
+    weight_name: str  # the weight tensor as the node reads it
+    weight_shape: tuple[int, ...]  # as stored in the model
+    matrix: np.ndarray  # (out, in_channels * prod(kernel_shape)), float64
+    in_channels: int
+    kernel_shape: tuple[int, ...]  # () for Gemm/MatMul
+    dtype: np.dtype  # the weight's stored dtype; new weights are written in it
+    batchnorm_output: str | None = None  # output of a BatchNormalization folded into this Conv
+    bias: np.ndarray | None = None  # folded bias (out,), set only when a BatchNormalization is folded in
+    output_positions: int | None = None  # output positions per inference (N*H*W, or MatMul rows); None if unknown
+    activation_rank: int | None = None  # rank of the activation input (needed to build a grouped MatMul)
+
+    @property
+    def out_channels(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions per input channel (1 for Gemm/MatMul)."""
+        return self.matrix.shape[1] // self.in_channels
+
+    @property
+    def output(self) -> str:
+        """The tensor the (possibly fused) layer produces: the BatchNormalization output when one is folded in."""
+        return self.batchnorm_output or self.node_output
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A Conv/Gemm/MatMul left untouched, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    layers: tuple[Layer, ...]
+    skipped: tuple[Skipped, ...]
+
+
+_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def discover(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    exclude: str | None = None,
+) -> Discovery:
+    """List the factorizable layers of `model` and the Conv/Gemm/MatMul nodes that are skipped, with reasons.
+
+    `shapes` (concrete tensor shapes, optional) gives each layer's output positions, which FLOP counts need, and
+    the rank of MatMul activations; without it ranks come from ONNX shape inference and FLOPs stay unknown.
+    `exclude` is a regular expression: layers whose name it matches (re.search) are skipped.
+    """
+    graph = model.graph
+    pattern = re.compile(exclude) if exclude else None
+    constants = _ConstantTable(graph)
+    consumers = _consumers(graph)
+    producers = {out: node for node in graph.node for out in node.output if out}
+    boundary = {v.name for v in graph.input} | {v.name for v in graph.output}
+    ranks = _activation_ranks(model) if shapes is None else {k: len(v) for k, v in shapes.items()}
+    names = _unique_layer_names(graph)
+
+    layers: list[Layer] = []
+    skipped: list[Skipped] = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        name = names[id(node)]
+        weight_index = 1
+        reason = _weight_problem(node, weight_index, constants, consumers, producers, boundary)
+        if reason is None and pattern is not None and pattern.search(name):
+            reason = f"excluded by the pattern {exclude!r}"
+        if reason is None:
+            try:
+                layer = _LAYER_BUILDERS[node.op_type](node, name, constants, consumers, boundary, shapes, ranks)
+            except _Skip as skip:
+                reason = str(skip)
+        if reason is not None:
+            skipped.append(Skipped(name=name, op=node.op_type, reason=reason))
+        else:
+            layers.append(layer)
+    return Discovery(layers=tuple(layers), skipped=tuple(skipped))
+
+
+class _Skip(Exception):
+    """Raised inside a layer builder: the message is the skip reason."""
+
+
+class _ConstantTable:
+    """Initializers and Constant-node outputs by name; arrays are decoded only when asked for."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        self._tensors[node.output[0]] = attr.t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def dtype(self, name: str) -> np.dtype:
+        return onnx.helper.tensor_dtype_to_np_dtype(self._tensors[name].data_type)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].dims)
+
+    def array(self, name: str) -> np.ndarray:
+        return onnx.numpy_helper.to_array(self._tensors[name])
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Every node reading each tensor, counting reads from inside subgraphs (If/Loop bodies) as their parent's."""
+    result: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) | _subgraph_reads(node):
+            if name:
+                result.setdefault(name, []).append(node)
+    return result
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for inner in sub.node:
+                reads.update(inner.input)
+                reads.update(_subgraph_reads(inner))
+    return reads
+
+
+def _unique_layer_names(graph: onnx.GraphProto) -> dict[int, str]:
+    """Node name when it is set and unique, else the node's first output (unique in a valid graph)."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    return {id(n): n.name if n.name and counts[n.name] == 1 else n.output[0] for n in graph.node if n.output}
+
+
+def _weight_problem(node, index, constants, consumers, producers, boundary) -> str | None:
+    """Why the node's weight input cannot be rewritten, or None when it can."""
+    if len(node.input) <= index or not node.input[index]:
+        return "has no weight input"
+    weight = node.input[index]
+    if weight not in constants:
+        producer = producers.get(weight)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return "weight is quantized (produced by DequantizeLinear)"
+        if producer is not None:
+            return f"weight is not a constant (produced by {producer.op_type})"
+        return "weight is not a constant (it is a graph input)"
+    if weight in boundary:
+        return "weight is also a graph input or output, so it can change at run time"
+    if len(consumers.get(weight, [])) > 1 or list(node.input).count(weight) > 1:
+        return "weight is shared by several nodes"
+    dtype = constants.dtype(weight)
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"unsupported weight dtype {dtype.name} (float32 and float64 are supported)"
+    return None
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
+    attrs = _attributes(node)
+    if attrs.get("group", 1) != 1:
+        return _raise(f"grouped convolution (group={attrs['group']}) is left as it is")
+    weight = constants.array(node.input[1])
+    if weight.ndim < 3:
+        return _raise(f"weight of rank {weight.ndim} is not a convolution kernel")
+    out_channels, in_channels, *kernel = weight.shape
+    matrix = weight.reshape(out_channels, -1).astype(np.float64)
+    bias = None
+    batchnorm = _following_batchnorm(node, constants, consumers, boundary)
+    if batchnorm is not None:
+        scale, shift = _batchnorm_affine(batchnorm, constants)
+        has_bias = len(node.input) > 2 and node.input[2]
+        if has_bias and node.input[2] not in constants:
+            batchnorm = None  # the bias cannot be folded; factorize the Conv alone
+        elif scale.shape == (out_channels,):
+            conv_bias = constants.array(node.input[2]).astype(np.float64) if has_bias else 0.0
+            matrix = matrix * scale[:, None]
+            bias = conv_bias * scale + shift
+        else:
+            batchnorm = None
+    output = batchnorm.output[0] if batchnorm is not None else node.output[0]
+    positions = _positions(shapes, output, channel_axis=1)
+    return Layer(
+        name=name,
+        op="Conv",
+        node_output=node.output[0],
+        weight_name=node.input[1],
+        weight_shape=tuple(weight.shape),
+        matrix=matrix,
+        in_channels=in_channels,
+        kernel_shape=tuple(kernel),
+        dtype=weight.dtype,
+        batchnorm_output=batchnorm.output[0] if batchnorm is not None else None,
+        bias=bias,
+        output_positions=positions,
+        activation_rank=ranks.get(node.input[0]),
+    )
+
+
+def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
+    attrs = _attributes(node)
+    if attrs.get("transA", 0) != 0:
+        return _raise("transA=1 is not supported")
+    weight = constants.array(node.input[1])
+    if weight.ndim != 2:
+        return _raise(f"weight of rank {weight.ndim} is not a matrix")
+    matrix = weight if attrs.get("transB", 0) else weight.T
+    return _matrix_layer(node, name, "Gemm", weight, matrix, shapes, ranks)
+
+
+def _matmul_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
+    weight = constants.array(node.input[1])
+    if weight.ndim != 2:
+        return _raise(f"weight of rank {weight.ndim} is a batch of matrices, not one matrix")
+    rank = ranks.get(node.input[0])
+    if rank is not None and rank < 2:
+        return _raise("activation is a vector (rank 1)")
+    return _matrix_layer(node, name, "MatMul", weight, weight.T, shapes, ranks)
+
+
+def _matrix_layer(node, name, op, weight, matrix, shapes, ranks) -> Layer:
+    return Layer(
+        name=name,
+        op=op,
+        node_output=node.output[0],
+        weight_name=node.input[1],
+        weight_shape=tuple(weight.shape),
+        matrix=np.ascontiguousarray(matrix, dtype=np.float64),
+        in_channels=matrix.shape[1],
+        kernel_shape=(),
+        dtype=weight.dtype,
+        output_positions=_positions(shapes, node.output[0], channel_axis=-1),
+        activation_rank=ranks.get(node.input[0]),
+    )
+
+
+def _raise(reason: str):
+    raise _Skip(reason)
+
+
+_LAYER_BUILDERS = {"Conv": _conv_layer, "Gemm": _gemm_layer, "MatMul": _matmul_layer}
+
+
+def _following_batchnorm(node, constants, consumers, boundary) -> onnx.NodeProto | None:
+    """The inference-mode BatchNormalization that is the Conv output's only reader, if any."""
+    output = node.output[0]
+    readers = consumers.get(output, [])
+    if output in boundary or len(readers) != 1:
+        return None
+    bn = readers[0]
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or list(bn.input[:1]) != [output]:
+        return None
+    if _attributes(bn).get("training_mode", 0) != 0 or any(o for o in bn.output[1:]):
+        return None
+    if len(bn.input) != 5 or not all(name in constants and name not in boundary for name in bn.input[1:]):
+        return None
+    return bn
+
+
+def _batchnorm_affine(bn: onnx.NodeProto, constants: _ConstantTable) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization as y = scale * x + shift per channel."""
+    gamma, beta, mean, var = (constants.array(n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
+    epsilon = _attributes(bn).get("epsilon", 1e-5)
+    scale = gamma / np.sqrt(var + epsilon)
+    return scale, beta - mean * scale
+
+
+def _positions(shapes, tensor: str, channel_axis: int) -> int | None:
+    """Output positions per inference: all elements of the output but the channel axis."""
+    if shapes is None or tensor not in shapes:
+        return None
+    shape = list(shapes[tensor])
+    if not shape:
+        return None
+    del shape[channel_axis]
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _activation_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor ONNX shape inference can tell, without concrete input shapes."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception:  # shape inference is a convenience here: a model it cannot handle simply has unknown ranks
+        inferred = model
+    ranks = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    return ranks

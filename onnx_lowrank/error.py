@@ -1,0 +1,52 @@
+"""How far a factorized layer moves from the original: the one place a candidate's error is computed.
+
+The error of a factorization is the relative spectral error ||W - W_hat||_2 / ||W||_2 of the layer's matrix.
+
+For planning we need it for every (k, r) without building the factors, from the groups' singular values alone.
+With k groups the residual is E = [E_1 ... E_k], where ||E_g||_2 = sigma_{g,r+1} (the first dropped singular value
+of group g). Since E E^T = sum_g E_g E_g^T,
+
+    max_g sigma_{g,r+1}  <=  ||E||_2  <=  sqrt(sum_g sigma_{g,r+1}^2)
+
+We plan with the upper bound (exact when k = 1). The lower bound is what the ALDS reference code uses; it can
+understate the error by sqrt(k). The error reported for a chosen factorization is measured on the real factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .svd import Factors, reconstruct, spectral_norm
+
+__all__ = ["Spectrum", "error_bound", "measured_error"]
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """Singular values of each of the k column groups of a layer's matrix, and the norm errors are relative to."""
+
+    k: int
+    singular_values: np.ndarray  # (k, max_rank), descending per group
+    reference_norm: float  # ||W||_2
+
+    @property
+    def max_rank(self) -> int:
+        return self.singular_values.shape[1]
+
+
+def error_bound(spectrum: Spectrum, ranks: np.ndarray | int) -> np.ndarray:
+    """Upper bound of the relative spectral error for each rank in `ranks` (vectorised; exact for k = 1)."""
+    ranks = np.asarray(ranks)
+    padded = np.concatenate([spectrum.singular_values, np.zeros((spectrum.k, 1))], axis=1)
+    dropped = padded[:, np.minimum(ranks, spectrum.max_rank)]  # (k, len(ranks)): first dropped value per group
+    if spectrum.reference_norm == 0:
+        return np.zeros(dropped.shape[1:])
+    return np.sqrt(np.sum(dropped**2, axis=0)) / spectrum.reference_norm
+
+
+def measured_error(matrix: np.ndarray, factors: Factors) -> float:
+    """The exact relative spectral error of `factors` against `matrix`."""
+    norm = spectral_norm(matrix)
+    return 0.0 if norm == 0 else spectral_norm(matrix - reconstruct(factors)) / norm

@@ -1,0 +1,30 @@
+"""The one exception family of onnx-lowrank.
+
+Broken input (a model we cannot read, an option out of range, a budget that cannot be met) raises a subclass of
+`LowRankError`; the CLI turns it into one line on stderr and exit code 2. A layer we merely cannot compress is not an
+error: it is skipped, with a reason, in the report.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "InputDataError"]
+
+
+class LowRankError(Exception):
+    """Base class: every error onnx-lowrank raises on purpose."""
+
+
+class InvalidModelError(LowRankError):
+    """The model file or ModelProto cannot be read, checked or run."""
+
+
+class InvalidOptionError(LowRankError, ValueError):
+    """An option (budget, metric, plan, shape string, ...) is malformed or out of range."""
+
+
+class BudgetError(LowRankError):
+    """The requested budget cannot be reached with the candidate factorizations of this model."""
+
+
+class InputDataError(LowRankError):
+    """Input or calibration data does not match the model (missing names, wrong shapes or dtypes)."""

@@ -1,0 +1,78 @@
+"""A plan: which layers to factorize and how (k groups, rank r). Layers not named stay dense.
+
+Plans are plain JSON so they can be reviewed, edited and re-applied (`onnx-lowrank apply --plan`):
+
+    {"format": "onnx-lowrank-plan", "version": 1, "allocator": "alds", "metric": "params", "budget": 0.7,
+     "layers": {"/model.0/conv/Conv": {"k": 1, "rank": 8}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidOptionError
+
+__all__ = ["Plan"]
+
+_FORMAT = "onnx-lowrank-plan"
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: Mapping[str, tuple[int, int]]  # layer name -> (k, rank)
+    allocator: str | None = None
+    metric: str | None = None
+    budget: float | None = None
+    threshold: float | None = None  # the largest per-layer planning score the allocator allowed
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "allocator": self.allocator,
+            "metric": self.metric,
+            "budget": self.budget,
+            "threshold": self.threshold,
+            "layers": {name: {"k": k, "rank": r} for name, (k, r) in self.layers.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "plan") -> Plan:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+            raise InvalidOptionError(f"{source} is not an onnx-lowrank plan: expected a JSON object with 'layers'.")
+        layers: dict[str, tuple[int, int]] = {}
+        for name, entry in data["layers"].items():
+            k = entry.get("k") if isinstance(entry, dict) else None
+            rank = entry.get("rank") if isinstance(entry, dict) else None
+            if not (isinstance(k, int) and isinstance(rank, int) and k >= 1 and rank >= 1):
+                raise InvalidOptionError(
+                    f"{source}: layer {name!r} needs whole numbers k >= 1 and rank >= 1, like "
+                    f'{{"k": 1, "rank": 16}}. Got {entry!r} instead.'
+                )
+            layers[name] = (k, rank)
+        budget = data.get("budget")
+        threshold = data.get("threshold")
+        return cls(
+            layers=layers,
+            allocator=data.get("allocator"),
+            metric=data.get("metric"),
+            budget=float(budget) if isinstance(budget, (int, float)) else None,
+            threshold=float(threshold) if isinstance(threshold, (int, float)) else None,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidOptionError(f"plan file {str(path)!r} does not exist.") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidOptionError(f"cannot read plan file {str(path)!r}: {exc}.") from None
+        return cls.from_dict(data, source=f"plan file {str(path)!r}")
