@@ -1,3 +1,30 @@
-"""onnx-lowrank: compress ONNX models after export by grouped low-rank factorization under one global budget."""
+"""onnx-lowrank: compress ONNX models after export by grouped low-rank factorization under one global budget.
+
+>>> import onnx_lowrank
+>>> model, report = onnx_lowrank.compress("model.onnx", budget=0.5, input_shapes=["x:1x3x224x224"])  # doctest: +SKIP
+"""
+
+from .analyze import Analysis
+from .api import analyze, apply, compress, plan
+from .errors import BudgetError, InputDataError, InvalidModelError, InvalidOptionError, LowRankError
+from .plan import Plan
+from .report import Report
+from .verify import Verification
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "compress",
+    "analyze",
+    "plan",
+    "apply",
+    "Analysis",
+    "Plan",
+    "Report",
+    "Verification",
+    "LowRankError",
+    "InvalidModelError",
+    "InvalidOptionError",
+    "BudgetError",
+    "InputDataError",
+]

@@ -1,0 +1,239 @@
+"""`onnx-lowrank` on the command line: a thin layer over the Python API.
+
+Exit codes: 0 success (also when there is nothing to compress), 1 verification error above --max-error (the model
+is then not written), 2 bad input or usage, with one line on stderr and no output file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__, api
+from .allocate import ALLOCATORS, METRICS
+from .errors import InvalidOptionError, LowRankError
+from .load import check_output_path, save_model
+from .plan import Plan
+from .report import Report, render, render_analysis
+
+EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    console = Console(quiet=args.quiet)
+    try:
+        return args.run(args, console)
+    except LowRankError as exc:
+        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnx-lowrank: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-lowrank",
+        description="Compress the Conv/Gemm/MatMul layers of an ONNX model by grouped low-rank factorization.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnx-lowrank {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compress = commands.add_parser("compress", help="analyze, plan, rewrite and verify in one go")
+    compress.add_argument("input", help="the model to compress (never modified)")
+    compress.add_argument("output", help="where to write the compressed model (.onnx)")
+    compress.add_argument("--budget", type=float, required=True,
+                          help="fraction of the model's params (or FLOPs) to keep, in (0, 1]")
+    compress.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
+    compress.add_argument("--allocator", choices=sorted(ALLOCATORS), default="alds",
+                          help="alds: min-max error over (k, rank); uniform/energy: classic k=1 baselines")
+    compress.add_argument("--plan-out", metavar="P.json", help="also write the chosen plan as JSON")
+    _analysis_options(compress)
+    _verify_options(compress)
+    compress.set_defaults(run=_run_compress)
+
+    analyze = commands.add_parser("analyze", help="per-layer compressibility table; no rewrite")
+    analyze.add_argument("input", help="the model to analyze")
+    _analysis_options(analyze)
+    analyze.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    analyze.set_defaults(run=_run_analyze)
+
+    apply = commands.add_parser("apply", help="rewrite a model with a plan written by --plan-out (or by hand)")
+    apply.add_argument("input", help="the model to rewrite (never modified)")
+    apply.add_argument("output", help="where to write the rewritten model (.onnx)")
+    apply.add_argument("--plan", required=True, metavar="P.json", help="the plan to apply")
+    _input_options(apply)
+    _verify_options(apply)
+    apply.set_defaults(run=_run_apply)
+    return parser
+
+
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inputs", metavar="PATH",
+                        help=".npz keyed by input name (one batch), or a folder of .npz files (one sample each)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                        help="concrete shape for an input with dynamic dimensions (repeatable)")
+
+
+def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    _input_options(parser)
+    parser.add_argument("--exclude", metavar="REGEX", help="leave layers whose name matches this pattern dense")
+    parser.add_argument("--max-groups", type=int, default=8, metavar="K",
+                        help="largest number of input-channel groups k to consider (default 8; 1 = plain SVD)")
+    parser.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+                        help="only ranks that are multiples of N (8 or 16 suit onnxruntime's blocked conv kernels)")
+    parser.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+
+
+def _verify_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip running both models in onnxruntime")
+    parser.add_argument("--max-error", type=float, metavar="X",
+                        help="exit 1 and write no model when an output's relative L2 error exceeds X")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _run_compress(args: argparse.Namespace, console: Console) -> int:
+    _check_inputs(args)
+    check_output_path(args.output, (args.input,))
+    with _progress(console) as advance:
+        model, report = api.compress(
+            args.input,
+            args.budget,
+            metric=args.metric,
+            allocator=args.allocator,
+            rank_multiple=args.rank_multiple,
+            max_groups=args.max_groups,
+            exclude=args.exclude,
+            inputs=args.inputs,
+            input_shapes=args.input_shape,
+            verify=args.verify,
+            progress=advance,
+        )
+    return _finish(args, console, model, report)
+
+
+def _run_apply(args: argparse.Namespace, console: Console) -> int:
+    _check_inputs(args)
+    check_output_path(args.output, (args.input,))
+    plan = Plan.load(args.plan)
+    model, report = api.apply(args.input, plan, inputs=args.inputs, input_shapes=args.input_shape, verify=args.verify)
+    return _finish(args, console, model, report)
+
+
+def _run_analyze(args: argparse.Namespace, console: Console) -> int:
+    _check_inputs(args)
+    with _progress(console) as advance:
+        analysis = api.analyze(
+            args.input,
+            input_shapes=args.input_shape,
+            inputs=args.inputs,
+            exclude=args.exclude,
+            max_groups=args.max_groups,
+            rank_multiple=args.rank_multiple,
+            progress=advance,
+        )
+    render_analysis(analysis, console)
+    if args.report:
+        _write_text(args.report, json.dumps(_analysis_dict(analysis), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _finish(args: argparse.Namespace, console: Console, model, report: Report) -> int:
+    render(report, console)
+    if args.report:
+        _write_text(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
+    verification = report.verification
+    if args.max_error is not None and verification is not None and not verification.passed(args.max_error):
+        print(
+            f"onnx-lowrank: output error {verification.worst_relative_l2:.4g} exceeds --max-error {args.max_error:g}; "
+            f"{args.output} was not written. Raise the budget or the tolerance.",
+            file=sys.stderr,
+        )
+        return EXIT_VERIFICATION
+    save_model(model, args.output)
+    if getattr(args, "plan_out", None):
+        _write_text(args.plan_out, report.plan.to_json())
+    console.print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Option checks that need no model, so mistakes cost nothing."""
+    if getattr(args, "budget", None) is not None and not 0 < args.budget <= 1:
+        raise InvalidOptionError(f"--budget must be a fraction in (0, 1]. Got {args.budget:g} instead.")
+    if getattr(args, "max_error", None) is not None and not args.max_error >= 0:
+        raise InvalidOptionError(f"--max-error must be >= 0. Got {args.max_error:g} instead.")
+    for option in ("report", "plan_out"):
+        value = getattr(args, option, None)
+        if value and not Path(value).parent.is_dir():
+            raise InvalidOptionError(f"folder of --{option.replace('_', '-')} {value!r} does not exist; create it first.")
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomic write: a temporary file beside the target, renamed into place."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".onnx-lowrank-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class _progress:
+    """A progress bar over layers on stderr while the spectra are computed; nothing when quiet or not a terminal."""
+
+    def __init__(self, console: Console):
+        self._bar = Progress(
+            TextColumn("analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+            console=Console(stderr=True, quiet=console.quiet), transient=True,
+        )
+        self._task = None
+
+    def __enter__(self):
+        self._bar.start()
+        self._task = self._bar.add_task("", total=None)
+
+        def advance(layer) -> None:
+            self._bar.update(self._task, advance=1, description=layer.name)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
+
+
+def _analysis_dict(analysis) -> dict:
+    return {
+        "total_params": analysis.total_params,
+        "total_flops": analysis.total_flops,
+        "layers": [
+            {
+                "name": a.layer.name,
+                "op": a.layer.op,
+                "weight_shape": list(a.layer.weight_shape),
+                "params": a.dense_params,
+                "flops": a.dense_flops,
+                "candidates": [[c.k, c.rank, c.error, c.params] for c in a.candidates],
+            }
+            for a in analysis.layers
+        ],
+        "skipped": [s.__dict__ for s in analysis.skipped],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

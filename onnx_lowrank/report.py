@@ -1,0 +1,203 @@
+"""What a compression did, as data first (`Report`, JSON-safe) and as a terminal table second (`render`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from .analyze import Analysis
+from .discover import Skipped
+from .plan import Plan
+from .verify import Verification
+
+__all__ = ["LayerRow", "Totals", "Report", "render", "render_analysis"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One factorizable layer: what it was, what it became (k, rank None when kept dense), and the error."""
+
+    name: str
+    op: str
+    weight_shape: tuple[int, ...]
+    k: int | None
+    rank: int | None
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+    error: float | None  # measured relative spectral error ||W - W_hat||_2 / ||W||_2 of the applied factors
+    planned_error: float | None  # the error bound the allocator planned with
+
+
+@dataclass(frozen=True)
+class Totals:
+    params: int
+    flops: int | None
+
+
+@dataclass(frozen=True)
+class Report:
+    layers: tuple[LayerRow, ...]
+    skipped: tuple[Skipped, ...]
+    before: Totals  # counted on the original model
+    after: Totals  # counted on the compressed model itself
+    plan: Plan
+    verification: Verification | None = None
+    seconds: Mapping[str, float] = field(default_factory=dict)  # stage -> wall time
+    message: str | None = None  # why nothing was compressed, when nothing was
+
+    @property
+    def params_ratio(self) -> float:
+        return self.after.params / self.before.params if self.before.params else 1.0
+
+    @property
+    def flops_ratio(self) -> float | None:
+        if self.before.flops is None or self.after.flops is None or not self.before.flops:
+            return None
+        return self.after.flops / self.before.flops
+
+    @property
+    def factorized(self) -> tuple[LayerRow, ...]:
+        return tuple(row for row in self.layers if row.rank is not None)
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": {
+                "params_before": self.before.params,
+                "params_after": self.after.params,
+                "params_ratio": self.params_ratio,
+                "flops_before": self.before.flops,
+                "flops_after": self.after.flops,
+                "flops_ratio": self.flops_ratio,
+                "layers_factorized": len(self.factorized),
+                "layers_considered": len(self.layers),
+                "layers_skipped": len(self.skipped),
+                "max_layer_error": max((r.error for r in self.factorized), default=0.0),
+                "message": self.message,
+            },
+            "plan": self.plan.to_dict(),
+            "layers": [
+                {**row.__dict__, "weight_shape": list(row.weight_shape)} for row in self.layers
+            ],
+            "skipped": [s.__dict__ for s in self.skipped],
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "seconds": dict(self.seconds),
+        }
+
+
+def render(report: Report, console: Console) -> None:
+    """Per-layer table, totals, verification and timings."""
+    table = Table(title="Layers", title_justify="left", show_lines=False)
+    for column, justify in [("layer", "left"), ("op", "left"), ("weight", "left"), ("k", "right"),
+                            ("rank", "right"), ("params", "right"), ("FLOPs", "right"), ("error", "right")]:
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in report.layers:
+        dense = row.rank is None
+        table.add_row(
+            row.name,
+            row.op,
+            "x".join(map(str, row.weight_shape)),
+            "-" if dense else str(row.k),
+            "dense" if dense else str(row.rank),
+            _before_after(row.params_before, row.params_after, dense),
+            _before_after(row.flops_before, row.flops_after, dense),
+            "-" if row.error is None else f"{row.error:.4f}",
+            style="dim" if dense else None,
+        )
+    console.print(table)
+    if report.skipped:
+        skipped = Table(title="Skipped", title_justify="left")
+        skipped.add_column("layer", overflow="fold")
+        skipped.add_column("op")
+        skipped.add_column("reason", overflow="fold")
+        for item in report.skipped:
+            skipped.add_row(item.name, item.op, item.reason)
+        console.print(skipped)
+
+    totals = Table(title="Model", title_justify="left")
+    for column in ("", "before", "after", "ratio"):
+        totals.add_column(column, justify="right" if column else "left")
+    totals.add_row("params", f"{report.before.params:,}", f"{report.after.params:,}", f"{report.params_ratio:.3f}")
+    flops_ratio = report.flops_ratio
+    totals.add_row(
+        "FLOPs",
+        _count(report.before.flops),
+        _count(report.after.flops),
+        "-" if flops_ratio is None else f"{flops_ratio:.3f}",
+    )
+    totals.add_row("factorized layers", "", f"{len(report.factorized)} of {len(report.layers)}", "")
+    worst = max((r.error for r in report.factorized), default=None)
+    if worst is not None:
+        totals.add_row("worst layer error", "", f"{worst:.4f}", "")
+    console.print(totals)
+
+    if report.verification is not None:
+        check = Table(title=f"Verification in onnxruntime ({report.verification.samples} samples)", title_justify="left")
+        for column in ("output", "relative L2", "max abs", "cosine", "top-1 agreement"):
+            check.add_column(column, justify="left" if column == "output" else "right")
+        for out in report.verification.outputs:
+            check.add_row(
+                out.name,
+                _float(out.relative_l2),
+                _float(out.max_abs),
+                _float(out.cosine, digits=6),
+                "-" if out.top1_agreement is None else f"{out.top1_agreement:.4f}",
+            )
+        console.print(check)
+    if report.message:
+        console.print(report.message)
+    if report.seconds:
+        console.print("time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in report.seconds.items()))
+
+
+def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)) -> None:
+    """Per-layer compressibility: the smallest fraction of its params a layer can keep at each error level."""
+    table = Table(title="Compressibility (fraction of params kept at a given relative error)", title_justify="left")
+    for column in ("layer", "op", "weight", "params", "FLOPs"):
+        table.add_column(column, justify="right" if column in ("params", "FLOPs") else "left", overflow="fold")
+    for level in error_levels:
+        table.add_column(f"err<={level:g}", justify="right")
+    for entry in analysis.layers:
+        cells = []
+        for level in error_levels:
+            fitting = [c.params for c in entry.candidates if c.error <= level]
+            cells.append(f"{min(fitting) / entry.dense_params:.2f}" if fitting else "1.00")
+        table.add_row(
+            entry.layer.name,
+            entry.layer.op,
+            "x".join(map(str, entry.layer.weight_shape)),
+            f"{entry.dense_params:,}",
+            _count(entry.dense_flops),
+            *cells,
+        )
+    console.print(table)
+    console.print(
+        f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model params "
+        f"{analysis.total_params:,}, FLOPs {_count(analysis.total_flops)}"
+    )
+
+
+def _before_after(before: int | None, after: int | None, dense: bool) -> str:
+    if before is None:
+        return "-"
+    return _count(before) if dense else f"{_count(before)} -> {_count(after)}"
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _float(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{value:.{digits}g}" if digits != 6 else f"{value:.6f}"
