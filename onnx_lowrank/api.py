@@ -45,6 +45,7 @@ class _Workspace:
     model: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]] | None  # None when some input dimension is unknown
     feeds: list[dict[str, np.ndarray]] | None
+    feeds_source: str | None = None  # the --inputs path, or "random" when samples were generated
 
     def shapes_of(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
         """Concrete shapes of every tensor the cost model reads, or None when the input shapes are unknown."""
@@ -72,7 +73,8 @@ def _prepare(model: ModelLike, inputs: str | os.PathLike | None, input_shapes: S
             resolved = None
         if need_feeds:
             feeds = random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0)
-    return _Workspace(model=proto, input_shapes=resolved, feeds=feeds)
+    source = None if feeds is None else str(inputs) if inputs is not None else "random"
+    return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, feeds_source=source)
 
 
 def _parse_shapes(input_shapes: ShapeSpecs) -> dict[str, tuple[int, ...]]:
@@ -196,6 +198,7 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         after=after,
         plan=plan,
         verification=verification,
+        verified_on=workspace.feeds_source if verification is not None else None,
         seconds=seconds,
         message=message,
     )

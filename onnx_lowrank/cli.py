@@ -22,7 +22,9 @@ from .allocate import ALLOCATORS, METRICS
 from .errors import InvalidOptionError, LowRankError
 from .load import check_output_path, save_model
 from .plan import Plan
-from .report import Report, render, render_analysis
+from .plot import plot_frontier
+from .report import Report, render, render_analysis, render_sweep
+from .sweep import parse_budgets, sweep
 
 EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
 
@@ -75,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     _input_options(apply)
     _verify_options(apply)
     apply.set_defaults(run=_run_apply)
+
+    sweep = commands.add_parser("sweep", help="compress at several budgets; table of size, speed and output error")
+    sweep.add_argument("input", help="the model to sweep (never modified)")
+    sweep.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5", help="fractions to keep (default 0.9,...,0.5)")
+    sweep.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
+    sweep.add_argument("--allocator", default="alds", metavar="NAMES",
+                       help=f"one or more of {','.join(sorted(ALLOCATORS))}, comma-separated (default alds)")
+    sweep.add_argument("--plot", metavar="FRONTIER.png", help="draw output error and latency against size")
+    sweep.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
+    _analysis_options(sweep)
+    sweep.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    sweep.set_defaults(run=_run_sweep)
     return parser
 
 
@@ -146,6 +160,38 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
     render_analysis(analysis, console)
     if args.report:
         _write_text(args.report, json.dumps(_analysis_dict(analysis), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _run_sweep(args: argparse.Namespace, console: Console) -> int:
+    _check_inputs(args)
+    budgets = parse_budgets(args.budgets)
+    allocators = [name.strip() for name in args.allocator.split(",") if name.strip()]
+    unknown = [name for name in allocators if name not in ALLOCATORS]
+    if unknown or not allocators:
+        raise InvalidOptionError(f"--allocator takes names from {', '.join(sorted(ALLOCATORS))}. Got {args.allocator!r}.")
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise InvalidOptionError(f"folder of --plot {args.plot!r} does not exist; create it first.")
+    with Console(stderr=True, quiet=args.quiet).status("sweeping") as status:
+        result = sweep(
+            args.input,
+            budgets,
+            allocators=allocators,
+            metric=args.metric,
+            inputs=args.inputs,
+            input_shapes=args.input_shape,
+            rank_multiple=args.rank_multiple,
+            max_groups=args.max_groups,
+            exclude=args.exclude,
+            latency=args.latency,
+            progress=lambda cell: status.update(f"sweeping: {cell}"),
+        )
+    render_sweep(result, console)
+    if args.report:
+        _write_text(args.report, json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot:
+        plot_frontier(result.points, args.plot, title=f"{Path(args.input).name} ({args.metric} budget)")
+        console.print(f"wrote {args.plot}")
     return EXIT_OK
 
 

@@ -48,6 +48,7 @@ class Report:
     after: Totals  # counted on the compressed model itself
     plan: Plan
     verification: Verification | None = None
+    verified_on: str | None = None  # the samples verification ran on: an --inputs path, or "random"
     seconds: Mapping[str, float] = field(default_factory=dict)  # stage -> wall time
     message: str | None = None  # why nothing was compressed, when nothing was
 
@@ -86,6 +87,7 @@ class Report:
             ],
             "skipped": [s.__dict__ for s in self.skipped],
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "verified_on": self.verified_on,
             "seconds": dict(self.seconds),
         }
 
@@ -137,7 +139,9 @@ def render(report: Report, console: Console) -> None:
     console.print(totals)
 
     if report.verification is not None:
-        check = Table(title=f"Verification in onnxruntime ({report.verification.samples} samples)", title_justify="left")
+        source = "random" if report.verified_on == "random" else report.verified_on
+        title = f"Verification in onnxruntime ({report.verification.samples} samples from {source})"
+        check = Table(title=title, title_justify="left")
         for column in ("output", "relative L2", "max abs", "cosine", "top-1 agreement"):
             check.add_column(column, justify="left" if column == "output" else "right")
         for out in report.verification.outputs:
@@ -149,6 +153,11 @@ def render(report: Report, console: Console) -> None:
                 "-" if out.top1_agreement is None else f"{out.top1_agreement:.4f}",
             )
         console.print(check)
+        if report.verified_on == "random":
+            console.print(
+                "[yellow]Verified on random inputs, which few real models respond to like real data: "
+                "pass --inputs with real samples for errors that predict accuracy.[/yellow]"
+            )
     if report.message:
         console.print(report.message)
     if report.seconds:
@@ -179,6 +188,34 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
     console.print(
         f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model params "
         f"{analysis.total_params:,}, FLOPs {_count(analysis.total_flops)}"
+    )
+
+
+def render_sweep(result, console: Console) -> None:
+    """One row per (allocator, budget) cell of a sweep."""
+    table = Table(title=f"Sweep (output error on {result.samples} samples)", title_justify="left")
+    for column in ("alloc", "budget", "params", "FLOPs", "time", "out err", "top-1", "layer err", "n", "s"):
+        table.add_column(column, justify="left" if column == "alloc" else "right", no_wrap=True)
+    for p in result.points:
+        table.add_row(
+            p.allocator,
+            f"{p.budget:g}",
+            f"{p.params_ratio:.3f}",
+            "-" if p.flops_ratio is None else f"{p.flops_ratio:.3f}",
+            "-" if p.latency_ratio is None else f"{p.latency_ratio:.3f}",
+            _float(p.output_error, digits=3),
+            "-" if p.top1_agreement is None else f"{p.top1_agreement:.3f}",
+            f"{p.max_layer_error:.3f}",
+            str(p.layers_factorized),
+            f"{p.tool_seconds:.1f}",
+        )
+    console.print(table)
+    for allocator, budget, why in result.unreachable:
+        console.print(f"[yellow]{allocator} at {budget:g}: {why}[/yellow]")
+    console.print(
+        "params, FLOPs, time: fractions of the original (time: onnxruntime median, measured interleaved); "
+        "out err: worst output relative L2; layer err: worst layer's relative spectral error; n: layers factorized; "
+        "s: tool seconds (analyze + plan + apply)."
     )
 
 

@@ -1,0 +1,58 @@
+"""Frontier plots (matplotlib is optional: `pip install onnx-lowrank[plot]`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InvalidOptionError
+from .sweep import SweepPoint
+
+__all__ = ["plot_frontier"]
+
+_STYLE = {"alds": ("tab:red", "o"), "uniform": ("tab:blue", "s"), "energy": ("tab:green", "^")}
+
+
+def plot_frontier(
+    points: Sequence[SweepPoint],
+    path: str | Path,
+    title: str,
+    panels: Sequence[tuple[str, str]] = (("output_error", "output relative L2 error (lower is better)"),
+                                         ("latency_ratio", "latency / original (lower is faster)")),
+    x: tuple[str, str] = ("params_ratio", "fraction of params kept"),
+) -> Path:
+    """One panel per (field, label) in `panels` against `x`, one line per allocator. Fields may name task metrics."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidOptionError("--plot needs matplotlib: pip install 'onnx-lowrank[plot]'.") from None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for axis, (name, label) in zip(axes[0], panels):
+        for allocator in dict.fromkeys(p.allocator for p in points):
+            series = sorted((_value(p, x[0]), _value(p, name)) for p in points if p.allocator == allocator)
+            series = [(a, b) for a, b in series if a is not None and b is not None]
+            if not series:
+                continue
+            color, marker = _STYLE.get(allocator, (None, "x"))
+            axis.plot(*zip(*series), marker=marker, color=color, label=allocator)
+        if name == "latency_ratio":
+            axis.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+        axis.set_xlabel(x[1])
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    target = Path(path)
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return target
+
+
+def _value(point: SweepPoint, name: str):
+    if hasattr(point, name):
+        return getattr(point, name)
+    return point.task.get(name)

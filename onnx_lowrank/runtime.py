@@ -1,0 +1,117 @@
+"""Create onnxruntime sessions from in-memory models and run them.
+
+Every check this project makes (shapes it cannot infer, verification, latency) ends in onnxruntime on the CPU, so
+session creation lives in one place: a model is handed over as bytes, or, when it is too large for one protobuf
+message (2 GB hard limit; we switch at ~1.8 GB to leave headroom), written with external data to a temporary
+directory and loaded from there. ORT errors are turned into this project's one-line error types.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputDataError, InvalidModelError
+
+__all__ = ["PROTOBUF_LIMIT", "session", "run", "model_size", "save_with_external_data"]
+
+PROTOBUF_LIMIT = 1_800_000_000
+"""Bytes above which a model is passed to ORT (and shape inference) through a file with external data."""
+
+_PROVIDERS = ["CPUExecutionProvider"]
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """ORT's message on one line: its details often sit on the lines after the first ("... for the following
+    indices" / "index: 1 Got: 7 Expected: 6"), so lines are joined rather than cut, and the status prefix dropped."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = _ORT_PREFIX.sub("", text).rstrip(" .") or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes; models protobuf cannot even measure count as infinitely large."""
+    try:
+        return model.ByteSize()
+    except Exception:  # protobuf refuses to size messages past 2 GB on some builds
+        return 1 << 62
+
+
+def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name: str = "model.onnx") -> Path:
+    """Write a copy of `model` to `directory` with its large tensors in one side file; return the model path.
+
+    `onnx.save_model(..., save_as_external_data=True)` rewrites the tensors it moves out, so it gets a copy: the
+    caller's model is never touched.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    path = Path(directory) / name
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=name + ".data",
+        size_threshold=1024,
+    )
+    return path
+
+
+def session(
+    model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True
+) -> ort.InferenceSession:
+    """A CPU session for `model` (ORT_ENABLE_ALL unless `optimize` is False, which loads faster and keeps every
+    node as written — what the shape fallback wants).
+
+    `threads` sets the intra-op thread count (None: ORT's default, one per core). A model ORT refuses raises
+    InvalidModelError with ORT's message joined onto one line.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    try:
+        if model_size(model) <= PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=_PROVIDERS)
+        # ORT reads external data while the session is created, so the directory may go right after.
+        with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:
+            path = save_with_external_data(model, directory)
+            return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
+    except Exception as error:  # ORT raises its own pybind classes (Fail, InvalidGraph, NotImplemented, ...)
+        raise InvalidModelError(
+            f"onnxruntime cannot load the model: {_one_line(error)}; check that the model runs in onnxruntime"
+        ) from error
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `sess` once on `feeds`; return every output by name, in the model's output order.
+
+    Feeds ORT rejects (missing or unknown name, wrong dtype or shape) raise InputDataError; any other failure while
+    running raises InvalidModelError. Both carry ORT's message, joined onto one line.
+    """
+    names = [output.name for output in sess.get_outputs()]
+    try:
+        values = sess.run(names, dict(feeds))
+    except Exception as error:
+        message = _one_line(error)
+        # INVALID_ARGUMENT: wrong dtype/shape/name; ValueError: ORT's Python layer found a required input missing.
+        bad_feed = type(error).__name__ == "InvalidArgument" or "INVALID_ARGUMENT" in str(error)
+        if bad_feed or isinstance(error, ValueError):
+            raise InputDataError(
+                f"onnxruntime rejected the inputs: {message}; give inputs matching the model"
+            ) from error
+        raise InvalidModelError(f"onnxruntime failed to run the model: {message}") from error
+    return dict(zip(names, values))

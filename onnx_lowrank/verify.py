@@ -1,0 +1,170 @@
+"""Prove in onnxruntime that the compressed model computes (almost) what the original did.
+
+Both models run on the same samples; each output is compared over all samples at once: relative L2 error
+||a - b|| / ||a|| (the headline number, the same measure the budget is planned in), the largest absolute
+difference, the cosine similarity, and — for outputs that are score vectors — how often the top-1 class agrees,
+which is what a classifier's user notices first. Errors from all samples are pooled rather than averaged per sample,
+so a sample with a large output weighs in proportion to its size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from . import runtime
+from .errors import InputDataError, InvalidModelError
+
+__all__ = ["OutputComparison", "Verification", "verify", "is_score_output"]
+
+_PROBABILITY_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How far one output moved, pooled over every sample."""
+
+    name: str
+    relative_l2: float  # ||a - b|| / ||a||; 0 when both are zero, inf when only the reference is zero
+    max_abs: float
+    cosine: float  # 1 when both are zero, 0 when exactly one is
+    top1_agreement: float | None  # None when the output is not a score vector
+
+    def to_dict(self) -> dict[str, object]:
+        return {key: _json_number(value) for key, value in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Per-output comparison of the original and compressed model, in the model's output order."""
+
+    outputs: tuple[OutputComparison, ...]
+    samples: int
+
+    @property
+    def worst_relative_l2(self) -> float:
+        """The largest relative L2 error over outputs (NaN if any output produced NaN; 0 with no outputs)."""
+        values = [o.relative_l2 for o in self.outputs]
+        if any(math.isnan(v) for v in values):
+            return math.nan
+        return max(values, default=0.0)
+
+    def passed(self, max_error: float) -> bool:
+        """True when every output's relative L2 error is at most `max_error` (a NaN never passes)."""
+        worst = self.worst_relative_l2
+        return not math.isnan(worst) and worst <= max_error
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe: non-finite numbers (an infinite or NaN error) become None."""
+        return {
+            "samples": self.samples,
+            "worst_relative_l2": _json_number(self.worst_relative_l2),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def is_score_output(value: np.ndarray) -> bool:
+    """Whether top-1 agreement means something for this output.
+
+    Rank 2 (N, C) with C > 1 is taken as logits or scores per item. Higher ranks count only when the last axis is a
+    probability distribution (non-negative, sums to 1 within 1e-3), e.g. per-time-step softmax of a text recogniser;
+    a detector's (N, 84, anchors) map or a segmentation mask is not.
+    """
+    if value.ndim < 2 or value.shape[-1] < 2 or value.size == 0:
+        return False
+    if value.ndim == 2:
+        return True
+    if value.dtype.kind != "f":
+        return False
+    if not np.all(value >= 0):  # also False on NaN
+        return False
+    sums = value.sum(axis=-1, dtype=np.float64)
+    return bool(np.allclose(sums, 1.0, rtol=0.0, atol=_PROBABILITY_ATOL))
+
+
+class _Accumulator:
+    """Running sums for one output, so samples never have to be held together in memory."""
+
+    def __init__(self) -> None:
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+        self.cmp_sq = 0.0
+        self.dot = 0.0
+        self.max_abs = 0.0
+        self.scores = True
+        self.agree = 0
+        self.positions = 0
+
+    def add(self, reference: np.ndarray, compressed: np.ndarray) -> None:
+        a = np.asarray(reference, dtype=np.float64).ravel()
+        b = np.asarray(compressed, dtype=np.float64).ravel()
+        diff = a - b
+        self.diff_sq += float(diff @ diff)
+        self.ref_sq += float(a @ a)
+        self.cmp_sq += float(b @ b)
+        self.dot += float(a @ b)
+        if diff.size:
+            self.max_abs = float(np.max([self.max_abs, np.max(np.abs(diff))]))  # np.max keeps a NaN
+        self.scores = self.scores and is_score_output(np.asarray(reference))
+        if self.scores:
+            self.agree += int(np.sum(np.argmax(reference, axis=-1) == np.argmax(compressed, axis=-1)))
+            self.positions += int(np.prod(reference.shape[:-1]))
+
+    def result(self, name: str) -> OutputComparison:
+        diff, ref, cmp = math.sqrt(self.diff_sq), math.sqrt(self.ref_sq), math.sqrt(self.cmp_sq)
+        if ref > 0:
+            relative = diff / ref
+        else:
+            relative = 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
+        if ref > 0 and cmp > 0:
+            cosine = min(1.0, max(-1.0, self.dot / (ref * cmp)))
+        elif math.isnan(ref) or math.isnan(cmp):
+            cosine = math.nan
+        else:
+            cosine = 1.0 if ref == cmp == 0 else 0.0
+        top1 = self.agree / self.positions if self.scores and self.positions else None
+        return OutputComparison(name, relative, self.max_abs, cosine, top1)
+
+
+def verify(
+    original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> Verification:
+    """Run both models on every feed (one session each) and compare their outputs, pooled over the feeds.
+
+    The compressed model must have the original's outputs (by name) with the same shapes; otherwise the rewrite
+    broke the model and InvalidModelError is raised.
+    """
+    if not feeds:
+        raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
+    reference_session = runtime.session(original)
+    compressed_session = runtime.session(compressed)
+    names = [o.name for o in reference_session.get_outputs()]
+    missing = [n for n in names if n not in {o.name for o in compressed_session.get_outputs()}]
+    if missing:
+        raise InvalidModelError(
+            f"The compressed model lacks output(s) {', '.join(map(repr, missing))} of the original; "
+            "a rewrite must keep every graph output"
+        )
+    sums = {name: _Accumulator() for name in names}
+    for feed in feeds:
+        reference = runtime.run(reference_session, feed)
+        candidate = runtime.run(compressed_session, feed)
+        for name in names:
+            a, b = reference[name], candidate[name]
+            if np.shape(a) != np.shape(b):
+                raise InvalidModelError(
+                    f"Output {name!r} has shape {np.shape(a)} in the original but {np.shape(b)} in the compressed "
+                    "model; the rewrite changed what the model computes"
+                )
+            sums[name].add(a, b)
+    return Verification(tuple(sums[name].result(name) for name in names), len(feeds))

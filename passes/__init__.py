@@ -1,0 +1,55 @@
+"""Graph rewrite passes: each replaces one kind of layer by its factorized form.
+
+One module per op family (`conv`, `gemm`, `matmul`), each rewriting a single layer in place through the shared
+`GraphEditor`; `factorize_layers` copies the model once and dispatches. Plain protobuf surgery keeps everything that
+is not rewritten byte-identical (metadata_props, opsets, doc strings, value_info, node order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import onnx
+
+from onnx_lowrank.discover import Layer
+from onnx_lowrank.svd import Factors
+
+from ._graph import GraphEditor, default_opset
+from .conv import rewrite_conv
+from .gemm import rewrite_gemm
+from .matmul import rewrite_matmul
+
+__all__ = ["factorize_layers", "rewrite_conv", "rewrite_gemm", "rewrite_matmul"]
+
+REWRITERS: dict[str, Callable[[GraphEditor, Layer, Factors], None]] = {
+    "Conv": rewrite_conv,
+    "Gemm": rewrite_gemm,
+    "MatMul": rewrite_matmul,
+}
+
+
+def factorize_layers(model: onnx.ModelProto, rewrites: Sequence[tuple[Layer, Factors]]) -> tuple[onnx.ModelProto, int]:
+    """Return a NEW model (the input is never mutated: deep-copy it) in which every listed layer is replaced by its
+    factorized form, and the number of layers rewritten."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    editor = GraphEditor(result.graph, default_opset(result))
+    count = 0
+    for layer, factors in rewrites:
+        if layer.op not in REWRITERS:
+            raise ValueError(f"layer {layer.name!r}: cannot rewrite a {layer.op!r}, only {sorted(REWRITERS)}")
+        _check_factors(layer, factors)
+        REWRITERS[layer.op](editor, layer, factors)
+        count += 1
+    return result, count
+
+
+def _check_factors(layer: Layer, factors: Factors) -> None:
+    """The factors must come from this layer's matrix: catch a mix-up before it becomes a wrong but valid model."""
+    k, r = factors.k, factors.rank
+    out, cols = layer.matrix.shape
+    if k < 1 or layer.in_channels % k:
+        raise ValueError(f"layer {layer.name!r}: k={k} does not divide its {layer.in_channels} input channels")
+    if factors.encoder.shape != (k, r, cols // k) or factors.decoder.shape != (out, k * r):
+        raise ValueError(f"layer {layer.name!r}: factors of shapes {factors.encoder.shape} and "
+                         f"{factors.decoder.shape} do not fit its ({out}, {cols}) matrix with k={k}, rank={r}")

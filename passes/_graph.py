@@ -1,0 +1,173 @@
+"""Plain protobuf helpers shared by the rewrite passes.
+
+The passes edit a `GraphProto` in place through a `GraphEditor`, which knows every name already used in the graph
+(so new names never collide), the default-domain opset (Reshape changed signature at opset 5), and how to remove
+exactly what a rewrite orphaned. We use `onnx` directly rather than onnx-graphsurgeon because its export drops
+`metadata_props`, and everything we do not rewrite has to stay byte-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["GraphEditor", "default_opset", "subgraphs", "all_names", "consumed_names"]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """Version of the default ("" / "ai.onnx") operator set the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ValueError("the model imports no default-domain opset, so it has no Conv/Gemm/MatMul to rewrite")
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in a node's attributes (If/Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name in `graph` and its subgraphs: new names must avoid all of them."""
+    names: set[str] = set()
+    names.update(t.name for t in graph.initializer)
+    names.update(t.values.name for t in graph.sparse_initializer)
+    for infos in (graph.input, graph.output, graph.value_info):
+        names.update(v.name for v in infos)
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for sub in subgraphs(node):
+            names |= all_names(sub)
+    names.discard("")
+    return names
+
+
+def consumed_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names read by some node of `graph` or of its subgraphs (which may read outer-scope tensors)."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for sub in subgraphs(node):
+            names |= consumed_names(sub)
+    names.discard("")
+    return names
+
+
+class GraphEditor:
+    """Edits one graph in place: finds nodes, adds uniquely named initializers and nodes, removes orphans."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self._taken = all_names(graph)
+
+    def fresh(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`, ... when that name is already used anywhere in the graph."""
+        name, n = base, 0
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+    def node(self, output: str, op_type: str) -> onnx.NodeProto:
+        """The top-level node whose first output is `output`; it must be an `op_type`."""
+        for node in self.graph.node:
+            if node.output and node.output[0] == output:
+                if node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+                    raise ValueError(f"node producing {output!r} is a {node.op_type}, expected {op_type}")
+                return node
+        raise ValueError(f"no node produces {output!r}")
+
+    def only_consumer(self, tensor: str) -> onnx.NodeProto:
+        """The single top-level node reading `tensor`; raise if anything else (a graph output, a subgraph) reads it."""
+        readers = [node for node in self.graph.node if tensor in node.input]
+        in_subgraphs = any(tensor in consumed_names(sub) for node in self.graph.node for sub in subgraphs(node))
+        is_output = any(v.name == tensor for v in self.graph.output)
+        if len(readers) != 1 or in_subgraphs or is_output:
+            raise ValueError(f"tensor {tensor!r} must have exactly one consumer")
+        return readers[0]
+
+    def add_initializer(self, base: str, array: np.ndarray, dtype: np.dtype | type) -> str:
+        """Append `array` cast to `dtype` as a new initializer; returns its (collision-free) name."""
+        name = self.fresh(base)
+        values = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype)))
+        self.graph.initializer.append(numpy_helper.from_array(values, name))
+        return name
+
+    def make_node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
+                  **attrs: object) -> onnx.NodeProto:
+        """A default-domain node whose name is made collision-free."""
+        return helper.make_node(op_type, list(inputs), list(outputs), name=self.fresh(name), **attrs)
+
+    def reshape(self, data: str, shape: Sequence[int], output: str, name: str, shape_name: str) -> onnx.NodeProto:
+        """A Reshape node (allowzero left at 0, so a 0 copies the input dimension).
+
+        Opset >= 5 takes the shape as an int64 input, which we store as a new initializer named after `shape_name`;
+        older opsets take it as an attribute.
+        """
+        if self.opset < 5:
+            return self.make_node("Reshape", [data], [output], name, shape=list(shape))
+        shape_tensor = self.add_initializer(shape_name, np.array(shape, dtype=np.int64), np.int64)
+        return self.make_node("Reshape", [data, shape_tensor], [output], name)
+
+    def replace(self, old: Sequence[onnx.NodeProto], new: Sequence[onnx.NodeProto]) -> None:
+        """Remove the `old` nodes and insert `new` where the first of them stood, so topological order holds."""
+        indices = sorted(self._index(node) for node in old)
+        for index in reversed(indices):
+            del self.graph.node[index]
+        for offset, node in enumerate(new):
+            self.graph.node.insert(indices[0] + offset, node)
+
+    def remove_orphans(self, candidates: Iterable[str]) -> None:
+        """Remove each candidate initializer or Constant node that nothing reads any more.
+
+        Only names the replaced nodes used to read are passed in, so a tensor that was unused before the rewrite is
+        never touched. Graph inputs and outputs count as users.
+        """
+        used = consumed_names(self.graph)
+        used.update(v.name for v in self.graph.input)
+        used.update(v.name for v in self.graph.output)
+        removed: list[str] = []
+        for name in dict.fromkeys(candidates):
+            if not name or name in used:
+                continue
+            if self._remove_initializer(name) or self._remove_constant(name):
+                removed.append(name)
+        self.drop_value_info(removed)
+
+    def drop_value_info(self, names: Iterable[str]) -> None:
+        """Drop value_info entries of tensors that no longer exist."""
+        stale = set(names)
+        for index in reversed(range(len(self.graph.value_info))):
+            if self.graph.value_info[index].name in stale:
+                del self.graph.value_info[index]
+
+    def _index(self, node: onnx.NodeProto) -> int:
+        for index, candidate in enumerate(self.graph.node):
+            if candidate.output[:1] == node.output[:1]:  # SSA: a first output names exactly one node
+                return index
+        raise ValueError(f"node {node.name!r} is not in the graph")
+
+    def _remove_initializer(self, name: str) -> bool:
+        for index, tensor in enumerate(self.graph.initializer):
+            if tensor.name == name:
+                del self.graph.initializer[index]
+                return True
+        return False
+
+    def _remove_constant(self, name: str) -> bool:
+        for index, node in enumerate(self.graph.node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and list(node.output) == [name]:
+                del self.graph.node[index]
+                return True
+        return False

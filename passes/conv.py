@@ -1,0 +1,59 @@
+"""Conv (any spatial rank, optionally followed by a folded BatchNormalization) -> grouped encoder Conv + 1x1 decoder.
+
+The encoder Conv(c -> k*r, group=k) keeps every original attribute (kernel, strides, pads, dilations, auto_pad), so
+it produces the same spatial grid; its weight stacks the groups' encoders, (k*r, c/k, *kernel), which is the C-order
+reshape of `encoder` (k, r, c/k*taps) because `Layer.matrix` flattens (c, *kernel) in C order. The decoder is a
+1x1 Conv(k*r -> out) with default attributes and the bias.
+"""
+
+from __future__ import annotations
+
+from onnx import helper
+
+from onnx_lowrank.discover import Layer
+from onnx_lowrank.svd import Factors
+
+from ._graph import GraphEditor
+
+__all__ = ["rewrite_conv"]
+
+
+def rewrite_conv(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
+    """Replace the Conv producing `layer.node_output` (and its BatchNormalization, if folded) in place."""
+    conv = editor.node(layer.node_output, "Conv")
+    if conv.input[1] != layer.weight_name:
+        raise ValueError(f"Conv {layer.name!r} reads its weight from {conv.input[1]!r}, not {layer.weight_name!r}")
+    k, r = factors.k, factors.rank
+    c, kernel = layer.in_channels, tuple(layer.kernel_shape)
+    old_nodes = [conv]
+    orphan_candidates = list(conv.input[1:])
+    bias = list(conv.input[2:3])
+    if layer.batchnorm_output:
+        bn = editor.only_consumer(conv.output[0])
+        reads_conv = list(bn.input[:1]) == [conv.output[0]]
+        if bn.op_type != "BatchNormalization" or not reads_conv or list(bn.output) != [layer.batchnorm_output]:
+            raise ValueError(f"Conv {layer.name!r} is not followed by an inference BatchNormalization "
+                             f"producing {layer.batchnorm_output!r}")
+        if layer.bias is None:
+            raise ValueError(f"layer {layer.name!r} folds a BatchNormalization but carries no folded bias")
+        old_nodes.append(bn)
+        orphan_candidates += list(bn.input[1:])
+        bias = [editor.add_initializer(f"{layer.weight_name}_lowrank_bias", layer.bias, layer.dtype)]
+
+    encoder = editor.add_initializer(f"{layer.weight_name}_lowrank_encoder",
+                                     factors.encoder.reshape(k * r, c // k, *kernel), layer.dtype)
+    decoder = editor.add_initializer(f"{layer.weight_name}_lowrank_decoder",
+                                     factors.decoder.reshape(layer.out_channels, k * r, *[1] * len(kernel)),
+                                     layer.dtype)
+    hidden = editor.fresh(f"{layer.node_output}_lowrank_hidden")
+
+    encoder_node = editor.make_node("Conv", [conv.input[0], encoder], [hidden], f"{layer.name}/lowrank_encoder")
+    encoder_node.attribute.extend(a for a in conv.attribute if a.name != "group")
+    encoder_node.attribute.append(helper.make_attribute("group", k))
+    decoder_node = editor.make_node("Conv", [hidden, decoder, *bias], [layer.output], f"{layer.name}/lowrank_decoder")
+
+    conv_output = conv.output[0]
+    editor.replace(old_nodes, [encoder_node, decoder_node])
+    if layer.batchnorm_output:
+        editor.drop_value_info([conv_output])  # the tensor between Conv and BatchNormalization is gone
+    editor.remove_orphans(orphan_candidates)

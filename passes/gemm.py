@@ -1,0 +1,36 @@
+"""Gemm(A, B, C) with a constant weight B -> linear encoder + decoder Gemm that keeps alpha, beta and C.
+
+Y = alpha * A @ B' + beta * C with B' = W (out, in) ~= decoder @ blockdiag(encoder), so
+Y ~= alpha * (A @ blockdiag(encoder).T) @ decoder.T + beta * C: the encoder is the one MatMul uses (A is always 2-D),
+and the decoder Gemm reads decoder.T (k*r, out) with transB=0, the original C and every other original attribute.
+"""
+
+from __future__ import annotations
+
+from onnx import helper
+
+from onnx_lowrank.discover import Layer
+from onnx_lowrank.svd import Factors
+
+from ._graph import GraphEditor
+from .matmul import linear_encoder
+
+__all__ = ["rewrite_gemm"]
+
+
+def rewrite_gemm(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
+    """Replace the Gemm producing `layer.node_output` in place."""
+    gemm = editor.node(layer.node_output, "Gemm")
+    if gemm.input[1] != layer.weight_name:
+        raise ValueError(f"Gemm {layer.name!r} reads its weight from {gemm.input[1]!r}, not {layer.weight_name!r}")
+    attributes = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    if attributes.get("transA", 0) != 0:
+        raise ValueError(f"Gemm {layer.name!r} has transA=1, which is not supported")
+    hidden, nodes = linear_encoder(editor, layer, factors, gemm.input[0], activation_rank=2)
+    decoder = editor.add_initializer(f"{layer.weight_name}_lowrank_decoder", factors.decoder.T, layer.dtype)
+    decoder_node = editor.make_node("Gemm", [hidden, decoder, *gemm.input[2:]], [layer.node_output],
+                                    f"{layer.name}/lowrank_decoder")
+    decoder_node.attribute.extend(a for a in gemm.attribute if a.name != "transB")  # transB defaults to 0
+    nodes.append(decoder_node)
+    editor.replace([gemm], nodes)
+    editor.remove_orphans([layer.weight_name])

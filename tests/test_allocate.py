@@ -1,0 +1,194 @@
+"""The allocator is exactly optimal for the min-max objective, and the baselines mean what they say."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import onnx
+import onnx.numpy_helper
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_lowrank.allocate import Option, allocate, minmax_select
+from onnx_lowrank.analyze import analyze_layers
+from onnx_lowrank.discover import Discovery, Layer
+from onnx_lowrank.errors import BudgetError, InvalidOptionError
+
+
+@st.composite
+def instances(draw):
+    """A few layers, each with a dense option (score 0) and a few random (score, cost) options, and a capacity."""
+    layers = []
+    for index in range(draw(st.integers(1, 4))):
+        dense = draw(st.integers(5, 60))
+        count = draw(st.integers(0, 4))
+        options = [Option(0.0, dense, None)]
+        for choice in range(count):
+            score = draw(st.sampled_from([0.05, 0.1, 0.2, 0.3, 0.5, 0.8]))
+            options.append(Option(score, draw(st.integers(1, dense)), (1, choice + 1)))
+        layers.append(options)
+    smallest = sum(min(o.cost for o in options) for options in layers)
+    largest = sum(options[0].cost for options in layers)
+    capacity = draw(st.integers(smallest, largest))
+    return layers, capacity
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances())
+def test_bisection_matches_brute_force(instance):
+    layers, capacity = instance
+    chosen, threshold = minmax_select(layers, capacity)
+    assert sum(o.cost for o in chosen) <= capacity
+    assert max(o.score for o in chosen) == threshold
+    best = min(
+        max(o.score for o in combo)
+        for combo in itertools.product(*layers)
+        if sum(o.cost for o in combo) <= capacity
+    )
+    assert threshold == best
+
+
+def test_capacity_below_every_allocation_is_refused():
+    with pytest.raises(ValueError):
+        minmax_select([[Option(0.0, 10, None), Option(0.5, 4, (1, 1))]], 3)
+
+
+def _layer(name: str, matrix: np.ndarray, positions: int | None = 100) -> Layer:
+    return Layer(
+        name=name,
+        op="Gemm",
+        node_output=name + "_out",
+        weight_name=name + "_w",
+        weight_shape=matrix.shape,
+        matrix=matrix,
+        in_channels=matrix.shape[1],
+        kernel_shape=(),
+        dtype=np.dtype(np.float32),
+        output_positions=positions,
+        activation_rank=2,
+    )
+
+
+def _analysis(seed: int = 0, rank_multiple: int = 1, positions: int | None = 100):
+    rng = np.random.default_rng(seed)
+    # layers with different spectra: a decaying one, a flat one, a low-rank-plus-noise one
+    decaying = rng.standard_normal((48, 64)) * (0.8 ** np.arange(64))
+    flat = rng.standard_normal((32, 48))
+    low_rank = rng.standard_normal((64, 6)) @ rng.standard_normal((6, 40)) + 0.05 * rng.standard_normal((64, 40))
+    layers = tuple(_layer(n, m, positions) for n, m in [("a", decaying), ("b", flat), ("c", low_rank)])
+    # analyze_layers counts the model's params: give it a model holding exactly these weights
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [],
+            "g",
+            [],
+            [],
+            initializer=[onnx.numpy_helper.from_array(l.matrix.astype(np.float32), l.weight_name) for l in layers],
+        )
+    )
+    return analyze_layers(model, Discovery(layers=layers, skipped=()), None, max_groups=4, rank_multiple=rank_multiple)
+
+
+@pytest.mark.parametrize("allocator", ["alds", "uniform", "energy"])
+@pytest.mark.parametrize("budget", [0.9, 0.7, 0.5, 0.3])
+def test_budget_is_met_and_nearly_used(allocator, budget):
+    analysis = _analysis()
+    plan = allocate(analysis, budget, metric="params", allocator=allocator)
+    kept = analysis.total_params
+    for entry in analysis.layers:
+        if entry.layer.name in plan.layers:
+            k, rank = plan.layers[entry.layer.name]
+            chosen = next(c for c in entry.candidates if (c.k, c.rank) == (k, rank))
+            kept += chosen.params - entry.dense_params
+    assert kept <= budget * analysis.total_params
+    assert kept >= (budget - 0.05) * analysis.total_params  # three small layers: steps of a few percent
+
+
+def test_alds_min_max_error_is_optimal_against_brute_force_on_real_candidates():
+    analysis = _analysis()
+    capacity = 0.5 * analysis.total_params
+    plan = allocate(analysis, 0.5, metric="params", allocator="alds")
+    errors = {
+        a.layer.name: next(c.error for c in a.candidates if (c.k, c.rank) == plan.layers[a.layer.name])
+        if a.layer.name in plan.layers
+        else 0.0
+        for a in analysis.layers
+    }
+    per_layer = [[(0.0, a.dense_params)] + [(c.error, c.params) for c in a.candidates] for a in analysis.layers]
+    best = min(
+        max(e for e, _ in combo)
+        for combo in itertools.product(*per_layer)
+        if sum(p for _, p in combo) <= capacity
+    )
+    assert max(errors.values()) == pytest.approx(best, abs=0)
+
+
+def test_uniform_keeps_one_rank_ratio_and_k_1():
+    analysis = _analysis()
+    plan = allocate(analysis, 0.6, metric="params", allocator="uniform")
+    assert all(k == 1 for k, _ in plan.layers.values())
+    ratios = [rank / min(analysis.layer(name).layer.matrix.shape) for name, (_, rank) in plan.layers.items()]
+    # the same target ratio rounded up to a whole rank: within one rank step of each other
+    steps = [1 / min(analysis.layer(name).layer.matrix.shape) for name in plan.layers]
+    assert max(ratios) - min(ratios) <= max(steps) + 1e-12
+
+
+def test_energy_discards_the_same_energy_everywhere():
+    analysis = _analysis()
+    plan = allocate(analysis, 0.6, metric="params", allocator="energy")
+    assert all(k == 1 for k, _ in plan.layers.values())
+    for name, (_, rank) in plan.layers.items():
+        values = analysis.layer(name).spectra[1].singular_values[0] ** 2
+        dropped = values[rank:].sum() / values.sum()
+        assert dropped <= plan.threshold + 1e-12
+        # one rank less would drop more than the threshold, or would not be cheaper than what was chosen
+        assert values[rank - 1 :].sum() / values.sum() > plan.threshold or rank == 1
+
+
+def test_rank_multiple_restricts_ranks():
+    analysis = _analysis(rank_multiple=8)
+    assert all(c.rank % 8 == 0 for a in analysis.layers for c in a.candidates)
+    plan = allocate(analysis, 0.5, metric="params", allocator="alds")
+    assert plan.layers and all(rank % 8 == 0 for _, rank in plan.layers.values())
+
+
+def test_candidates_are_smaller_than_dense_and_errors_fall_with_rank():
+    for entry in _analysis().layers:
+        assert all(c.params < entry.dense_params for c in entry.candidates)
+        for k in entry.spectra:
+            errors = [c.error for c in entry.candidates if c.k == k]
+            assert errors == sorted(errors, reverse=True)
+
+
+def test_unreachable_budget_names_the_reachable_range():
+    with pytest.raises(BudgetError, match=r"can keep from 0\.\d+ to 1\.0"):
+        allocate(_analysis(), 0.01)
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), True])
+def test_budget_out_of_range_is_an_option_error(budget):
+    with pytest.raises(InvalidOptionError, match="budget"):
+        allocate(_analysis(), budget)
+
+
+def test_flops_metric_without_shapes_asks_for_input_shapes():
+    with pytest.raises(InvalidOptionError, match="--input-shape"):
+        allocate(_analysis(positions=None), 0.5, metric="flops")
+
+
+def test_flops_metric_uses_flop_costs():
+    analysis = _analysis(positions=100)
+    # the test model has no nodes to count FLOPs on: its FLOPs are exactly those of the three layers
+    analysis = dataclasses.replace(analysis, total_flops=sum(a.dense_flops for a in analysis.layers))
+    plan = allocate(analysis, 0.5, metric="flops")
+    kept = sum(
+        next(c.flops for c in a.candidates if (c.k, c.rank) == plan.layers[a.layer.name])
+        if a.layer.name in plan.layers
+        else a.dense_flops
+        for a in analysis.layers
+    )
+    assert plan.metric == "flops" and plan.layers
+    assert 0.45 * analysis.total_flops <= kept <= 0.5 * analysis.total_flops
