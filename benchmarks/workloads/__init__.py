@@ -1,0 +1,54 @@
+"""Benchmark workloads: real task metrics for the pretrained models of models/manifest.json, from offline material.
+
+Each `Workload` has a calibration split and a disjoint evaluation split of onnxruntime feeds (dicts input name ->
+numpy array), built deterministically on first use, and `score(candidate, original)` that runs both sessions on the
+evaluation split and returns {"metric": main value, ...extras}.
+
+>>> from benchmarks.workloads import workloads, open_session, model_path    # doctest: +SKIP
+>>> wl = workloads()["ppocrv4-rec"]                                           # doctest: +SKIP
+>>> original = open_session(model_path(wl.model))                             # doctest: +SKIP
+>>> wl.score(original, original)["metric"]                                    # doctest: +SKIP
+0.98...
+
+============  ===========  =====================================  =====================================
+name          model        main metric                            material
+============  ===========  =====================================  =====================================
+yolov8n-320   yolov8n-320  box F1@0.5 vs original                 scikit-image photos and LFW face mosaics
+ppocrv4-det   ppocrv4-det  mask IoU (prob > 0.3) vs original      rendered pages, known line boxes
+ppocrv4-rec   ppocrv4-rec  char accuracy vs ground truth          rendered text lines, known strings
+ppocr-cls     ppocr-cls    top-1 agreement vs original            rendered lines, half rotated by 180
+============  ===========  =====================================  =====================================
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from .base import Feed, Sample, Session, Workload, model_path, open_session, run_first_output
+from .detection import DetectionWorkload
+from .ocr import AngleWorkload, RecognitionWorkload, TextDetectionWorkload
+
+__all__ = [
+    "Feed",
+    "Sample",
+    "Session",
+    "Workload",
+    "DetectionWorkload",
+    "TextDetectionWorkload",
+    "RecognitionWorkload",
+    "AngleWorkload",
+    "workloads",
+    "model_path",
+    "open_session",
+    "run_first_output",
+]
+
+
+@cache
+def _defaults() -> tuple[Workload, ...]:
+    return (DetectionWorkload(), TextDetectionWorkload(), RecognitionWorkload(), AngleWorkload())
+
+
+def workloads() -> dict[str, Workload]:
+    """The default workload of every model, by workload name. Instances are shared, so feeds are built only once."""
+    return {w.name: w for w in _defaults()}
