@@ -111,6 +111,9 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
             "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs)."
         )
 
+    if not analysis.layers:  # nothing to factorize: the empty plan, and the report says why
+        return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
+
     def cost_of(analysis_: LayerAnalysis, candidate: Candidate | None) -> int:
         if candidate is None:
             return analysis_.dense_params if metric == "params" else analysis_.dense_flops
@@ -129,6 +132,6 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
             f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
             f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}."
         )
-    chosen, threshold = minmax_select(options, capacity) if options else ([], 0.0)
+    chosen, threshold = minmax_select(options, capacity)
     layers = {a.layer.name: o.choice for a, o in zip(analysis.layers, chosen) if o.choice is not None}
     return Plan(layers=layers, allocator=allocator, metric=metric, budget=float(budget), threshold=threshold)

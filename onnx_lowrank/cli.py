@@ -32,7 +32,7 @@ EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    console = Console(quiet=args.quiet)
+    console = _console(args.quiet)
     try:
         return args.run(args, console)
     except LowRankError as exc:
@@ -41,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-lowrank: interrupted; nothing was written.", file=sys.stderr)
         return 130
+
+
+def _console(quiet: bool) -> Console:
+    """Tables on stdout; when stdout is not a terminal, wide enough that columns are not cut."""
+    console = Console(quiet=quiet)
+    return console if console.is_terminal else Console(quiet=quiet, width=160)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("input", help="the model to rewrite (never modified)")
     apply.add_argument("output", help="where to write the rewritten model (.onnx)")
     apply.add_argument("--plan", required=True, metavar="P.json", help="the plan to apply")
+    apply.add_argument("--report", metavar="R.json", help="also write the report as JSON")
     _input_options(apply)
     _verify_options(apply)
     apply.set_defaults(run=_run_apply)
@@ -170,8 +177,6 @@ def _run_sweep(args: argparse.Namespace, console: Console) -> int:
     unknown = [name for name in allocators if name not in ALLOCATORS]
     if unknown or not allocators:
         raise InvalidOptionError(f"--allocator takes names from {', '.join(sorted(ALLOCATORS))}. Got {args.allocator!r}.")
-    if args.plot and not Path(args.plot).parent.is_dir():
-        raise InvalidOptionError(f"folder of --plot {args.plot!r} does not exist; create it first.")
     with Console(stderr=True, quiet=args.quiet).status("sweeping") as status:
         result = sweep(
             args.input,
@@ -220,10 +225,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InvalidOptionError(f"--budget must be a fraction in (0, 1]. Got {args.budget:g} instead.")
     if getattr(args, "max_error", None) is not None and not args.max_error >= 0:
         raise InvalidOptionError(f"--max-error must be >= 0. Got {args.max_error:g} instead.")
-    for option in ("report", "plan_out"):
+    for option in ("report", "plan_out", "plot"):
         value = getattr(args, option, None)
+        flag = "--" + option.replace("_", "-")
+        if value and Path(value).is_dir():
+            raise InvalidOptionError(f"{flag} {value!r} is a folder; give a file name.")
         if value and not Path(value).parent.is_dir():
-            raise InvalidOptionError(f"folder of --{option.replace('_', '-')} {value!r} does not exist; create it first.")
+            raise InvalidOptionError(f"folder of {flag} {value!r} does not exist; create it first.")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -243,9 +251,10 @@ class _progress:
     """A progress bar over layers on stderr while the spectra are computed; nothing when quiet or not a terminal."""
 
     def __init__(self, console: Console):
+        stderr = Console(stderr=True, quiet=console.quiet)
         self._bar = Progress(
             TextColumn("analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-            console=Console(stderr=True, quiet=console.quiet), transient=True,
+            console=stderr, transient=True, disable=not stderr.is_terminal,
         )
         self._task = None
 

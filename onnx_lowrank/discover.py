@@ -167,11 +167,19 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def _unique_layer_names(graph: onnx.GraphProto) -> dict[int, str]:
-    """Node name when it is set and unique, else the node's first output (unique in a valid graph)."""
+    """Node name when it is set and unique, else the node's first output; '#<node index>' settles what still clashes
+    (a node named like another node's output)."""
     counts: dict[str, int] = {}
     for node in graph.node:
         counts[node.name] = counts.get(node.name, 0) + 1
-    return {id(n): n.name if n.name and counts[n.name] == 1 else n.output[0] for n in graph.node if n.output}
+    names = {id(n): n.name if n.name and counts[n.name] == 1 else n.output[0] for n in graph.node if n.output}
+    taken: dict[str, int] = {}
+    for name in names.values():
+        taken[name] = taken.get(name, 0) + 1
+    for index, node in enumerate(graph.node):
+        if id(node) in names and taken[names[id(node)]] > 1:
+            names[id(node)] = f"{names[id(node)]}#{index}"
+    return names
 
 
 def _weight_problem(node, index, constants, consumers, producers, boundary) -> str | None:

@@ -51,7 +51,7 @@ class Plan:
         for name, entry in data["layers"].items():
             k = entry.get("k") if isinstance(entry, dict) else None
             rank = entry.get("rank") if isinstance(entry, dict) else None
-            if not (isinstance(k, int) and isinstance(rank, int) and k >= 1 and rank >= 1):
+            if not (_whole(k) and _whole(rank) and k >= 1 and rank >= 1):
                 raise InvalidOptionError(
                     f"{source}: layer {name!r} needs whole numbers k >= 1 and rank >= 1, like "
                     f'{{"k": 1, "rank": 16}}. Got {entry!r} instead.'
@@ -76,3 +76,7 @@ class Plan:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidOptionError(f"cannot read plan file {str(path)!r}: {exc}.") from None
         return cls.from_dict(data, source=f"plan file {str(path)!r}")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
