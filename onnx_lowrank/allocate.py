@@ -6,7 +6,9 @@ an option (score 0); factorizations that are not smaller than the dense layer ar
 
 For a threshold t, every layer takes its cheapest option whose score is <= t. The total cost falls monotonically
 as t grows, so the smallest feasible t, found by bisection over the sorted distinct scores, is exactly the optimum
-of the min-max problem over the whole candidate set (no random seeds, no iterations to tune).
+of the min-max problem over the whole candidate set (no random seeds, no iterations to tune). The capacity that
+optimum leaves unused is then spent, worst layer first, on lowering individual scores: this never raises the
+maximum, so the result stays optimal, and the model uses its budget instead of stopping a few percent short.
 
 - `alds`: score = relative spectral error bound of the (k, r) candidate, every k (the ALDS objective).
 - `uniform`: k = 1, score = 1 - r / max_rank: the same rank ratio in every layer (the classic SVD baseline).
@@ -63,7 +65,21 @@ def minmax_select(options: Sequence[Sequence[Option]], capacity: float) -> tuple
             high = middle
         else:
             low = middle + 1
-    return pick(thresholds[low]), thresholds[low]
+    return _spend_leftover(stairs, pick(thresholds[low]), capacity), thresholds[low]
+
+
+def _spend_leftover(stairs: list[list[Option]], chosen: list[Option], capacity: float) -> list[Option]:
+    """Upgrade layers, highest score first, to their lowest-score option the unused capacity still pays for."""
+    chosen = list(chosen)
+    leftover = capacity - sum(o.cost for o in chosen)
+    for index in sorted(range(len(chosen)), key=lambda i: (-chosen[i].score, i)):
+        current = chosen[index]
+        affordable = [o for o in stairs[index] if o.score < current.score and o.cost - current.cost <= leftover]
+        if affordable:
+            best = affordable[0]  # stairs rise in score, so the first affordable one has the lowest score
+            leftover -= best.cost - current.cost
+            chosen[index] = best
+    return chosen
 
 
 def _staircase(options: Sequence[Option]) -> list[Option]:

@@ -49,6 +49,11 @@ def test_bisection_matches_brute_force(instance):
         if sum(o.cost for o in combo) <= capacity
     )
     assert threshold == best
+    # the unused capacity cannot pay for lowering any single layer's score any further
+    leftover = capacity - sum(o.cost for o in chosen)
+    for options, choice in zip(layers, chosen):
+        cheaper_fix = [o for o in options if o.score < choice.score and o.cost - choice.cost <= leftover]
+        assert not cheaper_fix
 
 
 def test_capacity_below_every_allocation_is_refused():

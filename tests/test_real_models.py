@@ -23,6 +23,7 @@ CASES = {
     "yolov8n-320": "images:1x3x320x320",
     "ppocrv4-det": "x:1x3x640x640",
     "ppocrv4-rec": "x:1x3x48x320",
+    "ppocr-cls": "x:1x3x48x192",
 }
 
 
