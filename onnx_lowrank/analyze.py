@@ -112,7 +112,7 @@ def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int) -> LayerAn
         spectrum = Spectrum(k=k, singular_values=values, reference_norm=norm)
         spectra[k] = spectrum
         ranks = np.arange(rank_multiple, spectrum.max_rank + 1, rank_multiple)
-        ranks = ranks[[cost.factorized_params(layer, k, int(r)) < cost.dense_params(layer) for r in ranks]]
+        ranks = ranks[[cost.is_smaller(layer, k, int(r)) for r in ranks]]
         errors = error_bound(spectrum, ranks)
         for rank, error in zip(ranks.tolist(), errors.tolist()):
             candidates.append(

@@ -139,39 +139,21 @@ def apply(
 def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analysis | None, seconds: dict) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     model = workspace.model
-    if analysis is None:
-        analysis = _analyze(workspace, None, max(k for k, _ in plan.layers.values()) if plan.layers else 1, 1, None)
-        # only the layers are needed here; candidates of the analysis are used for planned errors when present
+    if analysis is None:  # analysing up to the plan's largest k also gives the planned error of every choice
+        analysis = _analyze(workspace, None, max((k for k, _ in plan.layers.values()), default=1), 1, None)
     layers = {a.layer.name: a for a in analysis.layers}
     _check_plan(plan, layers, analysis)
 
     rewrites = []
     rows = []
     for entry in analysis.layers:
-        layer = entry.layer
-        choice = plan.layers.get(layer.name)
+        choice = plan.layers.get(entry.layer.name)
         if choice is None:
-            rows.append(_dense_row(entry))
+            rows.append(_row(entry))
             continue
-        k, rank = choice
-        factors = factorize(layer.matrix, k, rank)
-        rewrites.append((layer, factors))
-        planned = next((c.error for c in entry.candidates if (c.k, c.rank) == choice), None)
-        rows.append(
-            LayerRow(
-                name=layer.name,
-                op=layer.op,
-                weight_shape=layer.weight_shape,
-                k=k,
-                rank=rank,
-                params_before=entry.dense_params,
-                params_after=cost.factorized_params(layer, k, rank),
-                flops_before=entry.dense_flops,
-                flops_after=cost.factorized_flops(layer, k, rank),
-                error=measured_error(layer.matrix, factors),
-                planned_error=planned,
-            )
-        )
+        factors = factorize(entry.layer.matrix, *choice)
+        rewrites.append((entry.layer, factors))
+        rows.append(_row(entry, choice, measured_error(entry.layer.matrix, factors)))
     compressed, _ = factorize_layers(model, rewrites) if rewrites else (model, 0)
     seconds["apply"] = time.perf_counter() - start
 
@@ -270,20 +252,23 @@ def _check_plan(plan: Plan, layers: Mapping[str, object], analysis: Analysis) ->
             raise InvalidOptionError(f"The plan gives layer {name!r} rank {rank}; with k={k} it must be 1 to {largest}.")
 
 
-def _dense_row(entry) -> LayerRow:
+def _row(entry, choice: tuple[int, int] | None = None, error: float | None = None) -> LayerRow:
+    """The report row of one layer: kept dense when `choice` is None, else factorized as (k, rank)."""
     layer = entry.layer
+    k, rank = choice if choice is not None else (None, None)
+    dense = choice is None
     return LayerRow(
         name=layer.name,
         op=layer.op,
         weight_shape=layer.weight_shape,
-        k=None,
-        rank=None,
+        k=k,
+        rank=rank,
         params_before=entry.dense_params,
-        params_after=entry.dense_params,
+        params_after=entry.dense_params if dense else cost.factorized_params(layer, k, rank),
         flops_before=entry.dense_flops,
-        flops_after=entry.dense_flops,
-        error=None,
-        planned_error=None,
+        flops_after=entry.dense_flops if dense else cost.factorized_flops(layer, k, rank),
+        error=error,
+        planned_error=None if dense else next((c.error for c in entry.candidates if (c.k, c.rank) == choice), None),
     )
 
 

@@ -1,6 +1,7 @@
 """What a layer or a model costs, in parameters and FLOPs: the one place every cost is computed.
 
-Parameters count weight elements. FLOPs count a multiply and an add as two operations (2 x MACs, the convention of
+Parameters count weight elements. A Conv with a BatchNormalization folded in also counts the BN parameters (and
+its own bias), which the factorized form replaces by one folded bias of `out` elements. FLOPs count a multiply and an add as two operations (2 x MACs, the convention of
 most detection papers) for every Conv, ConvTranspose, Gemm and MatMul node, from concrete tensor shapes; other
 operators are not counted. A factorized layer costs its grouped encoder plus its decoder:
 
@@ -17,25 +18,36 @@ import onnx
 
 from .discover import Layer
 
-__all__ = ["dense_params", "factorized_params", "dense_flops", "factorized_flops", "model_params", "model_flops"]
+__all__ = ["dense_params", "factorized_params", "is_smaller", "dense_flops", "factorized_flops", "model_params", "model_flops"]
 
 
 def dense_params(layer: Layer) -> int:
-    return int(layer.matrix.size)
+    return int(layer.matrix.size) + layer.folded_params
 
 
 def factorized_params(layer: Layer, k: int, rank: int) -> int:
-    return int(rank * (k * layer.out_channels + layer.matrix.shape[1]))
+    folded_bias = layer.out_channels if layer.batchnorm_output else 0
+    return _factor_elements(layer, k, rank) + folded_bias
 
 
 def dense_flops(layer: Layer) -> int | None:
-    return None if layer.output_positions is None else 2 * layer.output_positions * dense_params(layer)
+    return None if layer.output_positions is None else 2 * layer.output_positions * int(layer.matrix.size)
 
 
 def factorized_flops(layer: Layer, k: int, rank: int) -> int | None:
     if layer.output_positions is None:
         return None
-    return 2 * layer.output_positions * factorized_params(layer, k, rank)
+    return 2 * layer.output_positions * _factor_elements(layer, k, rank)
+
+
+def is_smaller(layer: Layer, k: int, rank: int) -> bool:
+    """A factorization is a candidate only if it has fewer parameters and fewer FLOPs than the dense layer."""
+    return _factor_elements(layer, k, rank) < layer.matrix.size and factorized_params(layer, k, rank) < dense_params(layer)
+
+
+def _factor_elements(layer: Layer, k: int, rank: int) -> int:
+    """Weights of the grouped encoder (k*r x in/k*taps) plus the decoder (out x k*r)."""
+    return int(rank * (k * layer.out_channels + layer.matrix.shape[1]))
 
 
 def model_params(model: onnx.ModelProto) -> int:

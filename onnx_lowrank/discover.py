@@ -40,6 +40,7 @@ class Layer:
     dtype: np.dtype  # the weight's stored dtype; new weights are written in it
     batchnorm_output: str | None = None  # output of a BatchNormalization folded into this Conv
     bias: np.ndarray | None = None  # folded bias (out,), set only when a BatchNormalization is folded in
+    folded_params: int = 0  # BN parameters and conv bias that the folded bias replaces when the layer is factorized
     output_positions: int | None = None  # output positions per inference (N*H*W, or MatMul rows); None if unknown
     activation_rank: int | None = None  # rank of the activation input (needed to build a grouped MatMul)
 
@@ -218,6 +219,7 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
     out_channels, in_channels, *kernel = weight.shape
     matrix = weight.reshape(out_channels, -1).astype(np.float64)
     bias = None
+    folded_params = 0
     batchnorm = _following_batchnorm(node, constants, consumers, boundary)
     if batchnorm is not None:
         scale, shift = _batchnorm_affine(batchnorm, constants)
@@ -228,6 +230,8 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
             conv_bias = constants.array(node.input[2]).astype(np.float64) if has_bias else 0.0
             matrix = matrix * scale[:, None]
             bias = conv_bias * scale + shift
+            folded = list(batchnorm.input[1:5]) + ([node.input[2]] if has_bias else [])
+            folded_params = sum(int(np.prod(constants.shape(name), dtype=np.int64)) for name in folded)
         else:
             batchnorm = None
     output = batchnorm.output[0] if batchnorm is not None else node.output[0]
@@ -244,6 +248,7 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         dtype=weight.dtype,
         batchnorm_output=batchnorm.output[0] if batchnorm is not None else None,
         bias=bias,
+        folded_params=folded_params if batchnorm is not None else 0,
         output_positions=positions,
         activation_rank=ranks.get(node.input[0]),
     )

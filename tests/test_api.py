@@ -454,3 +454,18 @@ def test_report_to_dict_is_json_safe():
     assert {"summary", "layers", "skipped", "verification", "seconds", "plan"} <= set(data)
     assert data["summary"]["params_ratio"] == pytest.approx(report.params_ratio)
     assert len(data["layers"]) == len(CNN_LAYERS)
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_planned_costs_equal_the_costs_counted_on_the_written_model(metric):
+    """The cost model is the truth: folded BatchNormalization parameters included (they vanish when factorized)."""
+    model = build_cnn(batchnorm=True)
+    analysis = onnx_lowrank.analyze(model)
+    assert any(a.layer.batchnorm_output for a in analysis.layers)
+    plan = onnx_lowrank.plan(analysis, 0.6, metric=metric)
+    assert any(analysis.layer(name).layer.batchnorm_output for name in plan.layers)
+    _, report = onnx_lowrank.apply(model, plan, analysis=analysis, verify=False)
+    predicted_params = analysis.total_params + sum(r.params_after - r.params_before for r in report.layers)
+    predicted_flops = analysis.total_flops + sum(r.flops_after - r.flops_before for r in report.layers)
+    assert report.after.params == predicted_params
+    assert report.after.flops == predicted_flops
