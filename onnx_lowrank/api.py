@@ -19,7 +19,7 @@ from .allocate import allocate
 from .analyze import Analysis, analyze_layers
 from .discover import Layer, discover
 from .error import measured_error
-from .errors import InvalidOptionError, LowRankError
+from .errors import InvalidOptionError
 from .inputs import load_feeds, parse_input_shapes, random_feeds, resolve_shapes
 from .load import load_model
 from .passes import factorize_layers
@@ -27,7 +27,7 @@ from .plan import Plan
 from .report import LayerRow, Report, Totals
 from .shapes import tensor_shapes
 from .svd import factorize
-from .verify import Verification, verify
+from .verify import verify
 
 __all__ = ["analyze", "plan", "apply", "compress"]
 
