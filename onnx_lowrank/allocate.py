@@ -48,10 +48,11 @@ def minmax_select(options: Sequence[Sequence[Option]], capacity: float) -> tuple
     Ties go to the cheaper option, then to the lower score, then to the first listed.
     """
     stairs = [_staircase(layer_options) for layer_options in options]
-    thresholds = sorted({step.score for stair in stairs for step in stair})
+    stair_scores = [[step.score for step in stair] for stair in stairs]
+    thresholds = sorted({score for scores in stair_scores for score in scores})
 
     def pick(t: float) -> list[Option]:
-        return [stair[bisect.bisect_right([s.score for s in stair], t) - 1] for stair in stairs]
+        return [stair[bisect.bisect_right(scores, t) - 1] for stair, scores in zip(stairs, stair_scores)]
 
     def total(t: float) -> int:
         return sum(o.cost for o in pick(t))
@@ -122,7 +123,7 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise InvalidOptionError(f"The budget must be a fraction in the range (0, 1]. Got {budget!r} instead.")
     total = analysis.total_params if metric == "params" else analysis.total_flops
-    if total is None or any(a.dense_flops is None for a in analysis.layers) and metric == "flops":
+    if total is None or (metric == "flops" and any(a.dense_flops is None for a in analysis.layers)):
         raise InvalidOptionError(
             "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs)."
         )

@@ -7,6 +7,7 @@ and times them.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,8 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
             continue
         factors = factorize(entry.layer.matrix, *choice)
         rewrites.append((entry.layer, factors))
-        rows.append(_row(entry, choice, measured_error(entry.layer.matrix, factors)))
+        norm = entry.spectra[1].reference_norm  # k = 1 is always analysed: its top singular value is ||W||_2
+        rows.append(_row(entry, choice, measured_error(entry.layer.matrix, factors, norm)))
     compressed, _ = factorize_layers(model, rewrites) if rewrites else (model, 0)
     seconds["apply"] = time.perf_counter() - start
 
@@ -221,8 +223,6 @@ def compress(
 
 
 def _check_exclude(exclude: str | None) -> None:
-    import re
-
     if exclude is None:
         return
     try:

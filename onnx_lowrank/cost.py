@@ -52,14 +52,14 @@ def _factor_elements(layer: Layer, k: int, rank: int) -> int:
 
 def model_params(model: onnx.ModelProto) -> int:
     """Elements of every floating-point initializer and Constant-node tensor: the model's weight parameters."""
-    tensors = _constant_tensors(model)
+    tensors = _constant_tensors(model).values()
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in float_types))
 
 
 def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     """FLOPs of one inference over every Conv/ConvTranspose/Gemm/MatMul node; None if a needed shape is unknown."""
-    known = {**_constant_shapes(model), **shapes}
+    known = {**{name: tuple(t.dims) for name, t in _constant_tensors(model).items()}, **shapes}
     total = 0
     for node in model.graph.node:
         if node.op_type not in _NODE_MACS:
@@ -71,27 +71,15 @@ def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -
     return int(total)
 
 
-def _constant_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors.extend(a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
-    return tensors
-
-
-def _constant_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Shapes of initializers and Constant-node outputs (Constant tensors carry no name of their own)."""
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors, by the name the graph reads them under."""
+    tensors = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    shapes[node.output[0]] = tuple(a.t.dims)
-    return shapes
-
-
-def _group(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
+                    tensors[node.output[0]] = a.t
+    return tensors
 
 
 def _conv_macs(node, out_shape, in_shape, weight_shape) -> int:

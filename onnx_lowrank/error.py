@@ -46,7 +46,7 @@ def error_bound(spectrum: Spectrum, ranks: np.ndarray | int) -> np.ndarray:
     return np.sqrt(np.sum(dropped**2, axis=0)) / spectrum.reference_norm
 
 
-def measured_error(matrix: np.ndarray, factors: Factors) -> float:
-    """The exact relative spectral error of `factors` against `matrix`."""
-    norm = spectral_norm(matrix)
+def measured_error(matrix: np.ndarray, factors: Factors, reference_norm: float | None = None) -> float:
+    """The exact relative spectral error of `factors` against `matrix` (pass ||matrix||_2 when it is known)."""
+    norm = spectral_norm(matrix) if reference_norm is None else reference_norm
     return 0.0 if norm == 0 else spectral_norm(matrix - reconstruct(factors)) / norm
