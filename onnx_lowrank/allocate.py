@@ -10,9 +10,11 @@ of the min-max problem over the whole candidate set (no random seeds, no iterati
 optimum leaves unused is then spent, worst layer first, on lowering individual scores: this never raises the
 maximum, so the result stays optimal, and the model uses its budget instead of stopping a few percent short.
 
-- `alds`: score = relative spectral error bound of the (k, r) candidate, every k (the ALDS objective).
+- `alds`: score = the (k, r) candidate's error, every k (the ALDS objective): the relative spectral error bound
+  without data, the exact relative output error on the calibration data with it.
 - `uniform`: k = 1, score = 1 - r / max_rank: the same rank ratio in every layer (the classic SVD baseline).
-- `energy`: k = 1, score = fraction of squared singular values dropped: the same discarded energy everywhere.
+- `energy`: k = 1, score = fraction of the layer's energy dropped (squared singular values of the weight, or of
+  its output on the calibration data): the same discarded energy everywhere.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .analyze import Analysis, Candidate, LayerAnalysis
 from .errors import BudgetError, InvalidOptionError
 from .plan import Plan
 
-__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate"]
+__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget"]
 
 METRICS = ("params", "flops")
 
@@ -100,22 +102,20 @@ def _alds_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
 
 
 def _uniform_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
-    max_rank = analysis.spectra[1].max_rank
+    max_rank = analysis.decompositions[1].max_rank
     return [(c, 1.0 - c.rank / max_rank) for c in analysis.candidates if c.k == 1]
 
 
 def _energy_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
-    energy = analysis.spectra[1].singular_values[0] ** 2
-    total = float(energy.sum())
-    dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # dropped[r] = sum of energy[r:]
-    return [(c, float(dropped[c.rank]) / total if total else 0.0) for c in analysis.candidates if c.k == 1]
+    chosen = [c for c in analysis.candidates if c.k == 1]
+    dropped = analysis.decompositions[1].dropped_energy(np.array([c.rank for c in chosen], dtype=int))
+    return list(zip(chosen, (float(d) for d in np.atleast_1d(dropped))))
 
 
 ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
 
 
-def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
-    """The plan that keeps `budget` (a fraction in (0, 1]) of the model's params or FLOPs, per `allocator`."""
+def _validated_total(analysis: Analysis, budget: float, metric: str, allocator: str) -> int:
     if metric not in METRICS:
         raise InvalidOptionError(f"The metric must be one of {', '.join(METRICS)}. Got {metric!r} instead.")
     if allocator not in ALLOCATORS:
@@ -127,20 +127,40 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
         raise InvalidOptionError(
             "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs)."
         )
+    return total
 
-    if not analysis.layers:  # nothing to factorize: the empty plan, and the report says why
-        return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
+
+def _options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
+    """Every layer's options: dense first (score 0), then each candidate with the allocator's score."""
 
     def cost_of(analysis_: LayerAnalysis, candidate: Candidate | None) -> int:
         if candidate is None:
             return analysis_.dense_params if metric == "params" else analysis_.dense_flops
         return candidate.params if metric == "params" else candidate.flops
 
-    options = [
+    return [
         [Option(0.0, cost_of(a, None), None)]
         + [Option(score, cost_of(a, c), (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
         for a in analysis.layers
     ]
+
+
+def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
+    """The smallest budget `allocate` can meet: every layer at its cheapest candidate."""
+    total = _validated_total(analysis, 1.0, metric, allocator)
+    options = _options(analysis, metric, allocator)
+    fixed = total - sum(o[0].cost for o in options)
+    smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
+    return smallest / total if total else 1.0
+
+
+def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
+    """The plan that keeps `budget` (a fraction in (0, 1]) of the model's params or FLOPs, per `allocator`."""
+    total = _validated_total(analysis, budget, metric, allocator)
+    if not analysis.layers:  # nothing to factorize: the empty plan, and the report says why
+        return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
+
+    options = _options(analysis, metric, allocator)
     fixed = total - sum(o[0].cost for o in options)
     smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
     capacity = budget * total - fixed

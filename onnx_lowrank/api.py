@@ -1,7 +1,7 @@
 """The Python API: `analyze`, `plan`, `apply`, and `compress`, which runs the three in turn.
 
-Each stage is a module (discover, analyze, allocate, passes, verify, report); this one only wires them together
-and times them.
+Each stage is a module (discover, calibrate, analyze, allocate, select, refit, passes, verify, report); this one
+only wires them together and times them.
 """
 
 from __future__ import annotations
@@ -10,43 +10,50 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
 from . import cost
-from .allocate import allocate
-from .analyze import Analysis, analyze_layers
-from .discover import Layer, discover
-from .error import measured_error
-from .errors import InvalidOptionError
-from .inputs import load_feeds, parse_input_shapes, random_feeds, resolve_shapes
+from .allocate import ALLOCATORS, allocate, smallest_budget
+from .analyze import OUTPUT_MEASURE, Analysis, analyze_layers, factors_of
+from .calibrate import collect_statistics
+from .discover import discover
+from .errors import BudgetError, InvalidOptionError
+from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .load import load_model
 from .passes import factorize_layers
 from .plan import Plan
-from .report import LayerRow, Report, Totals
+from .projection import DEFAULT_SHRINKAGE
+from .refit import refit_factors
+from .report import LayerRow, Report, SearchStep, Totals
+from .select import choose_plan
 from .shapes import tensor_shapes
-from .svd import factorize
 from .verify import verify
 
 __all__ = ["analyze", "plan", "apply", "compress"]
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 ShapeSpecs = Mapping[str, Sequence[int]] | Sequence[str] | None
+SampleSource = str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None
+Progress = Callable[[str, int, int | None], None]
+"""progress(stage, done, total): called as calibration samples and analysed layers complete (total None if unknown)."""
 
 _COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 _RANDOM_SAMPLES = 2
+_SEARCH_RESOLUTION = 0.01
 
 
 @dataclass(frozen=True, eq=False)
 class _Workspace:
-    """A loaded model with what every stage may need: concrete shapes and the samples to verify on."""
+    """A loaded model with what every stage may need: concrete shapes, samples to verify on, calibration samples."""
 
     model: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]] | None  # None when some input dimension is unknown
-    feeds: list[dict[str, np.ndarray]] | None
-    feeds_source: str | None = None  # the --inputs path, or "random" when samples were generated
+    feeds: Samples | None  # verification samples
+    calibration: Samples | None = None  # None: weight-only
+    in_sample: bool = False  # verification and calibration use the same samples
 
     def shapes_of(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
         """Concrete shapes of every tensor the cost model reads, or None when the input shapes are unknown."""
@@ -58,106 +65,174 @@ class _Workspace:
         return tensor_shapes(model, self.input_shapes, sorted(names - constants - {""}))
 
 
-def _prepare(model: ModelLike, inputs: str | os.PathLike | None, input_shapes: ShapeSpecs, need_feeds: bool) -> _Workspace:
+def _prepare(
+    model: ModelLike,
+    inputs: SampleSource,
+    input_shapes: ShapeSpecs,
+    need_feeds: bool,
+    calibration: SampleSource = None,
+    weight_only: bool = False,
+) -> _Workspace:
     proto = load_model(model)
-    overrides = _parse_shapes(input_shapes)
-    feeds = load_feeds(inputs, proto) if inputs is not None else None
+    if weight_only and calibration is not None:
+        raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
+    overrides = parse_shape_specs(input_shapes)
+    feeds = samples_from(inputs, proto) if inputs is not None else None
+    calibration_samples = samples_from(calibration, proto) if calibration is not None else None
+    in_sample = False
+    if calibration_samples is None and feeds is not None and not weight_only:
+        calibration_samples, in_sample = feeds, True  # samples the user handed over should help, not only judge
     if feeds is not None:
-        # the first sample fixes the shapes FLOPs are counted at
-        resolved = {name: tuple(array.shape) for name, array in feeds[0].items()}
+        resolved = feeds.first_shapes()  # the first sample fixes the shapes FLOPs are counted at
     else:
         try:
             resolved = resolve_shapes(proto, overrides)
         except InvalidOptionError:
-            if need_feeds:
+            if calibration_samples is None and need_feeds:
                 raise
-            resolved = None
-        if need_feeds:
-            feeds = random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0)
-    source = None if feeds is None else str(inputs) if inputs is not None else "random"
-    return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, feeds_source=source)
-
-
-def _parse_shapes(input_shapes: ShapeSpecs) -> dict[str, tuple[int, ...]]:
-    if not input_shapes:
-        return {}
-    if isinstance(input_shapes, Mapping):
-        return {name: tuple(int(d) for d in dims) for name, dims in input_shapes.items()}
-    return parse_input_shapes(list(input_shapes))
+            resolved = calibration_samples.first_shapes() if calibration_samples is not None else None
+        if need_feeds and calibration_samples is not None:
+            feeds, in_sample = calibration_samples, True  # real samples judge better than random ones
+        elif need_feeds:
+            feeds = Samples.given(random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0), "random")
+    return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
+                      in_sample=in_sample)
 
 
 def analyze(
     model: ModelLike,
     *,
     input_shapes: ShapeSpecs = None,
-    inputs: str | os.PathLike | None = None,
+    inputs: SampleSource = None,
+    calibration: SampleSource = None,
+    weight_only: bool = False,
+    shrinkage: float = DEFAULT_SHRINKAGE,
     exclude: str | None = None,
     max_groups: int = 8,
     rank_multiple: int = 1,
-    progress: Callable[[Layer], None] | None = None,
+    progress: Progress | None = None,
 ) -> Analysis:
     """Find the factorizable layers and every candidate (k, rank) with its error and cost.
 
-    FLOPs are counted when every input shape is known (static in the model, from `input_shapes` such as
-    ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample of `inputs`).
+    With `calibration` (an .npz, a folder of .npz, or a list of feed dicts) every layer is decomposed on its real
+    inputs and errors are relative output errors; `inputs` alone calibrates too unless `weight_only`. FLOPs are
+    counted when every input shape is known (static in the model, from `input_shapes` such as
+    ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample).
     """
-    return _analyze(_prepare(model, inputs, input_shapes, need_feeds=False), exclude, max_groups, rank_multiple, progress)
+    workspace = _prepare(model, inputs, input_shapes, False, calibration, weight_only)
+    return _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
 
 
-def _analyze(workspace: _Workspace, exclude, max_groups, rank_multiple, progress) -> Analysis:
+def _analyze(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress) -> Analysis:
     _check_exclude(exclude)
     shapes = workspace.shapes_of(workspace.model)
     discovery = discover(workspace.model, shapes=shapes, exclude=exclude)
-    return analyze_layers(workspace.model, discovery, shapes, max_groups=max_groups, rank_multiple=rank_multiple,
-                          progress=progress)
+    statistics = None
+    if workspace.calibration is not None and discovery.layers:
+        samples = workspace.calibration
+        statistics = collect_statistics(
+            workspace.model,
+            discovery.layers,
+            samples,
+            progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
+        )
+    total = len(discovery.layers)
+    counter = iter(range(1, total + 1))
+    return analyze_layers(
+        workspace.model,
+        discovery,
+        shapes,
+        max_groups=max_groups,
+        rank_multiple=rank_multiple,
+        progress=None if progress is None else lambda layer: progress("analyzing", next(counter), total),
+        statistics=statistics,
+        shrinkage=shrinkage,
+        calibration=None if workspace.calibration is None else workspace.calibration.source,
+    )
 
 
-def plan(analysis: Analysis, budget: float, *, metric: str = "params", allocator: str = "alds") -> Plan:
-    """Choose (k, rank) per layer so the model keeps `budget` of its params or FLOPs; see `allocate`."""
-    return allocate(analysis, budget, metric=metric, allocator=allocator)
+def plan(
+    analysis: Analysis,
+    budget: float,
+    *,
+    metric: str = "params",
+    allocator: str | None = None,
+    model: ModelLike | None = None,
+    calibration: SampleSource = None,
+) -> Plan:
+    """Choose (k, rank) per layer so the model keeps `budget` of its params or FLOPs.
+
+    `allocator` is one of `alds`, `uniform`, `energy` (see `allocate`), or `auto`: each of those is built and run
+    on the calibration samples and the plan whose outputs move least wins (it needs `model` and `calibration`).
+    The default is `auto` for a calibrated analysis and `alds` otherwise.
+    """
+    chosen = _default_allocator(analysis, allocator)
+    if chosen != "auto":
+        return allocate(analysis, budget, metric=metric, allocator=chosen)
+    if model is None or calibration is None:
+        raise InvalidOptionError("The auto allocator compares plans end to end: pass model= and calibration=.")
+    proto = load_model(model)
+    return choose_plan(proto, analysis, budget, metric, samples_from(calibration, proto))
+
+
+def _default_allocator(analysis: Analysis, allocator: str | None) -> str:
+    if allocator is None:
+        return "auto" if analysis.measure == OUTPUT_MEASURE else "alds"
+    names = ("auto", *ALLOCATORS)
+    if allocator not in names:
+        raise InvalidOptionError(f"The allocator must be one of {', '.join(names)}. Got {allocator!r} instead.")
+    if allocator == "auto" and analysis.measure != OUTPUT_MEASURE:
+        raise InvalidOptionError("The auto allocator needs calibration data (--calibration or --inputs).")
+    return allocator
 
 
 def apply(
     model: ModelLike,
     plan: Plan,
     *,
-    inputs: str | os.PathLike | None = None,
+    inputs: SampleSource = None,
     input_shapes: ShapeSpecs = None,
     verify: bool = True,
     analysis: Analysis | None = None,
+    calibration: SampleSource = None,
+    weight_only: bool = False,
+    refit: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite the layers `plan` names into their factorized form; check the result in onnxruntime unless told not to.
 
     Returns the new ModelProto (the input is not modified) and a Report. Pass the `analysis` the plan came from to
-    skip re-discovery and to report the planned error bounds.
+    reuse its decompositions (and its calibration); without it the model is analysed again (on `calibration` if
+    given, or on `inputs` unless `weight_only`). `refit` re-fits every decoder on the calibration samples (see `refit`).
     """
     start = time.perf_counter()
-    workspace = _prepare(model, inputs, input_shapes, need_feeds=verify)
+    workspace = _prepare(model, inputs, input_shapes, verify, calibration, weight_only)
     seconds = {"load": time.perf_counter() - start}
-    return _apply(workspace, plan, verify, analysis, seconds)
+    if analysis is None:  # analysing up to the plan's largest k also gives the planned error of every choice
+        start = time.perf_counter()
+        analysis = _analyze(workspace, None, max((k for k, _ in plan.layers.values()), default=1), 1,
+                            DEFAULT_SHRINKAGE, None)
+        seconds["analyze"] = time.perf_counter() - start
+    return _apply(workspace, plan, verify, analysis, seconds, refit)
 
 
-def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analysis | None, seconds: dict) -> tuple[onnx.ModelProto, Report]:
+def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analysis, seconds: dict,
+           refit: bool = False) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     model = workspace.model
-    if analysis is None:  # analysing up to the plan's largest k also gives the planned error of every choice
-        analysis = _analyze(workspace, None, max((k for k, _ in plan.layers.values()), default=1), 1, None)
     layers = {a.layer.name: a for a in analysis.layers}
     _check_plan(plan, layers, analysis)
-
-    rewrites = []
-    rows = []
-    for entry in analysis.layers:
-        choice = plan.layers.get(entry.layer.name)
-        if choice is None:
-            rows.append(_row(entry))
-            continue
-        factors = factorize(entry.layer.matrix, *choice)
-        rewrites.append((entry.layer, factors))
-        norm = entry.spectra[1].reference_norm  # k = 1 is always analysed: its top singular value is ||W||_2
-        rows.append(_row(entry, choice, measured_error(entry.layer.matrix, factors, norm)))
+    chosen = factors_of(analysis, plan.layers)
+    rewrites = [(layer, factors) for layer, factors, _ in chosen]
+    errors = {layer.name: error for layer, _, error in chosen}
+    if refit and rewrites:
+        if workspace.calibration is None:
+            raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
+        rewrites = refit_factors(model, rewrites, workspace.calibration)
     compressed, _ = factorize_layers(model, rewrites) if rewrites else (model, 0)
     seconds["apply"] = time.perf_counter() - start
+    shifted = analysis.measure == OUTPUT_MEASURE
+    rows = [_row(entry, plan.layers.get(entry.layer.name), errors.get(entry.layer.name), shifted)
+            for entry in analysis.layers]
 
     verification = None
     if run_verify and rewrites:
@@ -172,9 +247,6 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         params=cost.model_params(compressed),
         flops=cost.model_flops(compressed, after_shapes) if after_shapes is not None else None,
     )
-    message = None
-    if not rewrites:
-        message = _nothing_to_do(analysis, plan)
     report = Report(
         layers=tuple(rows),
         skipped=analysis.skipped,
@@ -182,44 +254,125 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         after=after,
         plan=plan,
         verification=verification,
-        verified_on=workspace.feeds_source if verification is not None else None,
+        verified_on=workspace.feeds.source if verification is not None else None,
         seconds=seconds,
-        message=message,
+        message=None if rewrites else _nothing_to_do(analysis, plan),
+        measure=analysis.measure,
+        calibrated_on=analysis.calibration,
+        in_sample=workspace.in_sample and verification is not None,
+        refit=refit and bool(rewrites),
     )
     return compressed, report
 
 
 def compress(
     model: ModelLike,
-    budget: float = 0.5,
+    budget: float | None = None,
     *,
     metric: str = "params",
-    allocator: str = "alds",
+    allocator: str | None = None,
+    calibration: SampleSource = None,
+    weight_only: bool = False,
+    refit: bool = False,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    target_error: float | None = None,
+    evaluate: Callable[[onnx.ModelProto], float] | None = None,
+    min_score: float | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
     exclude: str | None = None,
-    inputs: str | os.PathLike | None = None,
+    inputs: SampleSource = None,
     input_shapes: ShapeSpecs = None,
     verify: bool = True,
-    progress: Callable[[Layer], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Compress `model` to `budget` (a fraction in (0, 1]) of its params or FLOPs: analyze, plan, apply, verify.
+    """Compress `model`: analyze, plan, apply, verify. Returns the compressed ModelProto and a Report.
 
-    Returns the compressed ModelProto and a Report (per-layer ranks, errors and costs, verification, timings).
+    Give either a `budget` (the fraction in (0, 1] of the params or FLOPs to keep) or a target: `target_error`
+    (the smallest model whose verified relative output error on `inputs` stays <= it) or `evaluate` (model -> score,
+    higher is better) with `min_score` (the smallest model scoring at least that). A target is met by searching the
+    budget with verification in the loop; the report lists the steps.
+
+    With `calibration` (or `inputs`, unless `weight_only`) every layer is decomposed on its real inputs (see
+    `projection`) and the default allocator is `auto`.
     """
+    targeted = target_error is not None or evaluate is not None or min_score is not None
+    if targeted == (budget is not None):
+        raise InvalidOptionError("Give either a budget or a target (target_error, or evaluate with min_score).")
+    if (evaluate is None) != (min_score is None):
+        raise InvalidOptionError("evaluate and min_score go together: the search keeps models scoring >= min_score.")
+    if target_error is not None and evaluate is not None:
+        raise InvalidOptionError("Give target_error or evaluate with min_score, not both.")
+    if target_error is not None and (isinstance(target_error, bool) or not target_error >= 0):
+        raise InvalidOptionError(f"target_error must be a number >= 0. Got {target_error!r} instead.")
     total_start = time.perf_counter()
     start = time.perf_counter()
-    workspace = _prepare(model, inputs, input_shapes, need_feeds=verify)
+    workspace = _prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, weight_only)
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
-    analysis = _analyze(workspace, exclude, max_groups, rank_multiple, progress)
+    analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()
-    chosen = allocate(analysis, budget, metric=metric, allocator=allocator)
-    seconds["plan"] = time.perf_counter() - start
-    compressed, report = _apply(workspace, chosen, verify, analysis, seconds)
+
+    def make_plan(fraction: float) -> Plan:
+        return plan(analysis, fraction, metric=metric, allocator=allocator, model=workspace.model,
+                    calibration=workspace.calibration)
+
+    if not targeted:
+        chosen = make_plan(budget)
+        seconds["plan"] = time.perf_counter() - start
+        compressed, report = _apply(workspace, chosen, verify, analysis, seconds, refit)
+    else:
+        compressed, report = _search(workspace, analysis, make_plan, metric, allocator, refit, verify, target_error,
+                                     evaluate, min_score, seconds, progress)
     seconds["total"] = time.perf_counter() - total_start
     return compressed, report
+
+
+def _search(workspace, analysis, make_plan, metric, allocator, refit, run_verify, target_error, evaluate, min_score,
+            seconds, progress):
+    """The smallest budget whose model meets the target, by bisection with verification in the loop.
+
+    Budget 1.0 (nothing factorized) always meets it. Each step plans, applies and checks one budget; the interval
+    halves until it is narrower than 0.01.
+    """
+    start = time.perf_counter()
+    chosen_allocator = _default_allocator(analysis, allocator)
+    low = smallest_budget(analysis, metric, "alds" if chosen_allocator == "auto" else chosen_allocator)
+    steps: list[SearchStep] = []
+
+    def check(fraction: float):
+        candidate_plan = make_plan(fraction)
+        compressed, report = _apply(workspace, candidate_plan, target_error is not None, analysis, {}, refit)
+        if target_error is not None:
+            value = 0.0 if report.verification is None else report.verification.worst_relative_l2
+            passed = bool(value <= target_error)
+        else:
+            value = float(evaluate(compressed))
+            passed = bool(value >= min_score)
+        ratio = report.params_ratio if metric == "params" else report.flops_ratio
+        steps.append(SearchStep(budget=fraction, achieved=ratio, value=value, passed=passed))
+        if progress is not None:
+            progress("searching", len(steps), None)
+        return passed, candidate_plan
+
+    best_plan = Plan(layers={}, allocator=chosen_allocator, metric=metric, budget=1.0, threshold=0.0)
+    high = 1.0
+    passed, candidate = check(low)
+    if passed:
+        best_plan, high = candidate, low
+    while high - low > _SEARCH_RESOLUTION and not passed:
+        middle = round((low + high) / 2, 4)
+        passed_middle, candidate = check(middle)
+        if passed_middle:
+            best_plan, high = candidate, middle
+        else:
+            low = middle
+    seconds["search"] = time.perf_counter() - start
+    compressed, report = _apply(workspace, best_plan, run_verify, analysis, seconds, refit)
+    measure = "relative output error" if target_error is not None else "score"
+    goal = f"{measure} <= {target_error:g}" if target_error is not None else f"score >= {min_score:g}"
+    return compressed, replace(report, search=tuple(steps), search_goal=goal)
 
 
 def _check_exclude(exclude: str | None) -> None:
@@ -252,7 +405,7 @@ def _check_plan(plan: Plan, layers: Mapping[str, object], analysis: Analysis) ->
             raise InvalidOptionError(f"The plan gives layer {name!r} rank {rank}; with k={k} it must be 1 to {largest}.")
 
 
-def _row(entry, choice: tuple[int, int] | None = None, error: float | None = None) -> LayerRow:
+def _row(entry, choice: tuple[int, int] | None = None, error: float | None = None, shifted: bool = False) -> LayerRow:
     """The report row of one layer: kept dense when `choice` is None, else factorized as (k, rank)."""
     layer = entry.layer
     k, rank = choice if choice is not None else (None, None)
@@ -264,7 +417,7 @@ def _row(entry, choice: tuple[int, int] | None = None, error: float | None = Non
         k=k,
         rank=rank,
         params_before=entry.dense_params,
-        params_after=entry.dense_params if dense else cost.factorized_params(layer, k, rank),
+        params_after=entry.dense_params if dense else cost.factorized_params(layer, k, rank, shifted),
         flops_before=entry.dense_flops,
         flops_after=entry.dense_flops if dense else cost.factorized_flops(layer, k, rank),
         error=error,

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__, api
 from .allocate import ALLOCATORS, METRICS
+from .projection import DEFAULT_SHRINKAGE
 from .errors import InvalidOptionError, LowRankError
 from .load import check_output_path, save_model
 from .plan import Plan
@@ -27,6 +28,7 @@ from .report import Report, render, render_analysis, render_sweep
 from .sweep import parse_budgets, sweep
 
 EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
+ALLOCATOR_CHOICES = ("auto", *ALLOCATORS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,11 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="analyze, plan, rewrite and verify in one go")
     compress.add_argument("input", help="the model to compress (never modified)")
     compress.add_argument("output", help="where to write the compressed model (.onnx)")
-    compress.add_argument("--budget", type=float, required=True,
-                          help="fraction of the model's params (or FLOPs) to keep, in (0, 1]")
+    goal = compress.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--budget", type=float, help="fraction of the model's params (or FLOPs) to keep, in (0, 1]")
+    goal.add_argument("--target-error", type=float, metavar="X",
+                      help="instead of a budget: the smallest model whose output error on the samples stays <= X")
     compress.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
-    compress.add_argument("--allocator", choices=sorted(ALLOCATORS), default="alds",
-                          help="alds: min-max error over (k, rank); uniform/energy: classic k=1 baselines")
+    compress.add_argument("--allocator", choices=ALLOCATOR_CHOICES, default=None,
+                          help="auto (default with calibration data): the best of alds/uniform/energy end to end on "
+                               "the calibration samples; alds (default without): min-max error over (k, rank); "
+                               "uniform/energy: classic k=1 baselines")
+    compress.add_argument("--refit", action="store_true",
+                          help="refit every decoder and bias on the calibration samples, in topological order")
     compress.add_argument("--plan-out", metavar="P.json", help="also write the chosen plan as JSON")
     _analysis_options(compress)
     _verify_options(compress)
@@ -81,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("output", help="where to write the rewritten model (.onnx)")
     apply.add_argument("--plan", required=True, metavar="P.json", help="the plan to apply")
     apply.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    apply.add_argument("--refit", action="store_true", help="refit every decoder and bias on the calibration samples")
     _input_options(apply)
+    _calibration_options(apply, shrinkage=False)
     _verify_options(apply)
     apply.set_defaults(run=_run_apply)
 
@@ -89,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("input", help="the model to sweep (never modified)")
     sweep.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5", help="fractions to keep (default 0.9,...,0.5)")
     sweep.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
-    sweep.add_argument("--allocator", default="alds", metavar="NAMES",
-                       help=f"one or more of {','.join(sorted(ALLOCATORS))}, comma-separated (default alds)")
+    sweep.add_argument("--allocator", default=None, metavar="NAMES",
+                       help=f"one or more of {','.join(ALLOCATOR_CHOICES)}, comma-separated "
+                            "(default: auto with calibration data, alds without)")
     sweep.add_argument("--plot", metavar="FRONTIER.png", help="draw output error and latency against size")
     sweep.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     _analysis_options(sweep)
@@ -106,8 +117,21 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
                         help="concrete shape for an input with dynamic dimensions (repeatable)")
 
 
+def _calibration_options(parser: argparse.ArgumentParser, shrinkage: bool = True) -> None:
+    parser.add_argument("--calibration", metavar="PATH",
+                        help="samples to calibrate on (same formats as --inputs): layers are decomposed and ranked "
+                             "by their output error on these real activations (default: the --inputs samples)")
+    parser.add_argument("--weight-only", action="store_true",
+                        help="ignore sample data for the decomposition: plain SVD of the weights")
+    if shrinkage:
+        parser.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, metavar="A",
+                            help="regularisation of the calibration statistics: A x their mean eigenvalue is added "
+                                 f"to every direction (default {DEFAULT_SHRINKAGE:g}; raise it with few samples)")
+
+
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     _input_options(parser)
+    _calibration_options(parser)
     parser.add_argument("--exclude", metavar="REGEX", help="leave layers whose name matches this pattern dense")
     parser.add_argument("--max-groups", type=int, default=8, metavar="K",
                         help="largest number of input-channel groups k to consider (default 8; 1 = plain SVD)")
@@ -131,8 +155,13 @@ def _run_compress(args: argparse.Namespace, console: Console) -> int:
         model, report = api.compress(
             args.input,
             args.budget,
+            target_error=args.target_error,
             metric=args.metric,
             allocator=args.allocator,
+            calibration=args.calibration,
+            weight_only=args.weight_only,
+            refit=args.refit,
+            shrinkage=args.shrinkage,
             rank_multiple=args.rank_multiple,
             max_groups=args.max_groups,
             exclude=args.exclude,
@@ -148,7 +177,8 @@ def _run_apply(args: argparse.Namespace, console: Console) -> int:
     _check_inputs(args)
     check_output_path(args.output, (args.input,))
     plan = Plan.load(args.plan)
-    model, report = api.apply(args.input, plan, inputs=args.inputs, input_shapes=args.input_shape, verify=args.verify)
+    model, report = api.apply(args.input, plan, inputs=args.inputs, input_shapes=args.input_shape, verify=args.verify,
+                              calibration=args.calibration, weight_only=args.weight_only, refit=args.refit)
     return _finish(args, console, model, report)
 
 
@@ -159,6 +189,9 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
             args.input,
             input_shapes=args.input_shape,
             inputs=args.inputs,
+            calibration=args.calibration,
+            weight_only=args.weight_only,
+            shrinkage=args.shrinkage,
             exclude=args.exclude,
             max_groups=args.max_groups,
             rank_multiple=args.rank_multiple,
@@ -173,10 +206,14 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
 def _run_sweep(args: argparse.Namespace, console: Console) -> int:
     _check_inputs(args)
     budgets = parse_budgets(args.budgets)
-    allocators = [name.strip() for name in args.allocator.split(",") if name.strip()]
-    unknown = [name for name in allocators if name not in ALLOCATORS]
-    if unknown or not allocators:
-        raise InvalidOptionError(f"--allocator takes names from {', '.join(sorted(ALLOCATORS))}. Got {args.allocator!r}.")
+    allocators = None
+    if args.allocator is not None:
+        allocators = [name.strip() for name in args.allocator.split(",") if name.strip()]
+        unknown = [name for name in allocators if name not in ALLOCATOR_CHOICES]
+        if unknown or not allocators:
+            raise InvalidOptionError(
+                f"--allocator takes names from {', '.join(ALLOCATOR_CHOICES)}. Got {args.allocator!r}."
+            )
     with Console(stderr=True, quiet=args.quiet).status("sweeping") as status:
         result = sweep(
             args.input,
@@ -184,6 +221,9 @@ def _run_sweep(args: argparse.Namespace, console: Console) -> int:
             allocators=allocators,
             metric=args.metric,
             inputs=args.inputs,
+            calibration=args.calibration,
+            weight_only=args.weight_only,
+            shrinkage=args.shrinkage,
             input_shapes=args.input_shape,
             rank_multiple=args.rank_multiple,
             max_groups=args.max_groups,
@@ -248,22 +288,24 @@ def _write_text(path: str, text: str) -> None:
 
 
 class _progress:
-    """A progress bar over layers on stderr while the spectra are computed; nothing when quiet or not a terminal."""
+    """Progress bars on stderr, one per stage (calibrating, analyzing, searching); nothing when quiet or not a
+    terminal."""
 
     def __init__(self, console: Console):
         stderr = Console(stderr=True, quiet=console.quiet)
         self._bar = Progress(
-            TextColumn("analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=stderr, transient=True, disable=not stderr.is_terminal,
         )
-        self._task = None
+        self._tasks: dict[str, object] = {}
 
     def __enter__(self):
         self._bar.start()
-        self._task = self._bar.add_task("", total=None)
 
-        def advance(layer) -> None:
-            self._bar.update(self._task, advance=1, description=layer.name)
+        def advance(stage: str, done: int, total: int | None) -> None:
+            if stage not in self._tasks:
+                self._tasks[stage] = self._bar.add_task(stage, total=total)
+            self._bar.update(self._tasks[stage], completed=done, total=total)
 
         return advance
 

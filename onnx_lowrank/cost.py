@@ -1,7 +1,8 @@
 """What a layer or a model costs, in parameters and FLOPs: the one place every cost is computed.
 
 Parameters count weight elements. A Conv with a BatchNormalization folded in also counts the BN parameters (and
-its own bias), which the factorized form replaces by one folded bias of `out` elements. FLOPs count a multiply and an add as two operations (2 x MACs, the convention of
+its own bias), which the factorized form replaces by one folded bias of `out` elements. A data-aware factorization
+carries a bias correction: a layer without a constant bias of `out` elements gains the difference. FLOPs count a multiply and an add as two operations (2 x MACs, the convention of
 most detection papers) for every Conv, ConvTranspose, Gemm and MatMul node, from concrete tensor shapes; other
 operators are not counted. A factorized layer costs its grouped encoder plus its decoder:
 
@@ -25,9 +26,12 @@ def dense_params(layer: Layer) -> int:
     return int(layer.matrix.size) + layer.folded_params
 
 
-def factorized_params(layer: Layer, k: int, rank: int) -> int:
-    folded_bias = layer.out_channels if layer.batchnorm_output else 0
-    return _factor_elements(layer, k, rank) + folded_bias
+def factorized_params(layer: Layer, k: int, rank: int, bias_correction: bool = False) -> int:
+    """Weights of the factorized layer; with a bias correction, the bias it adds (or grows) counts too."""
+    if layer.batchnorm_output:
+        return _factor_elements(layer, k, rank) + layer.out_channels  # the folded bias, shift included
+    added = layer.out_channels - layer.bias_size if bias_correction else 0
+    return _factor_elements(layer, k, rank) + added
 
 
 def dense_flops(layer: Layer) -> int | None:
@@ -40,9 +44,10 @@ def factorized_flops(layer: Layer, k: int, rank: int) -> int | None:
     return 2 * layer.output_positions * _factor_elements(layer, k, rank)
 
 
-def is_smaller(layer: Layer, k: int, rank: int) -> bool:
+def is_smaller(layer: Layer, k: int, rank: int, bias_correction: bool = False) -> bool:
     """A factorization is a candidate only if it has fewer parameters and fewer FLOPs than the dense layer."""
-    return _factor_elements(layer, k, rank) < layer.matrix.size and factorized_params(layer, k, rank) < dense_params(layer)
+    return (_factor_elements(layer, k, rank) < layer.matrix.size
+            and factorized_params(layer, k, rank, bias_correction) < dense_params(layer))
 
 
 def _factor_elements(layer: Layer, k: int, rank: int) -> int:

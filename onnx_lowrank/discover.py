@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from .patches import ConvGeometry
+
 __all__ = ["Layer", "Skipped", "Discovery", "discover"]
 
 
@@ -32,6 +34,7 @@ class Layer:
     name: str  # node name, or the node's first output when the node is unnamed; unique in the model
     op: str  # "Conv", "Gemm" or "MatMul"
     node_output: str  # first output of the node: identifies it in the graph
+    input_name: str  # the activation the node reads (its input rows are what calibration statistics describe)
     weight_name: str  # the weight tensor as the node reads it
     weight_shape: tuple[int, ...]  # as stored in the model
     matrix: np.ndarray  # (out, in_channels * prod(kernel_shape)), float64
@@ -39,8 +42,10 @@ class Layer:
     kernel_shape: tuple[int, ...]  # () for Gemm/MatMul
     dtype: np.dtype  # the weight's stored dtype; new weights are written in it
     batchnorm_output: str | None = None  # output of a BatchNormalization folded into this Conv
-    bias: np.ndarray | None = None  # folded bias (out,), set only when a BatchNormalization is folded in
+    bias: np.ndarray | None = None  # constant bias (out,) of the (fused) output: folded BN, a Conv's own, Gemm's C
+    geometry: ConvGeometry | None = None  # a Conv's strides, pads, dilations and auto_pad (None for Gemm/MatMul)
     folded_params: int = 0  # BN parameters and conv bias that the folded bias replaces when the layer is factorized
+    bias_size: int = 0  # elements of the node's own constant bias (Conv B, Gemm C) that a bias correction replaces
     output_positions: int | None = None  # output positions per inference (N*H*W, or MatMul rows); None if unknown
     activation_rank: int | None = None  # rank of the activation input (needed to build a grouped MatMul)
 
@@ -218,12 +223,12 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         return _raise(f"weight of rank {weight.ndim} is not a convolution kernel")
     out_channels, in_channels, *kernel = weight.shape
     matrix = weight.reshape(out_channels, -1).astype(np.float64)
-    bias = None
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    bias = _vector(constants, node.input[2], out_channels) if has_bias else None
     folded_params = 0
     batchnorm = _following_batchnorm(node, constants, consumers, boundary)
     if batchnorm is not None:
         scale, shift = _batchnorm_affine(batchnorm, constants)
-        has_bias = len(node.input) > 2 and node.input[2]
         if has_bias and node.input[2] not in constants:
             batchnorm = None  # the bias cannot be folded; factorize the Conv alone
         elif scale.shape == (out_channels,):
@@ -240,6 +245,7 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         name=name,
         op="Conv",
         node_output=node.output[0],
+        input_name=node.input[0],
         weight_name=node.input[1],
         weight_shape=tuple(weight.shape),
         matrix=matrix,
@@ -249,9 +255,25 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         batchnorm_output=batchnorm.output[0] if batchnorm is not None else None,
         bias=bias,
         folded_params=folded_params if batchnorm is not None else 0,
+        bias_size=_size(constants, node.input[2]) if batchnorm is None and bias is not None else 0,
         output_positions=positions,
         activation_rank=ranks.get(node.input[0]),
+        geometry=ConvGeometry.from_attributes(attrs, kernel),
     )
+
+
+def _size(constants, name: str) -> int:
+    return int(np.prod(constants.shape(name), dtype=np.int64))
+
+
+def _vector(constants, name: str, size: int) -> np.ndarray | None:
+    """A constant that broadcasts to one value per output channel, as float64 (out,); None if not constant."""
+    if name not in constants:
+        return None
+    values = constants.array(name).astype(np.float64)
+    if values.size not in (1, size) or values.ndim > 2 or (values.ndim == 2 and values.shape[0] != 1):
+        return None
+    return np.broadcast_to(values.reshape(-1), (size,)).copy()
 
 
 def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
@@ -262,7 +284,13 @@ def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
     if weight.ndim != 2:
         return _raise(f"weight of rank {weight.ndim} is not a matrix")
     matrix = weight if attrs.get("transB", 0) else weight.T
-    return _matrix_layer(node, name, "Gemm", weight, matrix, shapes, ranks)
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    bias, bias_size = None, 0
+    if len(node.input) > 2 and node.input[2] and alpha != 0:
+        c = _vector(constants, node.input[2], matrix.shape[0])
+        if c is not None:
+            bias, bias_size = c * (beta / alpha), _size(constants, node.input[2])  # Y = alpha (W x + beta/alpha C)
+    return _matrix_layer(node, name, "Gemm", weight, matrix, shapes, ranks, bias, bias_size)
 
 
 def _matmul_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
@@ -275,17 +303,20 @@ def _matmul_layer(node, name, constants, consumers, boundary, shapes, ranks) -> 
     return _matrix_layer(node, name, "MatMul", weight, weight.T, shapes, ranks)
 
 
-def _matrix_layer(node, name, op, weight, matrix, shapes, ranks) -> Layer:
+def _matrix_layer(node, name, op, weight, matrix, shapes, ranks, bias=None, bias_size=0) -> Layer:
     return Layer(
         name=name,
         op=op,
         node_output=node.output[0],
+        input_name=node.input[0],
         weight_name=node.input[1],
         weight_shape=tuple(weight.shape),
         matrix=np.ascontiguousarray(matrix, dtype=np.float64),
         in_channels=matrix.shape[1],
         kernel_shape=(),
         dtype=weight.dtype,
+        bias=bias,
+        bias_size=bias_size,
         output_positions=_positions(shapes, node.output[0], channel_axis=-1),
         activation_rank=ranks.get(node.input[0]),
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from os import PathLike
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from onnx import helper
 
 from .errors import InputDataError, InvalidModelError, InvalidOptionError
 
-__all__ = ["InputSpec", "parse_input_shapes", "model_inputs", "resolve_shapes", "random_feeds", "load_feeds"]
+__all__ = [
+    "InputSpec", "parse_input_shapes", "model_inputs", "resolve_shapes", "random_feeds", "load_feeds", "iter_feeds",
+    "sample_files", "Samples", "samples_from", "parse_shape_specs",
+]
 
 _SHAPE_EXAMPLE = "images:1x3x640x640 (or images:1,3,640,640)"
 
@@ -66,6 +70,15 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise InvalidOptionError(f"Input {name!r} is given two shapes ({spec!r} and an earlier one); give it once")
         shapes[name] = dims
     return shapes
+
+
+def parse_shape_specs(specs: Mapping[str, Sequence[int]] | Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """Input shapes as the API takes them ({name: dims} or CLI strings) -> {name: shape}."""
+    if not specs:
+        return {}
+    if isinstance(specs, Mapping):
+        return {name: tuple(int(d) for d in dims) for name, dims in specs.items()}
+    return parse_input_shapes(list(specs))
 
 
 def _numpy_dtype(value: onnx.ValueInfoProto) -> np.dtype:
@@ -219,29 +232,89 @@ def random_feeds(
 
 
 def load_feeds(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """Samples from disk, checked against the model.
+    """Samples from disk, checked against the model: every sample of `iter_feeds`, in memory at once."""
+    return list(iter_feeds(path, model))
+
+
+def sample_files(path: str | Path, model: onnx.ModelProto) -> list[Path]:
+    """The .npz files behind `path`: the file itself, or every .npz of a directory in file-name order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        if not files:
+            names = ", ".join(s.name for s in model_inputs(model))
+            raise InputDataError(
+                f"Directory {path} holds no .npz files; put one sample per .npz file there, keyed by input name "
+                f"({names})"
+            )
+        return files
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise InputDataError(f"{path} is not an .npz file; give an .npz keyed by input name or a directory of them")
+        return [path]
+    raise InputDataError(f"{path} does not exist; give an .npz file keyed by input name or a directory of them")
+
+
+def iter_feeds(path: str | Path, model: onnx.ModelProto) -> Iterator[dict[str, np.ndarray]]:
+    """Samples from disk, checked against the model, read one file at a time (calibration streams them).
 
     `path` is either one `.npz` whose keys are the input names, each array holding a whole batch (one feed dict),
     or a directory of `.npz` files, one sample each, taken in file-name order (one feed dict per file). Dynamic
     dimensions may differ between files (OCR lines of different widths). Floats are cast to the model's float
     dtype; integers of another width are cast when no value changes; any other dtype mismatch is an error.
     """
-    path = Path(path)
     specs = model_inputs(model)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
-        if not files:
-            raise InputDataError(
-                f"Directory {path} holds no .npz files; put one sample per .npz file there, keyed by input name "
-                f"({', '.join(s.name for s in specs)})"
-            )
-    elif path.is_file():
-        if path.suffix != ".npz":
-            raise InputDataError(f"{path} is not an .npz file; give an .npz keyed by input name or a directory of them")
-        files = [path]
-    else:
-        raise InputDataError(f"{path} does not exist; give an .npz file keyed by input name or a directory of them")
-    return [_check_sample(file, _read_npz(file), specs) for file in files]
+    for file in sample_files(path, model):
+        yield _check_sample(file, _read_npz(file), specs)
+
+
+class Samples:
+    """Model inputs, one feed dict per sample, iterable any number of times.
+
+    Samples from a folder are read one file at a time on each pass (calibration streams them, so memory does not
+    grow with their number); samples given in memory are checked once against the model and kept.
+    """
+
+    def __init__(self, source: str, count: int, reader: Callable[[], Iterator[dict[str, np.ndarray]]]) -> None:
+        self.source = source  # a path, "random", or "given samples"
+        self.count = count
+        self._reader = reader
+
+    @classmethod
+    def given(cls, feeds: Sequence[Mapping[str, np.ndarray]], source: str = "given samples") -> Samples:
+        feeds = [dict(feed) for feed in feeds]
+        return cls(source, len(feeds), lambda: iter(feeds))
+
+    @classmethod
+    def from_path(cls, path: str | Path, model: onnx.ModelProto) -> Samples:
+        files = sample_files(path, model)
+        specs = model_inputs(model)
+        return cls(str(path), len(files), lambda: (_check_sample(f, _read_npz(f), specs) for f in files))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._reader()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def first_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the first sample's inputs."""
+        first = next(iter(self))
+        return {name: tuple(array.shape) for name, array in first.items()}
+
+
+def samples_from(source, model: onnx.ModelProto) -> Samples:
+    """`source` as Samples: a path (.npz or folder of .npz), a list of feed dicts, or Samples already."""
+    if isinstance(source, Samples):
+        return source
+    if isinstance(source, (str, PathLike)):
+        return Samples.from_path(source, model)
+    feeds = list(source)
+    if not feeds:
+        raise InputDataError("No samples given; give at least one feed dict (input name -> array)")
+    specs = model_inputs(model)
+    checked = [_check_sample(Path(f"sample {index}"), dict(feed), specs) for index, feed in enumerate(feeds)]
+    return Samples.given(checked)
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:

@@ -14,7 +14,12 @@ from .discover import Skipped
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "Totals", "Report", "render", "render_analysis"]
+__all__ = ["LayerRow", "SearchStep", "Totals", "Report", "render", "render_analysis"]
+
+_MEASURES = {
+    "spectral": "relative spectral error of the weight, ||W - W_hat||_2 / ||W||_2",
+    "output": "relative output error of the layer on the calibration data, ||Y - Y_hat||_F / ||Y||_F",
+}
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,18 @@ class LayerRow:
     params_after: int
     flops_before: int | None
     flops_after: int | None
-    error: float | None  # measured relative spectral error ||W - W_hat||_2 / ||W||_2 of the applied factors
-    planned_error: float | None  # the error bound the allocator planned with
+    error: float | None  # the error of the written factors, in the report's `measure` (spectral or output)
+    planned_error: float | None  # the error the allocator planned with
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One step of a target search: the budget tried, what it achieved, the checked value and the verdict."""
+
+    budget: float
+    achieved: float | None  # fraction of the metric the model kept
+    value: float  # verified relative output error, or the evaluate score
+    passed: bool
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,12 @@ class Report:
     verified_on: str | None = None  # the samples verification ran on: an --inputs path, or "random"
     seconds: Mapping[str, float] = field(default_factory=dict)  # stage -> wall time
     message: str | None = None  # why nothing was compressed, when nothing was
+    measure: str = "spectral"  # what layer errors measure: "spectral" (weight only) or "output" (calibration data)
+    calibrated_on: str | None = None  # where the calibration samples came from; None: weight-only
+    in_sample: bool = False  # verification ran on the calibration samples themselves
+    refit: bool = False  # decoders were refit on the calibration samples
+    search: tuple[SearchStep, ...] = ()  # the steps of a target search, in order
+    search_goal: str | None = None  # what the search had to meet, e.g. "relative output error <= 0.05"
 
     @property
     def params_ratio(self) -> float:
@@ -79,8 +100,13 @@ class Report:
                 "layers_considered": len(self.layers),
                 "layers_skipped": len(self.skipped),
                 "max_layer_error": max((r.error for r in self.factorized), default=0.0),
+                "layer_error_measure": _MEASURES.get(self.measure, self.measure),
+                "calibrated_on": self.calibrated_on,
+                "refit": self.refit,
+                "verification_in_sample": self.in_sample,
                 "message": self.message,
             },
+            "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
             "layers": [
                 {**row.__dict__, "weight_shape": list(row.weight_shape)} for row in self.layers
@@ -137,6 +163,21 @@ def render(report: Report, console: Console) -> None:
     if worst is not None:
         totals.add_row("worst layer error", "", f"{worst:.4f}", "")
     console.print(totals)
+    if report.calibrated_on is not None:
+        refit = "; decoders refit on them" if report.refit else ""
+        console.print(f"Calibrated on {report.calibrated_on}: layer errors are relative output errors on those samples{refit}.")
+    else:
+        console.print("Weight-only (no calibration data): layer errors are relative spectral errors of the weights.")
+    for note in report.plan.notes:
+        console.print(note)
+    if report.search:
+        search = Table(title=f"Search for the smallest model with {report.search_goal}", title_justify="left")
+        for column in ("step", "budget", "kept", "value", "met"):
+            search.add_column(column, justify="right")
+        for index, step in enumerate(report.search, 1):
+            search.add_row(str(index), f"{step.budget:.4g}", "-" if step.achieved is None else f"{step.achieved:.3f}",
+                           _float(step.value, digits=4), "yes" if step.passed else "no")
+        console.print(search)
 
     if report.verification is not None:
         source = "random" if report.verified_on == "random" else report.verified_on
@@ -157,6 +198,11 @@ def render(report: Report, console: Console) -> None:
             console.print(
                 "[yellow]Verified on random inputs, which few real models respond to like real data: "
                 "pass --inputs with real samples for errors that predict accuracy.[/yellow]"
+            )
+        if report.in_sample:
+            console.print(
+                "[yellow]Verification is in-sample: it ran on the calibration samples themselves, so it is "
+                "optimistic. Pass held-out samples with --inputs and calibration samples with --calibration.[/yellow]"
             )
     if report.message:
         console.print(report.message)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .errors import InputDataError, InvalidModelError
 
-__all__ = ["PROTOBUF_LIMIT", "session", "run", "model_size", "save_with_external_data"]
+__all__ = ["PROTOBUF_LIMIT", "session", "run", "model_size", "save_with_external_data", "with_outputs"]
 
 PROTOBUF_LIMIT = 1_800_000_000
 """Bytes above which a model is passed to ORT (and shape inference) through a file with external data."""
@@ -64,6 +64,31 @@ def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name:
         size_threshold=1024,
     )
     return path
+
+
+def with_outputs(model: onnx.ModelProto, names, elem_types: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """A copy of `model` that also returns the intermediate tensors `names` as graph outputs (how shapes are
+    measured and calibration activations captured; the caller's model is untouched).
+
+    ORT accepts a graph output that carries only its name (it infers the type); a known element type is written
+    anyway. Stale value_info of those tensors is dropped, so it cannot clash with what ORT sees.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    asked = set(names)
+    kept = [value for value in graph.value_info if value.name not in asked]
+    graph.ClearField("value_info")
+    graph.value_info.extend(kept)
+    existing = {value.name for value in graph.output}
+    for name in dict.fromkeys(names):
+        if name in existing:
+            continue
+        value = graph.output.add()
+        value.name = name
+        if elem_types and name in elem_types:
+            value.type.tensor_type.elem_type = elem_types[name]
+    return copy
 
 
 def session(

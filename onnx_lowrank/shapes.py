@@ -115,25 +115,9 @@ def _measured(
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of `names` from one onnxruntime run on random inputs, with the names exposed as graph outputs.
 
-    ORT accepts a graph output that carries only its name (it infers the type), so tensors whose type inference
-    did not find still work; a known element type is written anyway. Optimizations are off so no fusion renames
-    or removes a tensor we ask for.
+    Optimizations are off so no fusion renames or removes a tensor we ask for.
     """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    asked = set(names)
-    kept = [value for value in graph.value_info if value.name not in asked]
-    graph.ClearField("value_info")
-    graph.value_info.extend(kept)
-    existing = {value.name for value in graph.output}
-    for name in names:
-        if name in existing:
-            continue
-        value = graph.output.add()
-        value.name = name
-        if name in elem_types:
-            value.type.tensor_type.elem_type = elem_types[name]
+    copy = runtime.with_outputs(model, names, elem_types)
     feeds = random_feeds(model, input_shapes, count=1, seed=0)[0]
     sess = runtime.session(copy, optimize=False)
     outputs = runtime.run(sess, feeds)

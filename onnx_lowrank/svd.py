@@ -39,6 +39,7 @@ class Factors:
     rank: int
     encoder: np.ndarray  # (k, rank, in/k)
     decoder: np.ndarray  # (out, k*rank)
+    shift: np.ndarray | None = None  # (out,) added to the layer's output (bias correction); None: nothing added
 
 
 def group_blocks(matrix: np.ndarray, k: int) -> np.ndarray:

@@ -17,7 +17,8 @@ import onnx
 
 from . import api
 from .errors import BudgetError, InvalidOptionError
-from .inputs import load_feeds, random_feeds, resolve_shapes
+from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from .projection import DEFAULT_SHRINKAGE
 from .latency import measure_latency_ratio
 from .load import load_model
 from .verify import verify
@@ -34,7 +35,7 @@ class SweepPoint:
     latency_ratio: float | None  # compressed / original median time; None when not measured
     output_error: float  # worst relative L2 over the model's outputs
     top1_agreement: float | None  # lowest over outputs that are score vectors
-    max_layer_error: float  # measured relative spectral error of the worst factorized layer
+    max_layer_error: float  # error of the worst factorized layer (spectral, or output error with calibration)
     layers_factorized: int
     tool_seconds: float  # analyze + plan + apply: what one `compress --no-verify` costs
     task: Mapping[str, float] = field(default_factory=dict)  # from the evaluate hook
@@ -49,6 +50,8 @@ class Sweep:
     unreachable: tuple[tuple[str, float, str], ...]  # (allocator, budget, why)
     analysis_seconds: float
     samples: str  # where the samples came from: an --inputs path or "random"
+    calibration: str | None = None  # where the calibration samples came from; None: weight-only
+    measure: str = "spectral"  # what layer errors measure
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +59,8 @@ class Sweep:
             "unreachable": [list(u) for u in self.unreachable],
             "analysis_seconds": self.analysis_seconds,
             "samples": self.samples,
+            "calibration": self.calibration,
+            "measure": self.measure,
         }
 
 
@@ -74,9 +79,13 @@ def sweep(
     model: str | os.PathLike | onnx.ModelProto,
     budgets: Sequence[float],
     *,
-    allocators: Sequence[str] = ("alds",),
+    allocators: Sequence[str] | None = None,
     metric: str = "params",
     inputs: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
+    calibration: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
+    weight_only: bool = False,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    refit: bool = False,
     input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
@@ -86,21 +95,28 @@ def sweep(
     evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Sweep:
-    """Measure every (allocator, budget) cell. `inputs` may also be a list of feed dicts (the benchmark's samples)."""
+    """Measure every (allocator, budget) cell. `inputs` and `calibration` may also be lists of feed dicts (the
+    benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
+    the default allocators are `auto`; otherwise `alds`."""
     proto = load_model(model)
     if inputs is None:
-        shapes = resolve_shapes(proto, api._parse_shapes(input_shapes))
-        feeds, samples = random_feeds(proto, shapes, count=2, seed=0), "random"
-    elif isinstance(inputs, (str, os.PathLike)):
-        feeds, samples = load_feeds(inputs, proto), str(inputs)
+        shapes = resolve_shapes(proto, parse_shape_specs(input_shapes))
+        feeds = Samples.given(random_feeds(proto, shapes, count=2, seed=0), "random")
     else:
-        feeds, samples = [dict(feed) for feed in inputs], "given samples"
-    first_shapes = {name: tuple(array.shape) for name, array in feeds[0].items()}
+        feeds = samples_from(inputs, proto)
+    first_shapes = feeds.first_shapes()
+    if calibration is not None and weight_only:
+        raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
+    if calibration is None and inputs is not None and not weight_only:
+        calibration = feeds
+    calibration_samples = None if calibration is None else samples_from(calibration, proto)
 
     start = time.perf_counter()
-    analysis = api.analyze(proto, input_shapes=first_shapes, exclude=exclude, max_groups=max_groups,
-                           rank_multiple=rank_multiple)
+    analysis = api.analyze(proto, input_shapes=first_shapes, calibration=calibration_samples, weight_only=weight_only,
+                           shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple)
     analysis_seconds = time.perf_counter() - start
+    if allocators is None:
+        allocators = ("auto",) if calibration_samples is not None else ("alds",)
 
     points, unreachable = [], []
     for allocator in allocators:
@@ -109,18 +125,20 @@ def sweep(
                 progress(f"{allocator} {budget:g}")
             start = time.perf_counter()
             try:
-                plan = api.plan(analysis, budget, metric=metric, allocator=allocator)
+                plan = api.plan(analysis, budget, metric=metric, allocator=allocator, model=proto,
+                                calibration=calibration_samples)
             except BudgetError as exc:
                 unreachable.append((allocator, float(budget), str(exc)))
                 continue
-            compressed, report = api.apply(proto, plan, input_shapes=first_shapes, verify=False, analysis=analysis)
+            compressed, report = api.apply(proto, plan, input_shapes=first_shapes, verify=False, analysis=analysis,
+                                           calibration=calibration_samples, refit=refit)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             check = verify(proto, compressed, feeds)
             agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
-            timing = measure_latency_ratio(proto, compressed, feeds[:1], repeats=latency_repeats) if latency else None
+            timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats) if latency else None
             points.append(
                 SweepPoint(
-                    allocator=allocator,
+                    allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
                     budget=float(budget),
                     params_ratio=report.params_ratio,
                     flops_ratio=report.flops_ratio,
@@ -134,4 +152,4 @@ def sweep(
                 )
             )
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,
-                 samples=samples)
+                 samples=feeds.source, calibration=analysis.calibration, measure=analysis.measure)

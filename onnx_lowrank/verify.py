@@ -10,7 +10,7 @@ so a sample with a large output weighs in proportion to its size.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnx
 from . import runtime
 from .errors import InputDataError, InvalidModelError
 
-__all__ = ["OutputComparison", "Verification", "verify", "is_score_output"]
+__all__ = ["OutputComparison", "Verification", "verify", "verify_many", "is_score_output"]
 
 _PROBABILITY_ATOL = 1e-3
 
@@ -137,34 +137,47 @@ class _Accumulator:
 
 
 def verify(
-    original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
+    original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]
 ) -> Verification:
     """Run both models on every feed (one session each) and compare their outputs, pooled over the feeds.
 
     The compressed model must have the original's outputs (by name) with the same shapes; otherwise the rewrite
     broke the model and InvalidModelError is raised.
     """
-    if not feeds:
-        raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
+    return verify_many(original, [compressed], feeds)[0]
+
+
+def verify_many(
+    original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], feeds: Iterable[Mapping[str, np.ndarray]]
+) -> list[Verification]:
+    """`verify` for several candidates at once: the original runs once per feed."""
     reference_session = runtime.session(original)
-    compressed_session = runtime.session(compressed)
     names = [o.name for o in reference_session.get_outputs()]
-    missing = [n for n in names if n not in {o.name for o in compressed_session.get_outputs()}]
-    if missing:
-        raise InvalidModelError(
-            f"The compressed model lacks output(s) {', '.join(map(repr, missing))} of the original; "
-            "a rewrite must keep every graph output"
-        )
-    sums = {name: _Accumulator() for name in names}
+    sessions = []
+    for candidate in candidates:
+        sess = runtime.session(candidate)
+        missing = [n for n in names if n not in {o.name for o in sess.get_outputs()}]
+        if missing:
+            raise InvalidModelError(
+                f"The compressed model lacks output(s) {', '.join(map(repr, missing))} of the original; "
+                "a rewrite must keep every graph output"
+            )
+        sessions.append(sess)
+    sums = [{name: _Accumulator() for name in names} for _ in sessions]
+    samples = 0
     for feed in feeds:
+        samples += 1
         reference = runtime.run(reference_session, feed)
-        candidate = runtime.run(compressed_session, feed)
-        for name in names:
-            a, b = reference[name], candidate[name]
-            if np.shape(a) != np.shape(b):
-                raise InvalidModelError(
-                    f"Output {name!r} has shape {np.shape(a)} in the original but {np.shape(b)} in the compressed "
-                    "model; the rewrite changed what the model computes"
-                )
-            sums[name].add(a, b)
-    return Verification(tuple(sums[name].result(name) for name in names), len(feeds))
+        for sess, accumulators in zip(sessions, sums):
+            outputs = runtime.run(sess, feed)
+            for name in names:
+                a, b = reference[name], outputs[name]
+                if np.shape(a) != np.shape(b):
+                    raise InvalidModelError(
+                        f"Output {name!r} has shape {np.shape(a)} in the original but {np.shape(b)} in the "
+                        "compressed model; the rewrite changed what the model computes"
+                    )
+                accumulators[name].add(a, b)
+    if not samples:
+        raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
+    return [Verification(tuple(acc[name].result(name) for name in names), samples) for acc in sums]

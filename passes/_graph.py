@@ -120,6 +120,23 @@ class GraphEditor:
         shape_tensor = self.add_initializer(shape_name, np.array(shape, dtype=np.int64), np.int64)
         return self.make_node("Reshape", [data, shape_tensor], [output], name)
 
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant-node output `name` of this graph; None when it is computed."""
+        for tensor in self.graph.initializer:
+            if tensor.name == name:
+                return numpy_helper.to_array(tensor)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and list(node.output) == [name]:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        return numpy_helper.to_array(attr.t)
+        return None
+
+    def output_shift(self, source: str, output: str, shift: np.ndarray, layer) -> onnx.NodeProto:
+        """An Add node `output = source + shift` (the bias correction of a layer with nowhere to fold it)."""
+        constant = self.add_initializer(f"{layer.weight_name}_lowrank_shift", shift, layer.dtype)
+        return self.make_node("Add", [source, constant], [output], f"{layer.name}/lowrank_shift")
+
     def replace(self, old: Sequence[onnx.NodeProto], new: Sequence[onnx.NodeProto]) -> None:
         """Remove the `old` nodes and insert `new` where the first of them stood, so topological order holds."""
         indices = sorted(self._index(node) for node in old)

@@ -66,6 +66,7 @@ def _layer(name: str, matrix: np.ndarray, positions: int | None = 100) -> Layer:
         name=name,
         op="Gemm",
         node_output=name + "_out",
+        input_name=name + "_in",
         weight_name=name + "_w",
         weight_shape=matrix.shape,
         matrix=matrix,
@@ -146,7 +147,7 @@ def test_energy_discards_the_same_energy_everywhere():
     plan = allocate(analysis, 0.6, metric="params", allocator="energy")
     assert all(k == 1 for k, _ in plan.layers.values())
     for name, (_, rank) in plan.layers.items():
-        values = analysis.layer(name).spectra[1].singular_values[0] ** 2
+        values = analysis.layer(name).decompositions[1].spectrum.singular_values[0] ** 2
         dropped = values[rank:].sum() / values.sum()
         assert dropped <= plan.threshold + 1e-12
         # one rank less would drop more than the threshold, or would not be cheaper than what was chosen
@@ -163,7 +164,7 @@ def test_rank_multiple_restricts_ranks():
 def test_candidates_are_smaller_than_dense_and_errors_fall_with_rank():
     for entry in _analysis().layers:
         assert all(c.params < entry.dense_params for c in entry.candidates)
-        for k in entry.spectra:
+        for k in entry.decompositions:
             errors = [c.error for c in entry.candidates if c.k == k]
             assert errors == sorted(errors, reverse=True)
 

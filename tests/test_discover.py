@@ -64,7 +64,12 @@ def test_conv_matrix_is_the_weight_reshaped_out_by_in_times_taps():
         assert layer.in_channels == w.shape[1]
         assert layer.kernel_shape == (3, 3)
         assert layer.weight_shape == w.shape
-        assert layer.batchnorm_output is None and layer.bias is None
+        assert layer.batchnorm_output is None
+        if f"{name}.b" in weights:  # the conv's own constant bias; conv2 has none
+            np.testing.assert_array_equal(layer.bias, weights[f"{name}.b"].astype(np.float64))
+            assert layer.bias_size == w.shape[0]
+        else:
+            assert layer.bias is None and layer.bias_size == 0
 
 
 def test_constant_node_weights_are_discovered_like_initializers():
@@ -211,7 +216,8 @@ def test_batchnorm_is_not_folded_when_the_conv_output_has_another_reader():
     onnx.checker.check_model(model)
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     layer = discover(model).layers[0]
-    assert layer.batchnorm_output is None and layer.bias is None
+    assert layer.batchnorm_output is None
+    np.testing.assert_array_equal(layer.bias, arrays["conv1.b"].astype(np.float64))  # its own bias, not BN's
     np.testing.assert_array_equal(layer.matrix, arrays["conv1.w"].reshape(16, -1))
 
 

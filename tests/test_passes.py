@@ -387,7 +387,7 @@ def test_new_weights_are_written_in_the_layer_dtype(dtype):
     model = matmul_model(dtype=dtype)
     base = layer_of(matmul_model(), "y")  # discover supports float32/float64 only: build the layer by hand
     weight = numpy_helper.to_array(model.graph.initializer[0])
-    layer = Layer(name="proj", op="MatMul", node_output="y", weight_name="W", weight_shape=weight.shape,
+    layer = Layer(name="proj", op="MatMul", node_output="y", input_name="x", weight_name="W", weight_shape=weight.shape,
                   matrix=weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(dtype),
                   activation_rank=base.activation_rank)
     new, _ = rewrite(model, layer, k=2)
@@ -402,7 +402,7 @@ def test_shared_weight_removed_only_when_its_last_user_is_rewritten():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y1"], name="a"),
              helper.make_node("MatMul", ["x", "W"], ["y2"], name="b")]
     model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y1", [2, 6]), tensor("y2", [2, 6])], [init("W", weight)])
-    layers = [Layer(name=name, op="MatMul", node_output=out, weight_name="W", weight_shape=(8, 6),
+    layers = [Layer(name=name, op="MatMul", node_output=out, input_name="x", weight_name="W", weight_shape=(8, 6),
                     matrix=weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(np.float32),
                     activation_rank=2) for name, out in (("a", "y1"), ("b", "y2"))]
     rewrites = [(layer, factorize(layer.matrix, 2, 4)) for layer in layers]  # full rank

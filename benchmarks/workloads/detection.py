@@ -134,7 +134,7 @@ class DetectionWorkload(Workload):
     name: str = "yolov8n-320"
     model: str = "yolov8n-320"
     metric: str = "box F1@0.5 vs original"
-    n_mosaics_calibration: int = 4
+    n_mosaics_calibration: int = 12
     n_mosaics_evaluation: int = 10
     conf_threshold: float = 0.25
     iou_threshold: float = 0.45

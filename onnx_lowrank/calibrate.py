@@ -1,0 +1,84 @@
+"""One streaming pass of the original model over calibration samples: the input statistics of every layer.
+
+The model runs in onnxruntime with every layer's input tensor added as an extra graph output. For each sample, each
+layer's input is turned into rows (`patches`: a Conv's im2col patches with its own strides, pads, dilations and
+auto_pad; a Gemm/MatMul's input vectors), at most `max_rows` positions of a big feature map drawn at random with a
+fixed seed, and added into that layer's running sums (`statistics`). Samples are read one at a time and dropped
+after use, so peak memory is one sample's activations plus d x d sums per layer, whatever the number of samples.
+Layers that read the same tensor with the same geometry (detection heads) share one set of sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import runtime
+from .discover import Layer
+from .errors import InputDataError
+from .patches import conv_rows, linear_rows
+from .statistics import InputStatistics, StatisticsAccumulator
+
+__all__ = ["DEFAULT_MAX_ROWS", "collect_statistics"]
+
+DEFAULT_MAX_ROWS = 2048
+"""Positions per sample and layer: enough rows for stable statistics, few enough that a 320x320 detector's early
+layers (25,600 positions) cost no more than its deep ones."""
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, InputStatistics]:
+    """Input statistics of every layer (by layer name) over `feeds`, streamed one sample at a time."""
+    if not layers:
+        return {}
+    graph_inputs = {value.name for value in model.graph.input}
+    keys = {layer.name: (layer.input_name, layer.geometry) for layer in layers}
+    captured = [name for name in dict.fromkeys(layer.input_name for layer in layers) if name not in graph_inputs]
+    sess = runtime.session(runtime.with_outputs(model, captured), threads)
+    unique = _unique(layers, keys)
+    accumulators: dict[tuple, StatisticsAccumulator] = {}
+    samples = 0
+    for index, feed in enumerate(feeds):
+        outputs = runtime.run(sess, feed)
+        for position, (key, layer) in enumerate(unique.items()):
+            name, geometry = key
+            value = feed[name] if name in graph_inputs else outputs[name]
+            seed = index * 7919 + position  # different positions per sample, the same on every run
+            rows = (
+                conv_rows(np.asarray(value), geometry, max_rows, seed)
+                if geometry is not None
+                else linear_rows(np.asarray(value), max_rows, seed)
+            )
+            if rows.shape[1] != layer.matrix.shape[1]:
+                raise InputDataError(
+                    f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these samples, "
+                    f"but its weight expects {layer.matrix.shape[1]}; give samples the model accepts"
+                )
+            if key not in accumulators:
+                accumulators[key] = StatisticsAccumulator(rows.shape[1])
+            accumulators[key].add(rows)
+        del outputs
+        samples += 1
+        if progress is not None:
+            progress(index + 1)
+    if samples == 0:
+        raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
+    results = {key: accumulator.result() for key, accumulator in accumulators.items()}
+    return {layer.name: results[keys[layer.name]] for layer in layers}
+
+
+def _unique(layers: Sequence[Layer], keys: Mapping[str, tuple]) -> dict[tuple, Layer]:
+    """One layer per distinct (input tensor, geometry): they see the same rows."""
+    unique: dict[tuple, Layer] = {}
+    for layer in layers:
+        unique.setdefault(keys[layer.name], layer)
+    return unique

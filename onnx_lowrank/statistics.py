@@ -1,0 +1,67 @@
+"""Second-moment statistics of a layer's input, accumulated one chunk of rows at a time.
+
+A layer computes y = W x (+ b) for every row x of its input: a Conv's im2col patch (c_in * taps values, in the
+C order of `Layer.matrix` columns), a Gemm/MatMul's input vector. What the data-aware decomposition needs from the
+calibration data is the sum of x x^T, the sum of x and the number of rows: memory is d x d whatever the number of
+samples, and adding chunks in any split gives the same result as adding all rows at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg.blas
+
+__all__ = ["InputStatistics", "StatisticsAccumulator"]
+
+
+@dataclass(frozen=True, eq=False)
+class InputStatistics:
+    """Sums over the calibration rows of one layer's input: gram = sum x x^T (d, d), total = sum x (d,), count."""
+
+    gram: np.ndarray  # (d, d) float64, symmetric
+    total: np.ndarray  # (d,) float64
+    count: int
+
+    @property
+    def dim(self) -> int:
+        return self.total.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Centered second moment E[(x - mean)(x - mean)^T] (float64, symmetric)."""
+        mean = self.mean
+        return self.gram / max(self.count, 1) - np.outer(mean, mean)
+
+
+class StatisticsAccumulator:
+    """Adds rows into running float64 sums; `result()` gives the frozen `InputStatistics`.
+
+    Each chunk's x^T x is computed in float32 by BLAS syrk (half the work of a full product, and twice the speed of
+    float64) and added into the float64 sums, so rounding does not grow with the number of chunks.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self._gram = np.zeros((dim, dim), dtype=np.float64)
+        self._total = np.zeros(dim, dtype=np.float64)
+        self._count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self._total.shape[0]:
+            raise ValueError(f"expected rows of shape (n, {self._total.shape[0]}), got {rows.shape}")
+        if rows.shape[0] == 0:
+            return
+        chunk = np.asarray(rows, dtype=np.float32, order="F")
+        self._gram += scipy.linalg.blas.ssyrk(1.0, chunk, trans=1, lower=0)  # upper triangle of chunk^T chunk
+        self._total += chunk.sum(axis=0, dtype=np.float64)
+        self._count += int(rows.shape[0])
+
+    def result(self) -> InputStatistics:
+        gram = np.triu(self._gram) + np.triu(self._gram, 1).T  # only the upper triangle was accumulated
+        return InputStatistics(gram=gram, total=self._total.copy(), count=self._count)
