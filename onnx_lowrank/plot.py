@@ -10,7 +10,8 @@ from .sweep import SweepPoint
 
 __all__ = ["plot_frontier"]
 
-_STYLE = {"alds": ("tab:red", "o"), "uniform": ("tab:blue", "s"), "energy": ("tab:green", "^")}
+_STYLE = {"alds": ("tab:red", "o"), "uniform": ("tab:blue", "s"), "energy": ("tab:green", "^"),
+          "auto": ("tab:purple", "D")}
 
 
 def plot_frontier(
@@ -36,8 +37,9 @@ def plot_frontier(
             series = [(a, b) for a, b in series if a is not None and b is not None]
             if not series:
                 continue
-            color, marker = _STYLE.get(allocator, (None, "x"))
-            axis.plot(*zip(*series), marker=marker, color=color, label=allocator)
+            color, marker = _STYLE.get(_family(allocator), (None, "x"))
+            style = "--" if allocator.startswith("weight") else "-"
+            axis.plot(*zip(*series), marker=marker, color=color, linestyle=style, label=allocator)
         if name == "latency_ratio":
             axis.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
         axis.set_xlabel(x[1])
@@ -50,6 +52,12 @@ def plot_frontier(
     figure.savefig(target, dpi=110)
     plt.close(figure)
     return target
+
+
+def _family(label: str) -> str:
+    """The allocator in a label such as "alds", "auto:alds" or "data alds+refit"."""
+    word = label.split()[-1].split("+")[0]
+    return word.split(":")[-1]
 
 
 def _value(point: SweepPoint, name: str):
