@@ -151,7 +151,12 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
     options = _options(analysis, metric, allocator)
     fixed = total - sum(o[0].cost for o in options)
     smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
-    return smallest / total if total else 1.0
+    if not total:
+        return 1.0
+    fraction = smallest / total
+    while fraction * total < smallest:  # float round-off: the fraction must give back at least `smallest`
+        fraction = float(np.nextafter(fraction, 2.0))
+    return min(fraction, 1.0)
 
 
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:

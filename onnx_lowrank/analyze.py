@@ -69,6 +69,7 @@ class Analysis:
     rank_multiple: int = 1
     measure: str = WEIGHT_MEASURE  # what the candidates' errors measure
     calibration: str | None = None  # where the calibration statistics came from (None: weight-only)
+    calibration_key: tuple = ()  # identifies those samples (`inputs.Samples.key`), to tell in-sample verification
 
     def layer(self, name: str) -> LayerAnalysis:
         for analysis in self.layers:
@@ -112,6 +113,7 @@ def analyze_layers(
     statistics: Mapping[str, InputStatistics] | None = None,
     shrinkage: float = DEFAULT_SHRINKAGE,
     calibration: str | None = None,
+    calibration_key: tuple = (),
 ) -> Analysis:
     """Decompositions and candidates of every discovered layer, plus the model's total params and FLOPs.
 
@@ -122,8 +124,8 @@ def analyze_layers(
         raise InvalidOptionError(f"max_groups must be a whole number >= 1. Got {max_groups!r} instead.")
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise InvalidOptionError(f"rank_multiple must be a whole number >= 1. Got {rank_multiple!r} instead.")
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not shrinkage >= 0:
-        raise InvalidOptionError(f"shrinkage must be a number >= 0. Got {shrinkage!r} instead.")
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage < float("inf"):
+        raise InvalidOptionError(f"shrinkage must be a finite number >= 0. Got {shrinkage!r} instead.")
     layers = []
     for layer in discovery.layers:
         layer_statistics = None if statistics is None else statistics[layer.name]
@@ -138,6 +140,7 @@ def analyze_layers(
         rank_multiple=rank_multiple,
         measure=WEIGHT_MEASURE if statistics is None else OUTPUT_MEASURE,
         calibration=calibration if statistics is not None else None,
+        calibration_key=calibration_key if statistics is not None else (),
     )
 
 

@@ -135,7 +135,7 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
     _check_exclude(exclude)
     shapes = workspace.shapes_of(workspace.model)
     discovery = discover(workspace.model, shapes=shapes, exclude=exclude)
-    statistics = None
+    statistics = None if workspace.calibration is None else {}
     if workspace.calibration is not None and discovery.layers:
         samples = workspace.calibration
         statistics = collect_statistics(
@@ -156,6 +156,7 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         statistics=statistics,
         shrinkage=shrinkage,
         calibration=None if workspace.calibration is None else workspace.calibration.source,
+        calibration_key=() if workspace.calibration is None else workspace.calibration.key,
     )
 
 
@@ -215,6 +216,10 @@ def apply(
     start = time.perf_counter()
     workspace = _prepare(model, inputs, input_shapes, verify, calibration, weight_only)
     seconds = {"load": time.perf_counter() - start}
+    if analysis is not None:  # in-sample only if the given analysis was calibrated on the very samples verified on
+        same = bool(analysis.calibration_key) and workspace.feeds is not None and (
+            analysis.calibration_key == workspace.feeds.key)
+        workspace = replace(workspace, in_sample=same)
     if analysis is None:  # analysing up to the plan's largest k also gives the planned error of every choice
         start = time.perf_counter()
         analysis = _analyze(workspace, None, max((k for k, _ in plan.layers.values()), default=1), 1,

@@ -265,6 +265,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InvalidOptionError(f"--budget must be a fraction in (0, 1]. Got {args.budget:g} instead.")
     if getattr(args, "max_error", None) is not None and not args.max_error >= 0:
         raise InvalidOptionError(f"--max-error must be >= 0. Got {args.max_error:g} instead.")
+    if getattr(args, "target_error", None) is not None and not args.target_error >= 0:
+        raise InvalidOptionError(f"--target-error must be >= 0. Got {args.target_error:g} instead.")
+    if getattr(args, "calibration", None) and getattr(args, "weight_only", False):
+        raise InvalidOptionError("--calibration and --weight-only contradict each other; give one or the other.")
+    if getattr(args, "shrinkage", None) is not None and not 0 <= args.shrinkage < float("inf"):
+        raise InvalidOptionError(f"--shrinkage must be a finite number >= 0. Got {args.shrinkage:g} instead.")
     for option in ("report", "plan_out", "plot"):
         value = getattr(args, option, None)
         flag = "--" + option.replace("_", "-")
@@ -317,6 +323,8 @@ def _analysis_dict(analysis) -> dict:
     return {
         "total_params": analysis.total_params,
         "total_flops": analysis.total_flops,
+        "layer_error_measure": analysis.measure,
+        "calibrated_on": analysis.calibration,
         "layers": [
             {
                 "name": a.layer.name,

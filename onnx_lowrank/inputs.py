@@ -275,21 +275,25 @@ class Samples:
     grow with their number); samples given in memory are checked once against the model and kept.
     """
 
-    def __init__(self, source: str, count: int, reader: Callable[[], Iterator[dict[str, np.ndarray]]]) -> None:
+    def __init__(self, source: str, count: int, reader: Callable[[], Iterator[dict[str, np.ndarray]]],
+                 key: tuple = ()) -> None:
         self.source = source  # a path, "random", or "given samples"
         self.count = count
+        self.key = key  # equal keys: the same samples (the files behind a path, or the very arrays given)
         self._reader = reader
 
     @classmethod
     def given(cls, feeds: Sequence[Mapping[str, np.ndarray]], source: str = "given samples") -> Samples:
         feeds = [dict(feed) for feed in feeds]
-        return cls(source, len(feeds), lambda: iter(feeds))
+        key = ("memory", tuple(id(array) for feed in feeds for array in feed.values()))
+        return cls(source, len(feeds), lambda: iter(feeds), key)
 
     @classmethod
     def from_path(cls, path: str | Path, model: onnx.ModelProto) -> Samples:
         files = sample_files(path, model)
         specs = model_inputs(model)
-        return cls(str(path), len(files), lambda: (_check_sample(f, _read_npz(f), specs) for f in files))
+        key = ("files", tuple(str(f.resolve()) for f in files))
+        return cls(str(path), len(files), lambda: (_check_sample(f, _read_npz(f), specs) for f in files), key)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._reader()

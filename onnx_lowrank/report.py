@@ -212,7 +212,9 @@ def render(report: Report, console: Console) -> None:
 
 def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)) -> None:
     """Per-layer compressibility: the smallest fraction of its params a layer can keep at each error level."""
-    table = Table(title="Compressibility (fraction of params kept at a given relative error)", title_justify="left")
+    measure = "relative output error on the calibration data" if analysis.measure == "output" else (
+        "relative spectral error of the weight, no data")
+    table = Table(title=f"Compressibility (fraction of params kept at a given {measure})", title_justify="left")
     for column in ("layer", "op", "weight", "params", "FLOPs"):
         table.add_column(column, justify="right" if column in ("params", "FLOPs") else "left", overflow="fold")
     for level in error_levels:
@@ -260,7 +262,10 @@ def render_sweep(result, console: Console) -> None:
         console.print(f"[yellow]{allocator} at {budget:g}: {why}[/yellow]")
     console.print(
         "params, FLOPs, time: fractions of the original (time: onnxruntime median, measured interleaved); "
-        "out err: worst output relative L2; layer err: worst layer's relative spectral error; n: layers factorized; "
+        "out err: worst output relative L2; layer err: worst layer's "
+        + ("relative output error on the calibration data" if getattr(result, "measure", "") == "output"
+           else "relative spectral error")
+        + "; n: layers factorized; "
         "s: tool seconds (analyze + plan + apply)."
     )
 

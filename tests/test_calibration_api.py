@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import onnx
 import pytest
-from conftest import CNN_LAYERS, build_cnn, build_gemm, run, save, sha256
+from conftest import CNN_LAYERS, build_cnn, build_gemm, build_matmul, run, save, sha256
 
 import onnx_lowrank
 import onnx_lowrank.inputs
@@ -180,6 +180,25 @@ def test_data_aware_layer_error_is_the_real_output_error():
     assert row.error == pytest.approx(relative, rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("builder, shape", [(build_gemm, (4, 32)), (build_matmul, (2, 6, 24))], ids=["gemm", "matmul"])
+def test_gemm_and_matmul_calibrate_too(builder, shape):
+    model = builder()
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(6)]
+    compressed, report = onnx_lowrank.compress(model, 0.6, calibration=feeds)
+    assert report.measure == "output" and report.factorized and report.params_ratio <= 0.6
+    assert report.verification.worst_relative_l2 == pytest.approx(_error(model, compressed, feeds), rel=1e-6)
+
+
+def test_progress_reports_calibration(cnn_model, calibration_feeds):
+    seen = []
+    onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds[:5], verify=False,
+                          progress=lambda stage, done, total: seen.append((stage, done, total)))
+    calibrating = [(done, total) for stage, done, total in seen if stage == "calibrating"]
+    assert calibrating == [(i, 5) for i in range(1, 6)]
+    assert ("analyzing", len(CNN_LAYERS), len(CNN_LAYERS)) in seen
+
+
 # ----------------------------------------------------------------------------------------- 3. where data comes from
 
 
@@ -240,6 +259,35 @@ def test_cli_calibration_with_weight_only_exits_2(files, capsys):
     assert code == 2
     assert capsys.readouterr().err.startswith("onnx-lowrank: error:")
     assert not out.exists()
+
+
+def test_cli_analyze_and_sweep_take_calibration(files, capsys):
+    model_path, folder, held = files
+    out = model_path.parent / "out"
+    code = main(["analyze", str(model_path), "--calibration", str(folder), "--shrinkage", "0.01",
+                 "--report", str(out / "a.json"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    calibrated = json.loads((out / "a.json").read_text())
+    code = main(["analyze", str(model_path), "--weight-only", "--inputs", str(held), "--report", str(out / "w.json"),
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    weight_only = json.loads((out / "w.json").read_text())
+    assert [l["name"] for l in calibrated["layers"]] == [l["name"] for l in weight_only["layers"]] == list(CNN_LAYERS)
+    assert calibrated["layers"][0]["candidates"] != weight_only["layers"][0]["candidates"]
+
+    code = main(["sweep", str(model_path), "--budgets", "0.5", "--calibration", str(folder), "--inputs", str(held),
+                 "--no-latency", "--report", str(out / "s.json"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "s.json").read_text())
+    assert data["measure"] == "output" and data["calibration"] == str(folder)
+    assert [p["allocator"].split(":")[0] for p in data["points"]] == ["auto"]
+
+
+def test_cli_negative_shrinkage_exits_2(files, capsys):
+    model_path, folder, _ = files
+    code = main(["analyze", str(model_path), "--calibration", str(folder), "--shrinkage", "-1", "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("onnx-lowrank: error:")
 
 
 # ---------------------------------------------------------------------------- 4. folders of varying spatial size
@@ -540,3 +588,34 @@ def test_statistics_size_does_not_grow_with_the_number_of_samples(cnn_model, cal
         assert large.count == 32 * small.count  # only the counts grow
     capped = collect_statistics(cnn_model, layers, calibration_feeds[:4], max_rows=16)
     assert all(capped[layer.name].count <= 4 * 16 for layer in layers)
+
+
+# ------------------------------------------------------------------------- regressions of bugs found by these tests
+
+
+def test_target_search_starts_at_a_reachable_budget():
+    """smallest_budget() * total must not round below the smallest cost (the search starts there)."""
+    model = build_matmul()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 6, 24)).astype(np.float32)} for _ in range(4)]
+    _, report = onnx_lowrank.compress(model, target_error=0.5, calibration=feeds)
+    assert report.search
+
+
+def test_apply_with_a_given_analysis_is_not_in_sample(cnn_model, calibrated_analysis, held_out_feeds):
+    """The factors came from the analysis' calibration samples, not from the inputs verified on."""
+    plan = onnx_lowrank.plan(calibrated_analysis, 0.5, allocator="alds")
+    _, report = onnx_lowrank.apply(cnn_model, plan, analysis=calibrated_analysis, inputs=held_out_feeds)
+    assert not report.in_sample
+
+
+def test_infinite_shrinkage_is_an_invalid_option(cnn_model, calibration_feeds):
+    with pytest.raises(InvalidOptionError):
+        onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds, shrinkage=float("inf"))
+
+
+def test_apply_with_a_given_analysis_verified_on_its_calibration_samples_is_in_sample(
+        cnn_model, calibrated_analysis, calibration_feeds):
+    plan = onnx_lowrank.plan(calibrated_analysis, 0.5, allocator="alds")
+    _, report = onnx_lowrank.apply(cnn_model, plan, analysis=calibrated_analysis, inputs=calibration_feeds)
+    assert report.in_sample
