@@ -10,6 +10,7 @@ Layers that read the same tensor with the same geometry (detection heads) share 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from .errors import InputDataError
 from .patches import conv_rows, linear_rows
 from .statistics import InputStatistics, StatisticsAccumulator
 
-__all__ = ["DEFAULT_MAX_ROWS", "collect_statistics"]
+__all__ = ["DEFAULT_MAX_ROWS", "collect_statistics", "sample_seed"]
 
 DEFAULT_MAX_ROWS = 2048
 """Positions per sample and layer: enough rows for stable statistics, few enough that a 320x320 detector's early
@@ -49,10 +50,10 @@ def collect_statistics(
     samples = 0
     for index, feed in enumerate(feeds):
         outputs = runtime.run(sess, feed)
-        for position, (key, layer) in enumerate(unique.items()):
+        for key, layer in unique.items():
             name, geometry = key
             value = feed[name] if name in graph_inputs else outputs[name]
-            seed = index * 7919 + position  # different positions per sample, the same on every run
+            seed = sample_seed(name, index)
             rows = (
                 conv_rows(np.asarray(value), geometry, max_rows, seed)
                 if geometry is not None
@@ -74,6 +75,12 @@ def collect_statistics(
         raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
     results = {key: accumulator.result() for key, accumulator in accumulators.items()}
     return {layer.name: results[keys[layer.name]] for layer in layers}
+
+
+def sample_seed(tensor: str, index: int) -> int:
+    """The seed that picks which positions of `tensor` are kept for sample `index`: different per sample and tensor,
+    the same on every run and whatever other layers are collected alongside (crc32, unlike hash(), is stable)."""
+    return zlib.crc32(f"{tensor}#{index}".encode())
 
 
 def _unique(layers: Sequence[Layer], keys: Mapping[str, tuple]) -> dict[tuple, Layer]:

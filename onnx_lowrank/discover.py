@@ -255,14 +255,17 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         batchnorm_output=batchnorm.output[0] if batchnorm is not None else None,
         bias=bias,
         folded_params=folded_params if batchnorm is not None else 0,
-        bias_size=_size(constants, node.input[2]) if batchnorm is None and bias is not None else 0,
+        bias_size=_own_size(constants, consumers, node.input[2]) if batchnorm is None and bias is not None else 0,
         output_positions=positions,
         activation_rank=ranks.get(node.input[0]),
         geometry=ConvGeometry.from_attributes(attrs, kernel),
     )
 
 
-def _size(constants, name: str) -> int:
+def _own_size(constants, consumers, name: str) -> int:
+    """Elements of constant `name` when one node alone reads it (a rewrite then replaces it); 0 when shared."""
+    if len(consumers.get(name, [])) != 1:
+        return 0
     return int(np.prod(constants.shape(name), dtype=np.int64))
 
 
@@ -289,7 +292,8 @@ def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
     if len(node.input) > 2 and node.input[2] and alpha != 0:
         c = _vector(constants, node.input[2], matrix.shape[0])
         if c is not None:
-            bias, bias_size = c * (beta / alpha), _size(constants, node.input[2])  # Y = alpha (W x + beta/alpha C)
+            # Y = alpha (W x + beta / alpha C)
+            bias, bias_size = c * (beta / alpha), _own_size(constants, consumers, node.input[2])
     return _matrix_layer(node, name, "Gemm", weight, matrix, shapes, ranks, bias, bias_size)
 
 

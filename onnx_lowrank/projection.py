@@ -6,7 +6,8 @@ factorized layer computes y_hat = sum_g D_g E_g x_g + b + shift (the `svd.Factor
 
 Statistics: mu = mean of x, Sigma = centered covariance, regularised by shrinkage (calibration statistics are often
 rank deficient): Sigma_s = Sigma + shrinkage * (trace(Sigma) / d) * I. No inverse of Sigma_s is ever taken, so
-shrinkage 0 works too.
+shrinkage 0 works too. When the inputs do not vary at all (one calibration row), trace(E[x x^T]) / d takes the
+place of trace(Sigma) / d, so the layer falls back to the weight's own truncation instead of reporting error 0.
 
 Per group, the output-optimal projection: U_g = eigenvectors, by descending eigenvalue, of the group's output
 covariance Q_gg = W_g Sigma_s[g,g] W_g^T (the left singular vectors of W_g Sigma_s[g,g]^(1/2)); P_g = U_g,r U_g,r^T
@@ -68,8 +69,12 @@ def shrunk_covariance(statistics: InputStatistics, shrinkage: float = DEFAULT_SH
     for start in range(0, d, step):
         covariance[start : start + step] -= np.outer(mean[start : start + step], mean)
     if shrinkage and d:
-        scale = shrinkage * max(float(np.trace(covariance)), 0.0) / d
-        covariance[np.diag_indices(d)] += scale
+        variation = max(float(np.trace(covariance)), 0.0)
+        if variation <= _ROUND_OFF * float(np.trace(statistics.gram)) / count:
+            # one row, or inputs that never change: nothing says which directions matter, so regularise with the
+            # inputs' size instead; the decomposition then falls back to the weight's own (Frobenius) truncation
+            variation = float(np.trace(statistics.gram)) / count
+        covariance[np.diag_indices(d)] += shrinkage * variation / d
     return covariance
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from . import runtime
-from .calibrate import DEFAULT_MAX_ROWS
+from .calibrate import DEFAULT_MAX_ROWS, sample_seed
 from .discover import Layer
 from .inputs import Samples
 from .passes import factorize_layers
@@ -53,11 +53,11 @@ def refit_factors(
         sums = [_Sums(layer, factors) for layer, factors in current[start:stop]]
         for index, feed in enumerate(samples):
             before, after = runtime.run(original, feed), runtime.run(session, feed)
-            for position, item in enumerate(sums):
+            for item in sums:
                 name = item.layer.input_name
                 x = feed[name] if name in graph_inputs else before[name]
                 x_tilde = feed[name] if name in graph_inputs else after[name]
-                seed = index * 7919 + start + position
+                seed = sample_seed(name, index)
                 item.add(_rows(item.layer, x, max_rows, seed), _rows(item.layer, x_tilde, max_rows, seed))
         for offset, item in enumerate(sums):
             current[start + offset] = (item.layer, item.solve(ridge))
