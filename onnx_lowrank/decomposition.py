@@ -15,10 +15,9 @@ from functools import cached_property
 from typing import Protocol
 
 import numpy as np
-import scipy.linalg
 
 from .error import Spectrum, error_bound, measured_error
-from .svd import Factors, group_blocks
+from .svd import Factors, group_singular_values, group_svds, spectral_norm, truncate
 
 __all__ = ["Decomposition", "WeightDecomposition"]
 
@@ -57,11 +56,10 @@ class WeightDecomposition:
     def __init__(self, matrix: np.ndarray, k: int, reference_norm: float | None = None) -> None:
         self.matrix = matrix
         self.k = k
-        self._blocks = group_blocks(np.asarray(matrix, dtype=np.float64), k)
-        values = np.stack([_svdvals(block) for block in self._blocks])
+        values = group_singular_values(matrix, k)
         norm = float(values[0, 0]) if reference_norm is None and k == 1 else reference_norm
         if norm is None:
-            norm = float(_svdvals(np.asarray(matrix, dtype=np.float64))[0]) if matrix.size else 0.0
+            norm = spectral_norm(matrix)
         self.spectrum = Spectrum(k=k, singular_values=values, reference_norm=norm)
 
     @property
@@ -82,25 +80,11 @@ class WeightDecomposition:
         return dropped[np.asarray(ranks)] / total if total else np.zeros(len(np.atleast_1d(ranks)))
 
     @cached_property
-    def _vectors(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return [scipy.linalg.svd(b, full_matrices=False, check_finite=False, lapack_driver="gesdd") for b in self._blocks]
+    def _svds(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return group_svds(self.matrix, self.k)
 
     def factors(self, rank: int) -> Factors:
-        out, cols = self._blocks.shape[1], self._blocks.shape[2]
-        if not 1 <= rank <= min(out, cols):
-            raise ValueError(f"rank must be in [1, {min(out, cols)}] for a block of shape {(out, cols)}, got {rank}")
-        encoder = np.empty((self.k, rank, cols))
-        decoder = np.empty((out, self.k * rank))
-        for g, (u, s, vt) in enumerate(self._vectors):
-            root = np.sqrt(s[:rank])
-            decoder[:, g * rank : (g + 1) * rank] = u[:, :rank] * root
-            encoder[g] = root[:, None] * vt[:rank]
-        return Factors(k=self.k, rank=rank, encoder=encoder, decoder=decoder)
+        return truncate(self._svds, rank)
 
     def measured_error(self, rank: int) -> float:
         return measured_error(self.matrix, self.factors(rank), self.reference_norm)
-
-
-def _svdvals(matrix: np.ndarray) -> np.ndarray:
-    # gesdd: divide and conquer; gesvd is an order of magnitude slower on large layers
-    return scipy.linalg.svd(matrix, compute_uv=False, check_finite=False, lapack_driver="gesdd")

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Factors", "group_blocks", "group_singular_values", "factorize", "reconstruct", "max_rank", "spectral_norm"]
+__all__ = [
+    "Factors", "group_blocks", "group_singular_values", "group_svds", "truncate", "factorize", "reconstruct",
+    "max_rank", "spectral_norm", "svdvals",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +61,7 @@ def max_rank(out: int, cols: int, k: int) -> int:
 def group_singular_values(matrix: np.ndarray, k: int) -> np.ndarray:
     """Singular values of every column group, descending: shape (k, max_rank)."""
     blocks = group_blocks(np.asarray(matrix, dtype=np.float64), k)
-    return np.stack([_svdvals(b) for b in blocks])
+    return np.stack([svdvals(b) for b in blocks])
 
 
 def spectral_norm(matrix: np.ndarray) -> float:
@@ -66,23 +69,33 @@ def spectral_norm(matrix: np.ndarray) -> float:
     m = np.asarray(matrix, dtype=np.float64)
     if m.size == 0:
         return 0.0
-    return float(_svdvals(m)[0])
+    return float(svdvals(m)[0])
 
 
-def factorize(matrix: np.ndarray, k: int, rank: int) -> Factors:
-    """Grouped truncated SVD of `matrix` with k groups, each truncated to `rank`."""
+def group_svds(matrix: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Thin SVD (u, s, vt) of every column group: computed once, truncated to any rank by `truncate`."""
     blocks = group_blocks(np.asarray(matrix, dtype=np.float64), k)
-    out, cols = blocks.shape[1], blocks.shape[2]
+    return [scipy.linalg.svd(b, full_matrices=False, check_finite=False, lapack_driver="gesdd") for b in blocks]
+
+
+def truncate(svds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rank: int) -> Factors:
+    """The factors of rank `rank` from the groups' SVDs (`group_svds`), singular values split evenly."""
+    k = len(svds)
+    out, cols = svds[0][0].shape[0], svds[0][2].shape[1]
     if not 1 <= rank <= min(out, cols):
         raise ValueError(f"rank must be in [1, {min(out, cols)}] for a block of shape {(out, cols)}, got {rank}")
     encoder = np.empty((k, rank, cols))
     decoder = np.empty((out, k * rank))
-    for g, block in enumerate(blocks):
-        u, s, vt = scipy.linalg.svd(block, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+    for g, (u, s, vt) in enumerate(svds):
         root = np.sqrt(s[:rank])
         decoder[:, g * rank : (g + 1) * rank] = u[:, :rank] * root
         encoder[g] = root[:, None] * vt[:rank]
     return Factors(k=k, rank=rank, encoder=encoder, decoder=decoder)
+
+
+def factorize(matrix: np.ndarray, k: int, rank: int) -> Factors:
+    """Grouped truncated SVD of `matrix` with k groups, each truncated to `rank`."""
+    return truncate(group_svds(matrix, k), rank)
 
 
 def reconstruct(factors: Factors) -> np.ndarray:
@@ -92,6 +105,6 @@ def reconstruct(factors: Factors) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _svdvals(matrix: np.ndarray) -> np.ndarray:
+def svdvals(matrix: np.ndarray) -> np.ndarray:
     # gesdd: divide and conquer; gesvd is an order of magnitude slower on large layers
     return scipy.linalg.svd(matrix, compute_uv=False, check_finite=False, lapack_driver="gesdd")
