@@ -21,7 +21,7 @@ from .allocate import ALLOCATORS, allocate, smallest_budget
 from .analyze import OUTPUT_MEASURE, Analysis, analyze_layers, factors_of
 from .calibrate import collect_statistics
 from .discover import discover
-from .errors import BudgetError, InvalidOptionError
+from .errors import InvalidOptionError
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .load import load_model
 from .passes import factorize_layers
@@ -374,7 +374,7 @@ def _search(workspace, analysis, make_plan, metric, allocator, refit, run_verify
     passed, candidate = check(low)
     if passed:
         best_plan, high = candidate, low
-    while high - low > _SEARCH_RESOLUTION and not passed:
+    while high - low > _SEARCH_RESOLUTION:  # when the smallest budget passed, high == low already
         middle = round((low + high) / 2, 4)
         passed_middle, candidate = check(middle)
         if passed_middle:

@@ -19,7 +19,7 @@ import onnx
 from . import runtime
 from .discover import Layer
 from .errors import InputDataError
-from .patches import conv_rows, linear_rows
+from .patches import input_rows
 from .statistics import InputStatistics, StatisticsAccumulator
 
 __all__ = ["DEFAULT_MAX_ROWS", "collect_statistics", "sample_seed"]
@@ -54,11 +54,7 @@ def collect_statistics(
             name, geometry = key
             value = feed[name] if name in graph_inputs else outputs[name]
             seed = sample_seed(name, index)
-            rows = (
-                conv_rows(np.asarray(value), geometry, max_rows, seed)
-                if geometry is not None
-                else linear_rows(np.asarray(value), max_rows, seed)
-            )
+            rows = input_rows(value, geometry, max_rows, seed)
             if rows.shape[1] != layer.matrix.shape[1]:
                 raise InputDataError(
                     f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these samples, "

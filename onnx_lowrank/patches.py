@@ -28,7 +28,7 @@ from typing import cast
 
 import numpy as np
 
-__all__ = ["AUTO_PADS", "ConvGeometry", "conv_rows", "linear_rows"]
+__all__ = ["AUTO_PADS", "ConvGeometry", "conv_rows", "linear_rows", "input_rows"]
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -158,6 +158,12 @@ def linear_rows(x: np.ndarray, max_rows: int | None = None, seed: int = 0) -> np
     rows = x.reshape(-1, x.shape[-1])
     chosen = _chosen(rows.shape[0], max_rows, seed)
     return rows if chosen is None else rows[chosen]
+
+
+def input_rows(x: np.ndarray, geometry: ConvGeometry | None, max_rows: int | None = None, seed: int = 0) -> np.ndarray:
+    """The rows a layer reads from its input `x`: im2col patches for a Conv (`geometry`), vectors otherwise."""
+    x = np.asarray(x)
+    return linear_rows(x, max_rows, seed) if geometry is None else conv_rows(x, geometry, max_rows, seed)
 
 
 def _ints(value: object, default: tuple[int, ...]) -> tuple[int, ...]:

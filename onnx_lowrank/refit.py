@@ -23,7 +23,7 @@ from .calibrate import DEFAULT_MAX_ROWS, sample_seed
 from .discover import Layer
 from .inputs import Samples
 from .passes import factorize_layers
-from .patches import conv_rows, linear_rows
+from .patches import input_rows
 from .svd import Factors
 
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_STAGES", "refit_factors"]
@@ -58,17 +58,11 @@ def refit_factors(
                 x = feed[name] if name in graph_inputs else before[name]
                 x_tilde = feed[name] if name in graph_inputs else after[name]
                 seed = sample_seed(name, index)
-                item.add(_rows(item.layer, x, max_rows, seed), _rows(item.layer, x_tilde, max_rows, seed))
+                geometry = item.layer.geometry
+                item.add(input_rows(x, geometry, max_rows, seed), input_rows(x_tilde, geometry, max_rows, seed))
         for offset, item in enumerate(sums):
             current[start + offset] = (item.layer, item.solve(ridge))
     return current
-
-
-def _rows(layer: Layer, value: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    value = np.asarray(value)
-    if layer.geometry is not None:
-        return conv_rows(value, layer.geometry, max_rows, seed)
-    return linear_rows(value, max_rows, seed)
 
 
 class _Sums:
