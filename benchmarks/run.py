@@ -29,22 +29,28 @@ sys.path.insert(0, str(HERE.parent))  # `benchmarks.workloads` when run as a scr
 
 import onnx_lowrank  # noqa: E402
 from onnx_lowrank import runtime  # noqa: E402
+from onnx_lowrank.latency import measure_latency_ratio  # noqa: E402
 from onnx_lowrank.plot import plot_frontier  # noqa: E402
+from onnx_lowrank.runtime import RuntimeSettings  # noqa: E402
 from onnx_lowrank.sweep import sweep  # noqa: E402
 
 from benchmarks.workloads import model_path, workloads  # noqa: E402
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+THREADS = 2  # onnxruntime intra-op threads for every timing: the deployment this machine stands for
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way to compress: which data the decomposition sees, the allocator, and whether decoders are refit."""
+    """One way to compress: which data the decomposition sees, the allocator, whether decoders are refit, what the
+    budget counts, and whether the never-slower guard is on (the default) or lifted (`--allow-slower`)."""
 
     name: str
     allocator: str
     data: str  # "weight" (no data) or "calibration" (the workload's calibration split)
     refit: bool = False
+    metric: str = "params"
+    guard: bool = True
 
 
 METHODS = {
@@ -56,23 +62,30 @@ METHODS = {
         Method("data auto", "auto", "calibration"),  # the default with calibration data
         Method("data alds", "alds", "calibration"),
         Method("data uniform", "uniform", "calibration"),
+        Method("data auto --allow-slower", "auto", "calibration", guard=False),
         Method("data auto+refit", "auto", "calibration", refit=True),
         Method("data alds+refit", "alds", "calibration", refit=True),
+        Method("flops: weight alds", "alds", "weight", metric="flops"),
+        Method("flops: data auto", "auto", "calibration", metric="flops"),
+        Method("flops: data auto --allow-slower", "auto", "calibration", metric="flops", guard=False),
+        Method("latency: weight alds", "alds", "weight", metric="latency"),
+        Method("latency: data auto", "auto", "calibration", metric="latency"),
     )
 }
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if not m.refit)  # refit lost everywhere (issue 6)
 DEFAULT = "data auto"
 BASELINE = "weight alds"
 WEIGHT_ONLY = ("weight uniform", "weight energy", "weight alds")
 
 
-def _sweep_methods(original, workload, methods, budgets, metric, feeds, latency_repeats, reference) -> tuple[list, float]:
-    """Every method's points (named after the method), grouped into one sweep per (data, refit) setting so each
-    analysis runs once; and the seconds of the data-aware analysis (calibration + decompositions)."""
+def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats, reference) -> tuple[list, float]:
+    """Every method's points (named after the method), grouped into one sweep per (data, refit, metric, guard)
+    setting so each analysis runs once; and the seconds of each analysis (calibration + timing + decompositions)."""
     points, unreachable, analysis_seconds = [], [], {}
-    groups: dict[tuple[str, bool], list[Method]] = {}
+    groups: dict[tuple, list[Method]] = {}
     for method in methods:
-        groups.setdefault((method.data, method.refit), []).append(method)
-    for (data, refit), group in groups.items():
+        groups.setdefault((method.data, method.refit, method.metric, method.guard), []).append(method)
+    for (data, refit, metric, guard), group in groups.items():
         result = sweep(
             original,
             budgets,
@@ -83,11 +96,13 @@ def _sweep_methods(original, workload, methods, budgets, metric, feeds, latency_
             weight_only=data == "weight",
             refit=refit,
             latency_repeats=latency_repeats,
+            allow_slower=not guard,
+            threads=THREADS,
             evaluate=lambda model: workload.score(runtime.session(model), reference),
-            progress=lambda cell, d=data, r=refit: print(f"  {d}{'+refit' if r else ''} {cell}", file=sys.stderr,
-                                                         flush=True),
+            progress=lambda cell, g=group: print(f"  {g[0].name.rsplit(' ', 1)[0]}.. {cell}", file=sys.stderr,
+                                                 flush=True),
         )
-        analysis_seconds[(data, refit)] = result.analysis_seconds
+        analysis_seconds[(data, refit, metric, guard)] = result.analysis_seconds
         by_allocator = {m.allocator: m for m in group}
         for point in result.points:
             method = by_allocator[point.allocator.split(":")[0]]
@@ -99,7 +114,15 @@ def _sweep_methods(original, workload, methods, budgets, metric, feeds, latency_
     return points, unreachable, analysis_seconds
 
 
-def run(models, budgets, methods, metric, out_dir: Path, latency_repeats: int, command: str) -> Path:
+def _noise(original, feeds, repeats: int) -> float:
+    """How far the original timed against itself, interleaved, strays from 1.0: the noise of a latency ratio."""
+    settings = RuntimeSettings(threads=THREADS)
+    ratios = [measure_latency_ratio(original, original, [feeds[0]], repeats=repeats, settings=settings).ratio
+              for _ in range(5)]
+    return max(abs(r - 1.0) for r in ratios)
+
+
+def run(models, budgets, methods, out_dir: Path, latency_repeats: int, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plots").mkdir(exist_ok=True)
     started = time.perf_counter()
@@ -112,26 +135,38 @@ def run(models, budgets, methods, metric, out_dir: Path, latency_repeats: int, c
         reference = workload.outputs(runtime.session(original))
         model_start = time.perf_counter()
         print(f"[{name}] {len(methods)} methods x {len(budgets)} budgets", file=sys.stderr, flush=True)
-        points, unreachable, analysis_seconds = _sweep_methods(original, workload, methods, budgets, metric, feeds,
+        noise = _noise(original, feeds, latency_repeats)
+        points, unreachable, analysis_seconds = _sweep_methods(original, workload, methods, budgets, feeds,
                                                                latency_repeats, reference)
+        named = [replace(p, allocator=m.name) for m, _, p in points]
         plot = out_dir / "plots" / f"{name}.png"
         plot_frontier(
-            [replace(p, allocator=m.name) for m, _, p in points],
+            named,
             plot,
-            title=f"{name}: {metric} budget, evaluation split of {len(feeds)} samples",
+            title=f"{name}: evaluation split of {len(feeds)} samples",
             panels=(("metric", workload.metric), ("output_error", "output relative L2 error"),
                     ("latency_ratio", "latency / original (lower is faster)")),
-            x=("params_ratio" if metric == "params" else "flops_ratio", f"fraction of {metric} kept"),
+            x=("params_ratio", "fraction of params kept"),
         )
-        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds,
-                                 plot.relative_to(out_dir), time.perf_counter() - model_start))
+        speed_plot = out_dir / "plots" / f"{name}-latency.png"
+        plot_frontier(
+            named,
+            speed_plot,
+            title=f"{name}: latency against the budget ({THREADS} threads)",
+            panels=(("latency_ratio", "measured latency / original"),
+                    ("predicted_latency_ratio", "predicted latency / original")),
+            x=("budget", "budget (fraction of the method's metric kept)"),
+        )
+        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise,
+                                 {"frontier": plot.relative_to(out_dir), "latency": speed_plot.relative_to(out_dir)},
+                                 time.perf_counter() - model_start))
     results = out_dir / "RESULTS.md"
     names = [m.name for m in methods]
-    results.write_text(_header(command, metric, budgets, names, time.perf_counter() - started) + "\n".join(sections))
+    results.write_text(_header(command, budgets, names, time.perf_counter() - started) + "\n".join(sections))
     return results
 
 
-def _header(command: str, metric: str, budgets, methods, seconds: float) -> str:
+def _header(command: str, budgets, methods, seconds: float) -> str:
     cpu = "unknown CPU"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -143,62 +178,69 @@ def _header(command: str, metric: str, budgets, methods, seconds: float) -> str:
         f"- Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}.\n"
         f"- Versions: Python {platform.python_version()}, onnx-lowrank {onnx_lowrank.__version__}, onnx {onnx.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}.\n"
-        f"- Budget metric: **{metric}**; budgets {', '.join(map(str, budgets))}; methods {', '.join(methods)}.\n"
-        "- Methods: `weight *` decompose the weights alone (SVD; no data). `data *` decompose every layer on its "
-        "inputs from the workload's **calibration split** (output-optimal projection with bias correction; the "
-        "evaluation split is disjoint) and rank candidates by their relative output error; `auto` is the default "
-        "with calibration data (the best of the alds/uniform/energy plans by output error on the calibration "
-        "split; the allocator it chose is in brackets); `+refit` refits decoders and biases on the calibration "
-        "split in topological order.\n"
-        "- Columns: `params`, `FLOPs`: fraction of the original model kept (counted on the compressed model). "
-        "`latency`: median onnxruntime time (2 threads, batch 1) of the compressed model over the original's, "
-        "measured interleaved in one process; differences within about 0.1 of 1.0 are noise on this machine. "
-        "`task`: the workload's metric (see each model). `out err`: worst relative L2 error of the model's outputs on "
-        "the evaluation split. `layer err`: error of the worst factorized layer: relative spectral error of the weight "
-        "(weight) or relative output error on the calibration split (data). "
-        "`n`: layers factorized. `tool s`: seconds of analyze + plan + apply (what one `compress --no-verify` takes; "
-        "for data-aware methods it includes the calibration pass).\n\n"
+        f"- Budgets {', '.join(map(str, budgets))}; methods {', '.join(methods)}.\n"
+        "- Methods: the budget counts **params** unless the method says `flops:` (2 x MACs) or `latency:` (the "
+        "model's time in onnxruntime, predicted from measured layer timings). `weight *` decompose the weights alone "
+        "(SVD; no data). `data *` decompose every layer on its inputs from the workload's **calibration split** "
+        "(output-optimal projection with bias correction; the evaluation split is disjoint) and rank candidates by "
+        "their relative output error; `auto` is the default with calibration data (the best of the "
+        "alds/uniform/energy plans by output error on the calibration split; the allocator it chose is in "
+        "brackets). Every method runs with the default **never-slower guard** (a layer is only factorized into a "
+        "form measured faster than it) except those marked `--allow-slower`. Refit methods are "
+        "left out by default: they lost in every cell of the previous run (git history of this file).\n"
+        f"- Columns: `params`, `FLOPs`: fraction of the original model kept (counted on the compressed model). "
+        f"`latency`: median onnxruntime time ({THREADS} threads, batch 1) of the compressed model over the "
+        "original's, measured interleaved in one process (the noise of this ratio is measured per model: the "
+        "original timed against itself). `pred`: the latency ratio the cost model predicted before writing the "
+        "model. `task`: the workload's metric (see each model). `out err`: worst relative L2 error of the model's "
+        "outputs on the evaluation split. `layer err`: error of the worst factorized layer: relative spectral error "
+        "of the weight (weight) or relative output error on the calibration split (data). `n`: layers factorized. "
+        "`tool s`: seconds of analyze + plan + apply (what one `compress --no-verify` takes, with a warm latency "
+        "cache; for data-aware methods it includes the calibration pass).\n\n"
     )
 
 
-def _section(name, workload, path, points, unreachable, analysis_seconds, plot, seconds: float) -> str:
-    calibration = analysis_seconds.get(("calibration", False))
+def _section(name, workload, path, points, unreachable, analysis_seconds, noise, plots, seconds: float) -> str:
+    calibration = analysis_seconds.get(("calibration", False, "params", True))
     lines = [
         f"## {name}\n",
         f"Model `{path.name}` ({workload.model} in models/manifest.json). Task metric: **{workload.metric}** "
         f"(higher is better). Evaluation samples: {len(workload.evaluation_feeds())}; calibration samples: "
-        f"{len(workload.calibration_feeds())}. Weight-only analysis: {analysis_seconds.get(('weight', False), 0):.1f} s"
+        f"{len(workload.calibration_feeds())}. Weight-only analysis: "
+        f"{analysis_seconds.get(('weight', False, 'params', True), 0):.1f} s"
         + (f"; data-aware analysis (calibration pass + decompositions): {calibration:.1f} s" if calibration else "")
-        + f". Whole sweep: {seconds:.0f} s.\n",
-        "| method | budget | params | FLOPs | latency | task | out err | layer err | n | tool s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        + f". Latency noise: the original against itself strays up to {noise:.3f} from 1.0. "
+        f"Whole sweep: {seconds:.0f} s.\n",
+        "| method | budget | params | FLOPs | latency | pred | task | out err | layer err | n | tool s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, chosen, p in points:
         label = method.name + (f" ({chosen})" if chosen else "")
         lines.append(
             f"| {label} | {p.budget:g} | {p.params_ratio:.3f} | {_ratio(p.flops_ratio)} | {_ratio(p.latency_ratio)} "
-            f"| {p.task.get('metric', float('nan')):.3f} | {p.output_error:.3f} | {p.max_layer_error:.3f} "
-            f"| {p.layers_factorized} | {p.tool_seconds:.1f} |"
+            f"| {_ratio(p.predicted_latency_ratio)} | {p.task.get('metric', float('nan')):.3f} | {p.output_error:.3f} "
+            f"| {p.max_layer_error:.3f} | {p.layers_factorized} | {p.tool_seconds:.1f} |"
         )
     for method, budget, why in unreachable:
         lines.append(f"\n{method} at {budget:g}: not reachable ({why})")
     lines.append("\n" + _winners(points) + "\n")
-    check = _acceptance(points)
-    if check:
-        lines.append(check + "\n")
-    lines.append(f"![{name} frontier]({plot.as_posix()})\n")
+    for check in (_acceptance(points), _speed(points, noise)):
+        if check:
+            lines.append(check + "\n")
+    lines += [f"![{name} {label}]({plot.as_posix()})\n" for label, plot in plots.items()]
     return "\n".join(lines) + "\n"
 
 
 def _winners(points) -> str:
-    """Which method scored best on the task metric at each budget (ties listed together)."""
+    """Which method scored best on the task metric at each params budget (ties listed together)."""
     parts = []
-    for budget in dict.fromkeys(p.budget for _, _, p in points):
-        cells = [(m, p) for m, _, p in points if p.budget == budget]
+    params = [(m, c, p) for m, c, p in points if m.metric == "params"]
+    for budget in dict.fromkeys(p.budget for _, _, p in params):
+        cells = [(m, p) for m, _, p in params if p.budget == budget]
         best = max(p.task.get("metric", float("-inf")) for _, p in cells)
         names = [m.name for m, p in cells if p.task.get("metric", float("-inf")) >= best - 1e-9]
         parts.append(f"{budget:g}: {'/'.join(names)} ({best:.3f})")
-    return "Best task metric per budget: " + "; ".join(parts) + "."
+    return "Best task metric per params budget: " + "; ".join(parts) + "." if parts else ""
 
 
 def _acceptance(points) -> str:
@@ -219,6 +261,26 @@ def _acceptance(points) -> str:
     return ("Default (`data auto`) against weight-only: " + "; ".join(parts) + ".") if parts else ""
 
 
+def _speed(points, noise: float) -> str:
+    """Speed checks: guarded cells slower than the original beyond the noise, and how far predictions missed."""
+    guarded = [(m, p) for m, _, p in points if m.guard and p.latency_ratio is not None]
+    slower = [f"{m.name} at {p.budget:g} ({p.latency_ratio:.3f})" for m, p in guarded
+              if p.latency_ratio > 1.0 + noise]
+    misses = [abs(p.predicted_latency_ratio / p.latency_ratio - 1.0) for _, p in guarded
+              if p.predicted_latency_ratio is not None and p.latency_ratio]
+    fastest = {m.name: min(p.latency_ratio for n, p in guarded if n.name == m.name) for m, _ in guarded}
+    parts = [f"guarded cells slower than the original beyond the noise: {', '.join(slower) if slower else 'none'}"]
+    if misses:
+        parts.append(f"prediction off by {np.median(misses):.1%} (median) and {max(misses):.1%} (worst) over "
+                     f"{len(misses)} cells")
+    for label in ("flops: data auto", "flops: weight alds", "latency: data auto", "latency: weight alds"):
+        cells = {p.budget: p.latency_ratio for m, p in guarded if m.name == label}
+        budget = 0.5 if label.startswith("flops") else 0.6
+        if budget in cells:
+            parts.append(f"{label} at {budget:g}: measured latency {cells[budget]:.3f}x")
+    return "Speed: " + "; ".join(parts) + "." if fastest else ""
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -227,8 +289,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(workloads()), help="workload names, comma-separated")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--metric", choices=("params", "flops"), default="params")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency measurement")
     parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md and plots/ (default benchmarks/)")
     args = parser.parse_args(argv)
@@ -243,7 +305,7 @@ def main(argv=None) -> int:
         return 2
     command = "python benchmarks/run.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
     path = run(models, [float(b) for b in args.budgets.split(",")], [METHODS[m] for m in methods],
-               args.metric, Path(args.out), args.repeats, command)
+               Path(args.out), args.repeats, command)
     print(path)
     return 0
 

@@ -1,7 +1,9 @@
 """Global allocation: pick (k, r) for every layer so the whole model meets one budget.
 
 All three allocators solve the same problem with a different per-candidate score: minimise the largest score over
-the layers, subject to the total cost (params or FLOPs) staying within the budget. Keeping a layer dense is always
+the layers, subject to the total cost staying within the budget. The cost is whichever of the analysis' cost models
+the metric names (params, flops, latency; see `cost_models`): the model's total is the cost of its factorizable
+layers as chosen plus the fixed rest (the total minus their dense costs). Keeping a layer dense is always
 an option (score 0); factorizations that are not smaller than the dense layer are never candidates.
 
 For a threshold t, every layer takes its cheapest option whose score is <= t. The total cost falls monotonically
@@ -26,12 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analyze import Analysis, Candidate, LayerAnalysis
+from .cost_models import METRICS, unavailable_reason
 from .errors import BudgetError, InvalidOptionError
 from .plan import Plan
 
 __all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget"]
-
-METRICS = ("params", "flops")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Option:
     """One choice for one layer: its score, its cost, and (k, rank), or None for keeping the layer dense."""
 
     score: float
-    cost: int
+    cost: float
     choice: tuple[int, int] | None
 
 
@@ -115,32 +116,24 @@ def _energy_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
 ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
 
 
-def _validated_total(analysis: Analysis, budget: float, metric: str, allocator: str) -> int:
+def _validated_total(analysis: Analysis, budget: float, metric: str, allocator: str) -> float:
     if metric not in METRICS:
         raise InvalidOptionError(f"The metric must be one of {', '.join(METRICS)}. Got {metric!r} instead.")
     if allocator not in ALLOCATORS:
         raise InvalidOptionError(f"The allocator must be one of {', '.join(ALLOCATORS)}. Got {allocator!r} instead.")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise InvalidOptionError(f"The budget must be a fraction in the range (0, 1]. Got {budget!r} instead.")
-    total = analysis.total_params if metric == "params" else analysis.total_flops
-    if total is None or (metric == "flops" and any(a.dense_flops is None for a in analysis.layers)):
-        raise InvalidOptionError(
-            "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs)."
-        )
+    total = analysis.total(metric)
+    if total is None or any(a.dense.get(metric) is None for a in analysis.layers):
+        raise InvalidOptionError(unavailable_reason(metric))
     return total
 
 
 def _options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
     """Every layer's options: dense first (score 0), then each candidate with the allocator's score."""
-
-    def cost_of(analysis_: LayerAnalysis, candidate: Candidate | None) -> int:
-        if candidate is None:
-            return analysis_.dense_params if metric == "params" else analysis_.dense_flops
-        return candidate.params if metric == "params" else candidate.flops
-
     return [
-        [Option(0.0, cost_of(a, None), None)]
-        + [Option(score, cost_of(a, c), (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
+        [Option(0.0, a.dense[metric], None)]
+        + [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
         for a in analysis.layers
     ]
 
@@ -160,7 +153,7 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 
 
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
-    """The plan that keeps `budget` (a fraction in (0, 1]) of the model's params or FLOPs, per `allocator`."""
+    """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
     total = _validated_total(analysis, budget, metric, allocator)
     if not analysis.layers:  # nothing to factorize: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
@@ -172,7 +165,9 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
     if budget * total < smallest:
         raise BudgetError(
             f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
-            f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}."
+            f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}"
+            + (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)."
+               if analysis.guarded else ".")
         )
     chosen, threshold = minmax_select(options, capacity)
     layers = {a.layer.name: o.choice for a, o in zip(analysis.layers, chosen) if o.choice is not None}

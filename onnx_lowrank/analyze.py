@@ -3,9 +3,12 @@
 For every candidate group count k (the divisors of the layer's input channels up to `max_groups`) the layer is
 decomposed once (`decomposition`): by the SVD of its weight, or, with calibration statistics, by the output-optimal
 projection on its real inputs (`projection`). Every rank r then gives a candidate (k, r) whose error comes from that
-decomposition and whose cost comes from `cost`. Only candidates smaller than the dense layer are kept, and with
-`rank_multiple` only ranks that are multiples of it (onnxruntime's blocked conv kernels want channel counts in
-multiples of 8 or 16). The decompositions are kept, so apply writes the factors without decomposing again.
+decomposition and whose costs come from the analysis' cost models (`cost_models`: params, flops, latency). Only
+candidates smaller than the dense layer are kept, and with `rank_multiple` only ranks that are multiples of it.
+With measured latencies, only the ranks the latency model prices are kept (on onnxruntime's channel block where
+the measurement showed that ranks off it are slower), and the never-slower guard keeps only candidates measured
+faster than the dense layer (`GUARD_RATIO`). The decompositions are kept, so apply writes the factors without
+decomposing again.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ import numpy as np
 import onnx
 
 from . import cost
+from .cost_models import CostModel, LatencyCost, build_cost_models
 from .decomposition import Decomposition, WeightDecomposition
 from .discover import Discovery, Layer, Skipped
 from .errors import InvalidOptionError
+from .parallel import map_in_order, single_threaded_blas
 from .projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
 from .statistics import InputStatistics
 from .svd import Factors
 
-__all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE", "OUTPUT_MEASURE"]
+__all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE",
+           "OUTPUT_MEASURE", "GUARD_RATIO"]
+
+GUARD_RATIO = 0.95
+"""The never-slower guard keeps a candidate only if its measured time is at most this fraction of the dense
+layer's: a margin over the few percent by which repeated measurements of one layer differ."""
 
 WEIGHT_MEASURE = "spectral"
 """Errors are relative spectral errors of the weight, ||W - W_hat||_2 / ||W||_2 (no data)."""
@@ -39,8 +49,7 @@ class Candidate:
     k: int
     rank: int
     error: float  # spectral: upper bound (exact for k = 1); output: exact on the calibration statistics
-    params: int
-    flops: int | None
+    costs: Mapping[str, float]  # cost model name -> the factorized layer's cost
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,14 +57,7 @@ class LayerAnalysis:
     layer: Layer
     decompositions: Mapping[int, Decomposition]  # k -> the layer decomposed with k input-channel groups
     candidates: tuple[Candidate, ...]  # sorted by (k, rank); all smaller than the dense layer
-
-    @property
-    def dense_params(self) -> int:
-        return cost.dense_params(self.layer)
-
-    @property
-    def dense_flops(self) -> int | None:
-        return cost.dense_flops(self.layer)
+    dense: Mapping[str, float]  # cost model name -> the dense layer's cost
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,12 +66,17 @@ class Analysis:
 
     layers: tuple[LayerAnalysis, ...]
     skipped: tuple[Skipped, ...]
-    total_params: int
-    total_flops: int | None  # None when concrete input shapes are unknown
+    costs: Mapping[str, CostModel]  # name -> cost model; params always, flops and latency when available
     rank_multiple: int = 1
+    guarded: bool = False  # only candidates measured faster than their dense layer were kept
     measure: str = WEIGHT_MEASURE  # what the candidates' errors measure
     calibration: str | None = None  # where the calibration statistics came from (None: weight-only)
     calibration_key: tuple = ()  # identifies those samples (`inputs.Samples.key`), to tell in-sample verification
+
+    def total(self, metric: str) -> float | None:
+        """The original model's cost in `metric`, or None when this analysis cannot count it."""
+        model = self.costs.get(metric)
+        return None if model is None else model.total
 
     def layer(self, name: str) -> LayerAnalysis:
         for analysis in self.layers:
@@ -80,8 +87,8 @@ class Analysis:
 
 def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]]) -> list[tuple[Layer, Factors, float]]:
     """(layer, factors, measured error) of every layer `choices` names (layer -> (k, rank)), in model order, from
-    the analysis' decompositions: nothing is decomposed again."""
-    chosen = []
+    the analysis' decompositions: nothing is decomposed again. Layers are computed in parallel (`parallel`)."""
+    jobs = []
     for entry in analysis.layers:
         choice = choices.get(entry.layer.name)
         if choice is None:
@@ -92,8 +99,14 @@ def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]]) -> li
                 f"The plan splits layer {entry.layer.name!r} into k={choice[0]} groups, which the analysis did "
                 f"not consider (its k: {sorted(entry.decompositions)}); analyse with a larger max_groups."
             )
-        chosen.append((entry.layer, decomposition.factors(choice[1]), decomposition.measured_error(choice[1])))
-    return chosen
+        jobs.append((entry.layer, decomposition, choice[1]))
+
+    def one(job) -> tuple[Layer, Factors, float]:
+        layer, decomposition, rank = job
+        return layer, decomposition.factors(rank), decomposition.measured_error(rank)
+
+    with single_threaded_blas():
+        return list(map_in_order(one, jobs))
 
 
 def group_counts(layer: Layer, max_groups: int) -> list[int]:
@@ -114,11 +127,14 @@ def analyze_layers(
     shrinkage: float = DEFAULT_SHRINKAGE,
     calibration: str | None = None,
     calibration_key: tuple = (),
+    latency: LatencyCost | None = None,
+    guard: bool = False,
 ) -> Analysis:
-    """Decompositions and candidates of every discovered layer, plus the model's total params and FLOPs.
+    """Decompositions and candidates of every discovered layer, and the cost models of the whole model.
 
     With `statistics` (layer name -> input statistics, from `calibrate.collect_statistics`) every layer is decomposed
-    on its calibration inputs and errors are relative output errors; without, weight-only.
+    on its calibration inputs and errors are relative output errors; without, weight-only. With `latency` (measured
+    by `layer_timing`) candidates are priced in milliseconds too, and `guard` drops those not faster than dense.
     """
     if not isinstance(max_groups, int) or max_groups < 1:
         raise InvalidOptionError(f"max_groups must be a whole number >= 1. Got {max_groups!r} instead.")
@@ -126,17 +142,29 @@ def analyze_layers(
         raise InvalidOptionError(f"rank_multiple must be a whole number >= 1. Got {rank_multiple!r} instead.")
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage < float("inf"):
         raise InvalidOptionError(f"shrinkage must be a finite number >= 0. Got {shrinkage!r} instead.")
-    layers = []
-    for layer in discovery.layers:
+    if guard and latency is None:
+        raise InvalidOptionError("The never-slower guard needs measured latencies.")
+    costs = build_cost_models(
+        params_total=cost.model_params(model),
+        flops_total=cost.model_flops(model, shapes) if shapes is not None else None,
+        bias_correction=statistics is not None,  # data-aware factors carry a bias correction
+        latency=latency,
+    )
+    def one(layer: Layer) -> LayerAnalysis:
         layer_statistics = None if statistics is None else statistics[layer.name]
-        layers.append(_analyze_layer(layer, max_groups, rank_multiple, layer_statistics, float(shrinkage)))
-        if progress is not None:
-            progress(layer)
+        return _analyze_layer(layer, max_groups, rank_multiple, layer_statistics, float(shrinkage), costs, guard)
+
+    layers = []
+    with single_threaded_blas():
+        for entry in map_in_order(one, discovery.layers):
+            layers.append(entry)
+            if progress is not None:
+                progress(entry.layer)
     return Analysis(
         layers=tuple(layers),
         skipped=discovery.skipped,
-        total_params=cost.model_params(model),
-        total_flops=cost.model_flops(model, shapes) if shapes is not None else None,
+        costs=costs,
+        guarded=guard,
         rank_multiple=rank_multiple,
         measure=WEIGHT_MEASURE if statistics is None else OUTPUT_MEASURE,
         calibration=calibration if statistics is not None else None,
@@ -157,22 +185,29 @@ def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics |
     }
 
 
-def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int, statistics, shrinkage: float) -> LayerAnalysis:
+def _offered(layer: Layer, k: int, rank: int, shifted: bool, latency: LatencyCost | None, guard: bool) -> bool:
+    """Smaller than dense; priced by the latency model when there is one; and, guarded, measured faster."""
+    if not cost.is_smaller(layer, k, rank, shifted):
+        return False
+    if latency is None:
+        return True
+    if not latency.offers(layer, k, rank):
+        return False
+    return not guard or latency.factorized(layer, k, rank) <= GUARD_RATIO * latency.dense(layer)
+
+
+def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int, statistics, shrinkage: float,
+                   costs: Mapping[str, CostModel], guard: bool) -> LayerAnalysis:
     decompositions = _decompositions(layer, max_groups, statistics, shrinkage)
     shifted = statistics is not None  # data-aware factors carry a bias correction
+    latency = costs.get("latency")
     candidates: list[Candidate] = []
     for k, decomposition in decompositions.items():
         ranks = np.arange(rank_multiple, decomposition.max_rank + 1, rank_multiple)
-        ranks = ranks[[cost.is_smaller(layer, k, int(r), shifted) for r in ranks]]
+        ranks = ranks[[_offered(layer, k, int(r), shifted, latency, guard) for r in ranks]]
         errors = decomposition.errors(ranks) if len(ranks) else np.zeros(0)
         for rank, error in zip(ranks.tolist(), errors.tolist()):
-            candidates.append(
-                Candidate(
-                    k=k,
-                    rank=rank,
-                    error=error,
-                    params=cost.factorized_params(layer, k, rank, shifted),
-                    flops=cost.factorized_flops(layer, k, rank),
-                )
-            )
-    return LayerAnalysis(layer=layer, decompositions=decompositions, candidates=tuple(candidates))
+            prices = {name: model.factorized(layer, k, rank) for name, model in costs.items()}
+            candidates.append(Candidate(k=k, rank=rank, error=error, costs=prices))
+    dense = {name: model.dense(layer) for name, model in costs.items()}
+    return LayerAnalysis(layer=layer, decompositions=decompositions, candidates=tuple(candidates), dense=dense)

@@ -14,21 +14,25 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from threadpoolctl import threadpool_limits
 
-from . import cost
 from .allocate import ALLOCATORS, allocate, smallest_budget
 from .analyze import OUTPUT_MEASURE, Analysis, analyze_layers, factors_of
 from .calibrate import collect_statistics
-from .discover import discover
+from .cost_models import LatencyCost
+from .discover import Layer, discover
 from .errors import InvalidOptionError
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from .latency import measure_latency_ratio, model_latency
+from .latency_cache import LatencyCache, default_cache_path
+from .layer_timing import measure_layers
 from .load import load_model
+from .parallel import single_threaded_blas
 from .passes import factorize_layers
 from .plan import Plan
 from .projection import DEFAULT_SHRINKAGE
 from .refit import refit_factors
-from .report import LayerRow, Report, SearchStep, Totals
+from .report import LayerRow, Report, SearchStep
+from .runtime import DEFAULT_PROVIDER, RuntimeSettings
 from .select import choose_plan
 from .shapes import tensor_shapes
 from .verify import verify
@@ -39,11 +43,36 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 ShapeSpecs = Mapping[str, Sequence[int]] | Sequence[str] | None
 SampleSource = str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None
 Progress = Callable[[str, int, int | None], None]
-"""progress(stage, done, total): called as calibration samples and analysed layers complete (total None if unknown)."""
+"""progress(stage, done, total): called as calibration samples, timed and analysed layers complete (total None if
+unknown)."""
+CachePath = str | os.PathLike | bool
+"""Where measured latencies are cached: True for the default file (see `latency_cache`), False for none, or a path."""
 
 _COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 _RANDOM_SAMPLES = 2
 _SEARCH_RESOLUTION = 0.01
+_TIMED_ROUNDS = 20  # interleaved rounds when verification times the original and the compressed model
+
+
+@dataclass(frozen=True)
+class _Speed:
+    """How latency enters: the deployment's session settings, the cache file, whether layers are timed at all and
+    whether the never-slower guard filters candidates."""
+
+    settings: RuntimeSettings = RuntimeSettings()
+    cache: CachePath = True
+    measure: bool = False
+    guard: bool = False
+
+    @classmethod
+    def of(cls, allow_slower: bool, metric: str | None, threads: int | None, provider: str, cache: CachePath) -> _Speed:
+        settings = RuntimeSettings(threads=threads, provider=provider)
+        return cls(settings, cache, measure=not allow_slower or metric == "latency", guard=not allow_slower)
+
+    def open_cache(self) -> LatencyCache:
+        if self.cache is True:
+            return LatencyCache(default_cache_path())
+        return LatencyCache(None if self.cache is False else self.cache)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +84,16 @@ class _Workspace:
     feeds: Samples | None  # verification samples
     calibration: Samples | None = None  # None: weight-only
     in_sample: bool = False  # verification and calibration use the same samples
+    speed: _Speed = _Speed()
+
+    def timing_feed(self) -> dict[str, np.ndarray] | None:
+        """One sample to time whole models on: the first verification or calibration sample, else random."""
+        for samples in (self.feeds, self.calibration):
+            if samples is not None:
+                return next(iter(samples))
+        if self.input_shapes is None:
+            return None
+        return random_feeds(self.model, self.input_shapes, count=1, seed=0)[0]
 
     def shapes_of(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
         """Concrete shapes of every tensor the cost model reads, or None when the input shapes are unknown."""
@@ -73,6 +112,7 @@ def _prepare(
     need_feeds: bool,
     calibration: SampleSource = None,
     weight_only: bool = False,
+    speed: _Speed = _Speed(),
 ) -> _Workspace:
     proto = load_model(model)
     if weight_only and calibration is not None:
@@ -97,7 +137,7 @@ def _prepare(
         elif need_feeds:
             feeds = Samples.given(random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0), "random")
     return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
-                      in_sample=in_sample)
+                      in_sample=in_sample, speed=speed)
 
 
 def analyze(
@@ -111,23 +151,30 @@ def analyze(
     exclude: str | None = None,
     max_groups: int = 8,
     rank_multiple: int = 1,
+    allow_slower: bool = False,
+    threads: int | None = None,
+    provider: str = DEFAULT_PROVIDER,
+    latency_cache: CachePath = True,
     progress: Progress | None = None,
 ) -> Analysis:
-    """Find the factorizable layers and every candidate (k, rank) with its error and cost.
+    """Find the factorizable layers and every candidate (k, rank) with its error and costs.
 
     With `calibration` (an .npz, a folder of .npz, or a list of feed dicts) every layer is decomposed on its real
     inputs and errors are relative output errors; `inputs` alone calibrates too unless `weight_only`. FLOPs are
-    counted when every input shape is known (static in the model, from `input_shapes` such as
-    ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample).
+    counted, and latencies measured, when every input shape is known (static in the model, from `input_shapes` such
+    as ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample). Latencies are
+    measured in onnxruntime with `threads` and `provider` (cached in `latency_cache`), and only candidates faster
+    than their dense layer are kept, unless `allow_slower`.
     """
-    workspace = _prepare(model, inputs, input_shapes, False, calibration, weight_only)
+    speed = _Speed.of(allow_slower, None, threads, provider, latency_cache)
+    workspace = _prepare(model, inputs, input_shapes, False, calibration, weight_only, speed)
     return _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
 
 
 def _analyze(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress) -> Analysis:
     # Many small decompositions: a second BLAS thread barely helps them and, when onnxruntime or another process
     # holds the other core, makes them many times slower (measured: 1.3 s with one thread, 14-59 s with two).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         return _analyze_serial(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
 
 
@@ -144,6 +191,9 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
             samples,
             progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
         )
+    latency = None
+    if workspace.speed.measure and shapes is not None and discovery.layers:
+        latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, statistics is not None, progress)
     total = len(discovery.layers)
     counter = iter(range(1, total + 1))
     return analyze_layers(
@@ -157,7 +207,21 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         shrinkage=shrinkage,
         calibration=None if workspace.calibration is None else workspace.calibration.source,
         calibration_key=() if workspace.calibration is None else workspace.calibration.key,
+        latency=latency,
+        guard=workspace.speed.guard and latency is not None,
     )
+
+
+def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int, shifted: bool,
+                     progress: Progress | None) -> LatencyCost:
+    """Time every layer's dense and factorized forms (or read them from the cache) and the whole original model."""
+    speed = workspace.speed
+    timings = measure_layers(
+        workspace.model, layers, shapes, speed.settings, speed.open_cache(), max_groups=max_groups,
+        bias_correction=shifted,
+        progress=None if progress is None else lambda done, total: progress("timing layers", done, total),
+    )
+    return LatencyCost(total=model_latency(workspace.model, workspace.timing_feed(), speed.settings), timings=timings)
 
 
 def plan(
@@ -206,15 +270,20 @@ def apply(
     calibration: SampleSource = None,
     weight_only: bool = False,
     refit: bool = False,
+    threads: int | None = None,
+    provider: str = DEFAULT_PROVIDER,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite the layers `plan` names into their factorized form; check the result in onnxruntime unless told not to.
 
     Returns the new ModelProto (the input is not modified) and a Report. Pass the `analysis` the plan came from to
-    reuse its decompositions (and its calibration); without it the model is analysed again (on `calibration` if
-    given, or on `inputs` unless `weight_only`). `refit` re-fits every decoder on the calibration samples (see `refit`).
+    reuse its decompositions, calibration and latency costs; without it the model is analysed again (on
+    `calibration` if given, or on `inputs` unless `weight_only`; layers are not timed). `refit` re-fits every
+    decoder on the calibration samples (see `refit`). Verification also times both models with `threads` and
+    `provider`.
     """
     start = time.perf_counter()
-    workspace = _prepare(model, inputs, input_shapes, verify, calibration, weight_only)
+    speed = _Speed.of(True, None, threads, provider, False)
+    workspace = _prepare(model, inputs, input_shapes, verify, calibration, weight_only, speed)
     seconds = {"load": time.perf_counter() - start}
     if analysis is not None:  # in-sample only if the given analysis was calibrated on the very samples verified on
         same = bool(analysis.calibration_key) and workspace.feeds is not None and (
@@ -229,7 +298,7 @@ def apply(
 
 
 def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analysis, seconds: dict,
-           refit: bool = False) -> tuple[onnx.ModelProto, Report]:
+           refit: bool = False, time_models: bool = True) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     model = workspace.model
     layers = {a.layer.name: a for a in analysis.layers}
@@ -243,23 +312,27 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         rewrites = refit_factors(model, rewrites, workspace.calibration)
     compressed, _ = factorize_layers(model, rewrites) if rewrites else (model, 0)
     seconds["apply"] = time.perf_counter() - start
-    shifted = analysis.measure == OUTPUT_MEASURE
-    rows = [_row(entry, plan.layers.get(entry.layer.name), errors.get(entry.layer.name), shifted)
+    rows = [_row(entry, analysis, plan.layers.get(entry.layer.name), errors.get(entry.layer.name))
             for entry in analysis.layers]
 
-    verification = None
+    verification = timing = None
     if run_verify and rewrites:
         start = time.perf_counter()
         onnx.checker.check_model(compressed, full_check=True)
         verification = verify(model, compressed, workspace.feeds)
         seconds["verify"] = time.perf_counter() - start
+        if time_models:
+            start = time.perf_counter()
+            timing = measure_latency_ratio(model, compressed, [workspace.timing_feed()], repeats=_TIMED_ROUNDS,
+                                           settings=workspace.speed.settings)
+            seconds["time"] = time.perf_counter() - start
 
     after_shapes = workspace.shapes_of(compressed) if rewrites else None
-    before = Totals(params=analysis.total_params, flops=analysis.total_flops)
-    after = before if not rewrites else Totals(
-        params=cost.model_params(compressed),
-        flops=cost.model_flops(compressed, after_shapes) if after_shapes is not None else None,
-    )
+    before = {name: cost_model.total for name, cost_model in analysis.costs.items()}
+    after = {}
+    for name, cost_model in analysis.costs.items():
+        counted = cost_model.count(compressed, after_shapes) if rewrites else before[name]
+        after[name] = counted if counted is not None else _predicted(before[name], [row.costs[name] for row in rows])
     report = Report(
         layers=tuple(rows),
         skipped=analysis.skipped,
@@ -274,8 +347,27 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         calibrated_on=analysis.calibration,
         in_sample=workspace.in_sample and verification is not None,
         refit=refit and bool(rewrites),
+        latency=timing,
+        guarded=analysis.guarded,
+        speed_note=_speed_note(workspace, analysis),
+        units={name: cost_model.unit for name, cost_model in analysis.costs.items()},
     )
     return compressed, report
+
+
+def _predicted(total: float, layer_costs: Sequence[tuple[float | None, float | None]]) -> float | None:
+    """The whole model's cost with every layer as written: the original total plus each layer's change."""
+    if any(before is None or after is None for before, after in layer_costs):
+        return None
+    return total + sum(after - before for before, after in layer_costs)
+
+
+def _speed_note(workspace: _Workspace, analysis: Analysis) -> str | None:
+    """Why latency was not measured, when the user asked for it to be."""
+    if workspace.speed.guard and not analysis.guarded and analysis.layers:
+        return ("Layers were not timed (some input shape is unknown: give --input-shape), so the never-slower "
+                "guard was off.")
+    return None
 
 
 def compress(
@@ -297,17 +389,24 @@ def compress(
     inputs: SampleSource = None,
     input_shapes: ShapeSpecs = None,
     verify: bool = True,
+    allow_slower: bool = False,
+    threads: int | None = None,
+    provider: str = DEFAULT_PROVIDER,
+    latency_cache: CachePath = True,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model`: analyze, plan, apply, verify. Returns the compressed ModelProto and a Report.
 
-    Give either a `budget` (the fraction in (0, 1] of the params or FLOPs to keep) or a target: `target_error`
-    (the smallest model whose verified relative output error on `inputs` stays <= it) or `evaluate` (model -> score,
-    higher is better) with `min_score` (the smallest model scoring at least that). A target is met by searching the
-    budget with verification in the loop; the report lists the steps.
+    Give either a `budget` (the fraction in (0, 1] of the model's `metric` to keep: params, flops, or latency,
+    its measured time in onnxruntime) or a target: `target_error` (the smallest model whose verified relative
+    output error on `inputs` stays <= it) or `evaluate` (model -> score, higher is better) with `min_score` (the
+    smallest model scoring at least that). A target is met by searching the budget with verification in the loop;
+    the report lists the steps.
 
     With `calibration` (or `inputs`, unless `weight_only`) every layer is decomposed on its real inputs (see
-    `projection`) and the default allocator is `auto`.
+    `projection`) and the default allocator is `auto`. Every layer is timed in onnxruntime with the deployment's
+    `threads` and `provider` (cached in `latency_cache`, see `latency_cache`), and a layer is only factorized into
+    a form measured faster than it, unless `allow_slower`. Verification times both models and reports the speedup.
     """
     targeted = target_error is not None or evaluate is not None or min_score is not None
     if targeted == (budget is not None):
@@ -320,7 +419,9 @@ def compress(
         raise InvalidOptionError(f"target_error must be a number >= 0. Got {target_error!r} instead.")
     total_start = time.perf_counter()
     start = time.perf_counter()
-    workspace = _prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, weight_only)
+    speed = _Speed.of(allow_slower, metric, threads, provider, latency_cache)
+    workspace = _prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, weight_only,
+                         speed)
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
     analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
@@ -356,15 +457,15 @@ def _search(workspace, analysis, make_plan, metric, allocator, refit, run_verify
 
     def check(fraction: float):
         candidate_plan = make_plan(fraction)
-        compressed, report = _apply(workspace, candidate_plan, target_error is not None, analysis, {}, refit)
+        compressed, report = _apply(workspace, candidate_plan, target_error is not None, analysis, {}, refit,
+                                    time_models=False)
         if target_error is not None:
             value = 0.0 if report.verification is None else report.verification.worst_relative_l2
             passed = bool(value <= target_error)
         else:
             value = float(evaluate(compressed))
             passed = bool(value >= min_score)
-        ratio = report.params_ratio if metric == "params" else report.flops_ratio
-        steps.append(SearchStep(budget=fraction, achieved=ratio, value=value, passed=passed))
+        steps.append(SearchStep(budget=fraction, achieved=report.ratio(metric), value=value, passed=passed))
         if progress is not None:
             progress("searching", len(steps), None)
         return passed, candidate_plan
@@ -418,21 +519,22 @@ def _check_plan(plan: Plan, layers: Mapping[str, object], analysis: Analysis) ->
             raise InvalidOptionError(f"The plan gives layer {name!r} rank {rank}; with k={k} it must be 1 to {largest}.")
 
 
-def _row(entry, choice: tuple[int, int] | None = None, error: float | None = None, shifted: bool = False) -> LayerRow:
+def _row(entry, analysis: Analysis, choice: tuple[int, int] | None = None, error: float | None = None) -> LayerRow:
     """The report row of one layer: kept dense when `choice` is None, else factorized as (k, rank)."""
     layer = entry.layer
     k, rank = choice if choice is not None else (None, None)
     dense = choice is None
+    costs = {}
+    for name, cost_model in analysis.costs.items():
+        before = entry.dense[name]
+        costs[name] = (before, before if dense else cost_model.factorized(layer, k, rank))
     return LayerRow(
         name=layer.name,
         op=layer.op,
         weight_shape=layer.weight_shape,
         k=k,
         rank=rank,
-        params_before=entry.dense_params,
-        params_after=entry.dense_params if dense else cost.factorized_params(layer, k, rank, shifted),
-        flops_before=entry.dense_flops,
-        flops_after=entry.dense_flops if dense else cost.factorized_flops(layer, k, rank),
+        costs=costs,
         error=error,
         planned_error=None if dense else next((c.error for c in entry.candidates if (c.k, c.rank) == choice), None),
     )

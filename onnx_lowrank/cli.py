@@ -18,8 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .allocate import ALLOCATORS, METRICS
+from .allocate import ALLOCATORS
+from .cost_models import METRICS
 from .projection import DEFAULT_SHRINKAGE
+from .runtime import DEFAULT_PROVIDER
 from .errors import InvalidOptionError, LowRankError
 from .load import check_output_path, save_model
 from .plan import Plan
@@ -63,10 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("input", help="the model to compress (never modified)")
     compress.add_argument("output", help="where to write the compressed model (.onnx)")
     goal = compress.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--budget", type=float, help="fraction of the model's params (or FLOPs) to keep, in (0, 1]")
+    goal.add_argument("--budget", type=float, help="fraction of the model's params (or FLOPs, or latency) to keep, "
+                                                    "in (0, 1]")
     goal.add_argument("--target-error", type=float, metavar="X",
                       help="instead of a budget: the smallest model whose output error on the samples stays <= X")
-    compress.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
+    compress.add_argument("--metric", choices=METRICS, default="params",
+                          help="what the budget counts: params, flops, or latency (the model's time in onnxruntime, "
+                               "measured per layer); default params")
     compress.add_argument("--allocator", choices=ALLOCATOR_CHOICES, default=None,
                           help="auto (default with calibration data): the best of alds/uniform/energy end to end on "
                                "the calibration samples; alds (default without): min-max error over (k, rank); "
@@ -91,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--report", metavar="R.json", help="also write the report as JSON")
     apply.add_argument("--refit", action="store_true", help="refit every decoder and bias on the calibration samples")
     _input_options(apply)
+    _runtime_options(apply)
     _calibration_options(apply, shrinkage=False)
     _verify_options(apply)
     apply.set_defaults(run=_run_apply)
@@ -129,9 +135,21 @@ def _calibration_options(parser: argparse.ArgumentParser, shrinkage: bool = True
                                  f"to every direction (default {DEFAULT_SHRINKAGE:g}; raise it with few samples)")
 
 
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="onnxruntime intra-op threads to time with, as deployed (default: onnxruntime's, one per "
+                             "core)")
+    parser.add_argument("--provider", default=DEFAULT_PROVIDER, metavar="NAME",
+                        help=f"onnxruntime execution provider to time with (default {DEFAULT_PROVIDER})")
+
+
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     _input_options(parser)
     _calibration_options(parser)
+    _runtime_options(parser)
+    parser.add_argument("--allow-slower", action="store_true",
+                        help="skip timing layers: factorize layers even where the factorized form is not measured "
+                             "faster than the dense layer")
     parser.add_argument("--exclude", metavar="REGEX", help="leave layers whose name matches this pattern dense")
     parser.add_argument("--max-groups", type=int, default=8, metavar="K",
                         help="largest number of input-channel groups k to consider (default 8; 1 = plain SVD)")
@@ -168,6 +186,9 @@ def _run_compress(args: argparse.Namespace, console: Console) -> int:
             inputs=args.inputs,
             input_shapes=args.input_shape,
             verify=args.verify,
+            allow_slower=args.allow_slower,
+            threads=args.threads,
+            provider=args.provider,
             progress=advance,
         )
     return _finish(args, console, model, report)
@@ -178,7 +199,8 @@ def _run_apply(args: argparse.Namespace, console: Console) -> int:
     check_output_path(args.output, (args.input,))
     plan = Plan.load(args.plan)
     model, report = api.apply(args.input, plan, inputs=args.inputs, input_shapes=args.input_shape, verify=args.verify,
-                              calibration=args.calibration, weight_only=args.weight_only, refit=args.refit)
+                              calibration=args.calibration, weight_only=args.weight_only, refit=args.refit,
+                              threads=args.threads, provider=args.provider)
     return _finish(args, console, model, report)
 
 
@@ -195,6 +217,9 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
             exclude=args.exclude,
             max_groups=args.max_groups,
             rank_multiple=args.rank_multiple,
+            allow_slower=args.allow_slower,
+            threads=args.threads,
+            provider=args.provider,
             progress=advance,
         )
     render_analysis(analysis, console)
@@ -229,6 +254,9 @@ def _run_sweep(args: argparse.Namespace, console: Console) -> int:
             max_groups=args.max_groups,
             exclude=args.exclude,
             latency=args.latency,
+            allow_slower=args.allow_slower,
+            threads=args.threads,
+            provider=args.provider,
             progress=lambda cell: status.update(f"sweeping: {cell}"),
         )
     render_sweep(result, console)
@@ -269,6 +297,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InvalidOptionError(f"--target-error must be >= 0. Got {args.target_error:g} instead.")
     if getattr(args, "calibration", None) and getattr(args, "weight_only", False):
         raise InvalidOptionError("--calibration and --weight-only contradict each other; give one or the other.")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise InvalidOptionError(f"--threads must be a whole number >= 1. Got {args.threads} instead.")
     if getattr(args, "shrinkage", None) is not None and not 0 <= args.shrinkage < float("inf"):
         raise InvalidOptionError(f"--shrinkage must be a finite number >= 0. Got {args.shrinkage:g} instead.")
     for option in ("report", "plan_out", "plot"):
@@ -321,8 +351,8 @@ class _progress:
 
 def _analysis_dict(analysis) -> dict:
     return {
-        "total_params": analysis.total_params,
-        "total_flops": analysis.total_flops,
+        "totals": {name: model.total for name, model in analysis.costs.items()},
+        "never_slower_guard": analysis.guarded,
         "layer_error_measure": analysis.measure,
         "calibrated_on": analysis.calibration,
         "layers": [
@@ -330,9 +360,8 @@ def _analysis_dict(analysis) -> dict:
                 "name": a.layer.name,
                 "op": a.layer.op,
                 "weight_shape": list(a.layer.weight_shape),
-                "params": a.dense_params,
-                "flops": a.dense_flops,
-                "candidates": [[c.k, c.rank, c.error, c.params] for c in a.candidates],
+                "dense": dict(a.dense),
+                "candidates": [{"k": c.k, "rank": c.rank, "error": c.error, **c.costs} for c in a.candidates],
             }
             for a in analysis.layers
         ],

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .error import Spectrum, error_bound, measured_error
+from .error import Spectrum, error_bound, truncation_error
 from .svd import Factors, group_singular_values, group_svds, spectral_norm, truncate
 
 __all__ = ["Decomposition", "WeightDecomposition"]
@@ -87,4 +87,4 @@ class WeightDecomposition:
         return truncate(self._svds, rank)
 
     def measured_error(self, rank: int) -> float:
-        return measured_error(self.matrix, self.factors(rank), self.reference_norm)
+        return truncation_error(self._svds, rank, self.reference_norm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,14 +39,16 @@ def plot_frontier(
             if not series:
                 continue
             color, marker = _STYLE.get(_family(allocator), (None, "x"))
-            style = "--" if allocator.startswith("weight") else "-"
+            marker = {"flops:": "v", "latency:": "P"}.get(allocator.split()[0], marker)
+            style = "--" if "weight" in allocator else ":" if "allow-slower" in allocator else "-"
             axis.plot(*zip(*series), marker=marker, color=color, linestyle=style, label=allocator)
-        if name == "latency_ratio":
+        if name in ("latency_ratio", "predicted_latency_ratio"):
             axis.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
         axis.set_xlabel(x[1])
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # some series had values
+            axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     target = Path(path)
@@ -55,9 +58,9 @@ def plot_frontier(
 
 
 def _family(label: str) -> str:
-    """The allocator in a label such as "alds", "auto:alds" or "data alds+refit"."""
-    word = label.split()[-1].split("+")[0]
-    return word.split(":")[-1]
+    """The allocator in a label such as "alds", "auto:alds", "data alds+refit" or "flops: data auto"."""
+    words = re.split(r"[\s:+]+", label)
+    return next((w for w in reversed(words) if w in _STYLE), "")
 
 
 def _value(point: SweepPoint, name: str):

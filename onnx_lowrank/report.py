@@ -11,10 +11,11 @@ from rich.table import Table
 
 from .analyze import Analysis
 from .discover import Skipped
+from .latency import LatencyComparison
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "SearchStep", "Totals", "Report", "render", "render_analysis"]
+__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis"]
 
 _MEASURES = {
     "spectral": "relative spectral error of the weight, ||W - W_hat||_2 / ||W||_2",
@@ -31,10 +32,7 @@ class LayerRow:
     weight_shape: tuple[int, ...]
     k: int | None
     rank: int | None
-    params_before: int
-    params_after: int
-    flops_before: int | None
-    flops_after: int | None
+    costs: Mapping[str, tuple[float | None, float | None]]  # cost model name -> (dense, as written)
     error: float | None  # the error of the written factors, in the report's `measure` (spectral or output)
     planned_error: float | None  # the error the allocator planned with
 
@@ -50,17 +48,11 @@ class SearchStep:
 
 
 @dataclass(frozen=True)
-class Totals:
-    params: int
-    flops: int | None
-
-
-@dataclass(frozen=True)
 class Report:
     layers: tuple[LayerRow, ...]
     skipped: tuple[Skipped, ...]
-    before: Totals  # counted on the original model
-    after: Totals  # counted on the compressed model itself
+    before: Mapping[str, float]  # cost model name -> the original model's cost (latency: measured)
+    after: Mapping[str, float]  # counted on the compressed model itself; latency: predicted from the layer costs
     plan: Plan
     verification: Verification | None = None
     verified_on: str | None = None  # the samples verification ran on: an --inputs path, or "random"
@@ -72,30 +64,49 @@ class Report:
     refit: bool = False  # decoders were refit on the calibration samples
     search: tuple[SearchStep, ...] = ()  # the steps of a target search, in order
     search_goal: str | None = None  # what the search had to meet, e.g. "relative output error <= 0.05"
+    latency: LatencyComparison | None = None  # both models timed interleaved by verification
+    guarded: bool = False  # only layers measured faster than dense were candidates
+    speed_note: str | None = None  # why latency was not measured, when it was asked for
+    units: Mapping[str, str] = field(default_factory=dict)  # cost model name -> unit ("" for counts, "ms")
+
+    def ratio(self, metric: str) -> float | None:
+        """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
+        before, after = self.before.get(metric), self.after.get(metric)
+        if before is None or after is None:
+            return None
+        return after / before if before else 1.0
 
     @property
     def params_ratio(self) -> float:
-        return self.after.params / self.before.params if self.before.params else 1.0
+        return self.ratio("params")
 
     @property
     def flops_ratio(self) -> float | None:
-        if self.before.flops is None or self.after.flops is None or not self.before.flops:
+        return self.ratio("flops")
+
+    @property
+    def predicted_latency_error(self) -> float | None:
+        """(predicted - measured) / measured milliseconds of the compressed model, when both are known."""
+        predicted = self.after.get("latency")
+        if predicted is None or self.latency is None or not self.latency.compressed_ms:
             return None
-        return self.after.flops / self.before.flops
+        return predicted / self.latency.compressed_ms - 1.0
 
     @property
     def factorized(self) -> tuple[LayerRow, ...]:
         return tuple(row for row in self.layers if row.rank is not None)
 
     def to_dict(self) -> dict:
+        costs = {}
+        for name in self.before:
+            costs.update({f"{name}_before": self.before[name], f"{name}_after": self.after.get(name),
+                          f"{name}_ratio": self.ratio(name)})
         return {
             "summary": {
-                "params_before": self.before.params,
-                "params_after": self.after.params,
-                "params_ratio": self.params_ratio,
-                "flops_before": self.before.flops,
-                "flops_after": self.after.flops,
-                "flops_ratio": self.flops_ratio,
+                **costs,
+                "latency_measured": None if self.latency is None else self.latency.to_dict(),
+                "latency_prediction_error": self.predicted_latency_error,
+                "never_slower_guard": self.guarded,
                 "layers_factorized": len(self.factorized),
                 "layers_considered": len(self.layers),
                 "layers_skipped": len(self.skipped),
@@ -105,12 +116,11 @@ class Report:
                 "refit": self.refit,
                 "verification_in_sample": self.in_sample,
                 "message": self.message,
+                "speed_note": self.speed_note,
             },
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
-            "layers": [
-                {**row.__dict__, "weight_shape": list(row.weight_shape)} for row in self.layers
-            ],
+            "layers": [_row_dict(row) for row in self.layers],
             "skipped": [s.__dict__ for s in self.skipped],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "verified_on": self.verified_on,
@@ -118,11 +128,20 @@ class Report:
         }
 
 
+def _row_dict(row: LayerRow) -> dict:
+    fields = {key: value for key, value in row.__dict__.items() if key != "costs"}
+    for name, (before, after) in row.costs.items():
+        fields[f"{name}_before"], fields[f"{name}_after"] = before, after
+    return {**fields, "weight_shape": list(row.weight_shape)}
+
+
 def render(report: Report, console: Console) -> None:
     """Per-layer table, totals, verification and timings."""
     table = Table(title="Layers", title_justify="left", show_lines=False)
-    for column, justify in [("layer", "left"), ("op", "left"), ("weight", "left"), ("k", "right"),
-                            ("rank", "right"), ("params", "right"), ("FLOPs", "right"), ("error", "right")]:
+    metrics = list(report.before)
+    columns = [("layer", "left"), ("op", "left"), ("weight", "left"), ("k", "right"), ("rank", "right")]
+    columns += [(_label(name, report.units), "right") for name in metrics] + [("error", "right")]
+    for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     for row in report.layers:
         dense = row.rank is None
@@ -132,8 +151,7 @@ def render(report: Report, console: Console) -> None:
             "x".join(map(str, row.weight_shape)),
             "-" if dense else str(row.k),
             "dense" if dense else str(row.rank),
-            _before_after(row.params_before, row.params_after, dense),
-            _before_after(row.flops_before, row.flops_after, dense),
+            *(_before_after(*row.costs[name], dense, report.units.get(name, "")) for name in metrics),
             "-" if row.error is None else f"{row.error:.4f}",
             style="dim" if dense else None,
         )
@@ -150,19 +168,31 @@ def render(report: Report, console: Console) -> None:
     totals = Table(title="Model", title_justify="left")
     for column in ("", "before", "after", "ratio"):
         totals.add_column(column, justify="right" if column else "left")
-    totals.add_row("params", f"{report.before.params:,}", f"{report.after.params:,}", f"{report.params_ratio:.3f}")
-    flops_ratio = report.flops_ratio
-    totals.add_row(
-        "FLOPs",
-        _count(report.before.flops),
-        _count(report.after.flops),
-        "-" if flops_ratio is None else f"{flops_ratio:.3f}",
-    )
+    for name in metrics:
+        unit = report.units.get(name, "")
+        label = _label(name, report.units) + (" (predicted)" if unit == "ms" else "")
+        ratio = report.ratio(name)
+        totals.add_row(label, _value(report.before[name], unit), _value(report.after.get(name), unit),
+                       "-" if ratio is None else f"{ratio:.3f}")
+    if report.latency is not None:
+        timed = report.latency
+        totals.add_row("latency ms (measured)", f"{timed.original_ms:.3f}", f"{timed.compressed_ms:.3f}",
+                       f"{timed.ratio:.3f}")
     totals.add_row("factorized layers", "", f"{len(report.factorized)} of {len(report.layers)}", "")
     worst = max((r.error for r in report.factorized), default=None)
     if worst is not None:
         totals.add_row("worst layer error", "", f"{worst:.4f}", "")
     console.print(totals)
+    if report.latency is not None:
+        error = report.predicted_latency_error
+        predicted = "" if error is None else f"; the prediction was off by {error:+.1%}"
+        console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime (medians of both models timed "
+                      f"interleaved{predicted}).")
+    if report.guarded:
+        console.print("Never slower: only factorizations measured faster than their dense layer were considered "
+                      "(--allow-slower lifts this).")
+    if report.speed_note:
+        console.print(f"[yellow]{report.speed_note}[/yellow]")
     if report.calibrated_on is not None:
         refit = "; decoders refit on them" if report.refit else ""
         console.print(f"Calibrated on {report.calibrated_on}: layer errors are relative output errors on those samples{refit}.")
@@ -215,28 +245,28 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
     measure = "relative output error on the calibration data" if analysis.measure == "output" else (
         "relative spectral error of the weight, no data")
     table = Table(title=f"Compressibility (fraction of params kept at a given {measure})", title_justify="left")
-    for column in ("layer", "op", "weight", "params", "FLOPs"):
-        table.add_column(column, justify="right" if column in ("params", "FLOPs") else "left", overflow="fold")
+    units = {name: model.unit for name, model in analysis.costs.items()}
+    for column in ("layer", "op", "weight"):
+        table.add_column(column, overflow="fold")
+    for name in analysis.costs:
+        table.add_column(_label(name, units), justify="right")
     for level in error_levels:
         table.add_column(f"err<={level:g}", justify="right")
     for entry in analysis.layers:
         cells = []
         for level in error_levels:
-            fitting = [c.params for c in entry.candidates if c.error <= level]
-            cells.append(f"{min(fitting) / entry.dense_params:.2f}" if fitting else "1.00")
+            fitting = [c.costs["params"] for c in entry.candidates if c.error <= level]
+            cells.append(f"{min(fitting) / entry.dense['params']:.2f}" if fitting else "1.00")
         table.add_row(
             entry.layer.name,
             entry.layer.op,
             "x".join(map(str, entry.layer.weight_shape)),
-            f"{entry.dense_params:,}",
-            _count(entry.dense_flops),
+            *(_value(entry.dense[name], units[name]) for name in analysis.costs),
             *cells,
         )
     console.print(table)
-    console.print(
-        f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model params "
-        f"{analysis.total_params:,}, FLOPs {_count(analysis.total_flops)}"
-    )
+    totals = ", ".join(f"{_label(name, units)} {_value(model.total, model.unit)}" for name, model in analysis.costs.items())
+    console.print(f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model {totals}")
 
 
 def render_sweep(result, console: Console) -> None:
@@ -270,10 +300,21 @@ def render_sweep(result, console: Console) -> None:
     )
 
 
-def _before_after(before: int | None, after: int | None, dense: bool) -> str:
+def _label(name: str, units: Mapping[str, str]) -> str:
+    unit = units.get(name, "")
+    return f"{name} {unit}" if unit else name
+
+
+def _value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if unit == "ms" else _count(value)
+
+
+def _before_after(before: float | None, after: float | None, dense: bool, unit: str = "") -> str:
     if before is None:
         return "-"
-    return _count(before) if dense else f"{_count(before)} -> {_count(after)}"
+    return _value(before, unit) if dense else f"{_value(before, unit)} -> {_value(after, unit)}"
 
 
 def _count(value: int | None) -> str:
@@ -282,7 +323,7 @@ def _count(value: int | None) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= size:
             return f"{value / size:.2f}{unit}"
-    return str(value)
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
 
 
 def _float(value: float, digits: int = 3) -> str:

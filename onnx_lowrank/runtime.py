@@ -11,20 +11,55 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputDataError, InvalidModelError
+from .errors import InputDataError, InvalidModelError, InvalidOptionError
 
-__all__ = ["PROTOBUF_LIMIT", "session", "run", "model_size", "save_with_external_data", "with_outputs"]
+__all__ = ["PROTOBUF_LIMIT", "RuntimeSettings", "session", "run", "model_size", "save_with_external_data",
+           "with_outputs"]
 
 PROTOBUF_LIMIT = 1_800_000_000
 """Bytes above which a model is passed to ORT (and shape inference) through a file with external data."""
 
-_PROVIDERS = ["CPUExecutionProvider"]
+DEFAULT_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The session options a model will be deployed with: what latency is measured under (and cached by).
+
+    `threads` is the intra-op thread count (None: onnxruntime's default, one per physical core); `provider` the
+    execution provider; `optimization` the graph optimization level (all, extended, basic or disabled).
+    """
+
+    threads: int | None = None
+    provider: str = DEFAULT_PROVIDER
+    optimization: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InvalidOptionError(f"threads must be a whole number >= 1. Got {self.threads!r} instead.")
+        if self.optimization not in _OPTIMIZATION_LEVELS:
+            raise InvalidOptionError(f"The optimization level must be one of {', '.join(_OPTIMIZATION_LEVELS)}. "
+                                     f"Got {self.optimization!r} instead.")
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise InvalidOptionError(f"The execution provider {self.provider!r} is not available in this "
+                                     f"onnxruntime; choose one of {', '.join(available)}.")
+
+
+_OPTIMIZATION_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ")
@@ -92,29 +127,41 @@ def with_outputs(model: onnx.ModelProto, names, elem_types: Mapping[str, int] | 
 
 
 def session(
-    model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True
+    model: onnx.ModelProto,
+    threads: int | None = None,
+    *,
+    optimize: bool = True,
+    settings: RuntimeSettings | None = None,
+    timing: bool = False,
 ) -> ort.InferenceSession:
-    """A CPU session for `model` (ORT_ENABLE_ALL unless `optimize` is False, which loads faster and keeps every
-    node as written — what the shape fallback wants).
+    """A session for `model`: on the CPU with ORT_ENABLE_ALL, or as `settings` say. `optimize=False` loads faster
+    and keeps every node as written — what the shape fallback wants.
 
-    `threads` sets the intra-op thread count (None: ORT's default, one per core). A model ORT refuses raises
-    InvalidModelError with ORT's message joined onto one line.
+    `threads` sets the intra-op thread count (None: ORT's default, one per core); `settings.threads` wins when
+    given. `timing` stops the worker threads spinning at the end of each run: otherwise they spin on for ~50 ms and
+    steal a core from whatever runs next (the other model of an interleaved comparison, the next layer variant).
+    Within a run they still spin, as in deployment. A model ORT refuses raises InvalidModelError with ORT's message
+    joined onto one line.
     """
+    settings = settings or RuntimeSettings(threads=threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        _OPTIMIZATION_LEVELS[settings.optimization] if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
+    if settings.threads is not None:
+        options.intra_op_num_threads = int(settings.threads)
         options.inter_op_num_threads = 1
+    if timing:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    providers = [settings.provider] if settings.provider == DEFAULT_PROVIDER else [settings.provider, DEFAULT_PROVIDER]
     try:
         if model_size(model) <= PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=_PROVIDERS)
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         # ORT reads external data while the session is created, so the directory may go right after.
         with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:
             path = save_with_external_data(model, directory)
-            return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
+            return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # ORT raises its own pybind classes (Fail, InvalidGraph, NotImplemented, ...)
         raise InvalidModelError(
             f"onnxruntime cannot load the model: {_one_line(error)}; check that the model runs in onnxruntime"

@@ -21,6 +21,7 @@ from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, sa
 from .projection import DEFAULT_SHRINKAGE
 from .latency import measure_latency_ratio
 from .load import load_model
+from .runtime import DEFAULT_PROVIDER, RuntimeSettings
 from .verify import verify
 
 __all__ = ["SweepPoint", "Sweep", "sweep", "parse_budgets"]
@@ -33,6 +34,7 @@ class SweepPoint:
     params_ratio: float
     flops_ratio: float | None
     latency_ratio: float | None  # compressed / original median time; None when not measured
+    predicted_latency_ratio: float | None  # what the latency cost model predicted; None without measured layers
     output_error: float  # worst relative L2 over the model's outputs
     top1_agreement: float | None  # lowest over outputs that are score vectors
     max_layer_error: float  # error of the worst factorized layer (spectral, or output error with calibration)
@@ -92,6 +94,10 @@ def sweep(
     exclude: str | None = None,
     latency: bool = True,
     latency_repeats: int = 20,
+    allow_slower: bool = False,
+    threads: int | None = None,
+    provider: str = DEFAULT_PROVIDER,
+    latency_cache: api.CachePath = True,
     evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Sweep:
@@ -113,7 +119,9 @@ def sweep(
 
     start = time.perf_counter()
     analysis = api.analyze(proto, input_shapes=first_shapes, calibration=calibration_samples, weight_only=weight_only,
-                           shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple)
+                           shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple,
+                           allow_slower=allow_slower and metric != "latency", threads=threads, provider=provider,
+                           latency_cache=latency_cache)
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
         allocators = ("auto",) if calibration_samples is not None else ("alds",)
@@ -135,7 +143,9 @@ def sweep(
             tool_seconds = analysis_seconds + time.perf_counter() - start
             check = verify(proto, compressed, feeds)
             agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
-            timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats) if latency else None
+            settings = RuntimeSettings(threads=threads, provider=provider)
+            timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats,
+                                           settings=settings) if latency else None
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -143,6 +153,7 @@ def sweep(
                     params_ratio=report.params_ratio,
                     flops_ratio=report.flops_ratio,
                     latency_ratio=None if timing is None else timing.ratio,
+                    predicted_latency_ratio=report.ratio("latency"),
                     output_error=check.worst_relative_l2,
                     top1_agreement=min(agreements) if agreements else None,
                     max_layer_error=max((r.error for r in report.factorized), default=0.0),

@@ -6,6 +6,7 @@ Every builder takes a `seed` and returns a fresh ModelProto; the same seed gives
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,6 +214,18 @@ def build_gemm(seed: int = 0, *, out: int = 24, inp: int = 32, trans_b: int = 1,
 
 
 # ---------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_latency_cache(tmp_path_factory):
+    """Measured latencies go to a cache under the session's tmp directory, never the user's real cache."""
+    previous = os.environ.get("ONNX_LOWRANK_CACHE")
+    os.environ["ONNX_LOWRANK_CACHE"] = str(tmp_path_factory.mktemp("latency-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ONNX_LOWRANK_CACHE", None)
+    else:
+        os.environ["ONNX_LOWRANK_CACHE"] = previous
 
 
 @pytest.fixture

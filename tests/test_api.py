@@ -83,9 +83,9 @@ def _linear_effective_matrix(model: onnx.ModelProto, x: str, y: str, features: i
 def test_compress_returns_model_and_report_from_path_and_proto(tmp_path):
     model = build_cnn()
     path = save(model, tmp_path / "m.onnx")
-    from_proto, report = onnx_lowrank.compress(model, 0.5)
-    from_path, report_path = onnx_lowrank.compress(path, 0.5)
-    from_str, _ = onnx_lowrank.compress(str(path), 0.5)
+    from_proto, report = onnx_lowrank.compress(model, 0.5, allow_slower=True)
+    from_path, report_path = onnx_lowrank.compress(path, 0.5, allow_slower=True)
+    from_str, _ = onnx_lowrank.compress(str(path), 0.5, allow_slower=True)
     assert isinstance(from_proto, onnx.ModelProto) and isinstance(report, Report)
     assert from_proto.SerializeToString() == from_path.SerializeToString() == from_str.SerializeToString()
     assert report.plan.layers == report_path.plan.layers
@@ -94,15 +94,15 @@ def test_compress_returns_model_and_report_from_path_and_proto(tmp_path):
 def test_input_model_proto_is_not_mutated():
     model = build_cnn()
     before = model.SerializeToString()
-    onnx_lowrank.compress(model, 0.5)
-    onnx_lowrank.analyze(model)
+    onnx_lowrank.compress(model, 0.5, allow_slower=True)
+    onnx_lowrank.analyze(model, allow_slower=True)
     onnx_lowrank.apply(model, Plan(layers={"conv2": (2, 4)}))
     assert model.SerializeToString() == before
 
 
 def test_compress_is_deterministic():
-    a, ra = onnx_lowrank.compress(build_cnn(), 0.5)
-    b, rb = onnx_lowrank.compress(build_cnn(), 0.5)
+    a, ra = onnx_lowrank.compress(build_cnn(), 0.5, allow_slower=True)
+    b, rb = onnx_lowrank.compress(build_cnn(), 0.5, allow_slower=True)
     assert a.SerializeToString() == b.SerializeToString()
     assert ra.plan.to_json() == rb.plan.to_json()
 
@@ -113,9 +113,9 @@ def test_compress_is_deterministic():
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7, 0.9])
 def test_params_budget_is_met_and_close(budget):
     model = build_cnn()
-    compressed, report = onnx_lowrank.compress(model, budget, verify=False)
-    assert report.before.params == _weight_params(model)
-    assert report.after.params == _weight_params(compressed)
+    compressed, report = onnx_lowrank.compress(model, budget, verify=False, allow_slower=True)
+    assert report.before["params"] == _weight_params(model)
+    assert report.after["params"] == _weight_params(compressed)
     assert report.params_ratio == pytest.approx(_weight_params(compressed) / _weight_params(model))
     assert report.params_ratio <= budget
     assert report.params_ratio >= budget - 0.04
@@ -124,7 +124,7 @@ def test_params_budget_is_met_and_close(budget):
 
 @pytest.mark.parametrize("allocator", ["alds", "uniform", "energy"])
 def test_every_allocator_meets_the_budget(allocator):
-    compressed, report = onnx_lowrank.compress(build_cnn(), 0.5, allocator=allocator, verify=False)
+    compressed, report = onnx_lowrank.compress(build_cnn(), 0.5, allocator=allocator, verify=False, allow_slower=True)
     assert report.plan.allocator == allocator
     assert report.params_ratio <= 0.5
     assert report.params_ratio >= 0.45
@@ -137,7 +137,7 @@ def test_every_allocator_meets_the_budget(allocator):
 def test_unreachable_budget_raises_budget_error_naming_the_range():
     model = build_cnn()
     with pytest.raises(BudgetError) as info:
-        onnx_lowrank.compress(model, 0.001, verify=False)
+        onnx_lowrank.compress(model, 0.001, verify=False, allow_slower=True)
     message = str(info.value)
     assert isinstance(info.value, LowRankError)
     match = re.search(r"from ([0-9.]+) to 1", message)
@@ -145,10 +145,10 @@ def test_unreachable_budget_raises_budget_error_naming_the_range():
     lowest = float(match.group(1))
     assert 0 < lowest < 1
     # the range is real: just above the floor works, well below it does not
-    _, report = onnx_lowrank.compress(model, min(1.0, lowest + 0.01), verify=False)
+    _, report = onnx_lowrank.compress(model, min(1.0, lowest + 0.01), verify=False, allow_slower=True)
     assert report.params_ratio <= lowest + 0.01
     with pytest.raises(BudgetError):
-        onnx_lowrank.compress(model, lowest * 0.9, verify=False)
+        onnx_lowrank.compress(model, lowest * 0.9, verify=False, allow_slower=True)
 
 
 @pytest.mark.parametrize("budget", [0, -0.5, 1.5, float("nan"), True])
@@ -159,14 +159,14 @@ def test_budget_outside_zero_one_is_an_option_error(budget):
 
 def test_unknown_metric_and_allocator_are_option_errors():
     with pytest.raises(InvalidOptionError):
-        onnx_lowrank.compress(build_cnn(), 0.5, metric="latency", verify=False)
+        onnx_lowrank.compress(build_cnn(), 0.5, metric="bytes", verify=False, allow_slower=True)
     with pytest.raises(InvalidOptionError):
-        onnx_lowrank.compress(build_cnn(), 0.5, allocator="random", verify=False)
+        onnx_lowrank.compress(build_cnn(), 0.5, allocator="random", verify=False, allow_slower=True)
 
 
 def test_budget_one_factorizes_nothing_and_says_so():
     model = build_cnn()
-    compressed, report = onnx_lowrank.compress(model, 1.0)
+    compressed, report = onnx_lowrank.compress(model, 1.0, allow_slower=True)
     assert report.factorized == ()
     assert report.plan.layers == {}
     assert report.message
@@ -196,15 +196,15 @@ def test_model_whose_only_layer_is_skipped_is_nothing_to_compress():
 
 def test_flops_metric_with_static_shapes():
     model = build_cnn()
-    compressed, report = onnx_lowrank.compress(model, 0.5, metric="flops")
-    assert report.before.flops and report.after.flops
+    compressed, report = onnx_lowrank.compress(model, 0.5, metric="flops", allow_slower=True)
+    assert report.before["flops"] and report.after["flops"]
     assert report.flops_ratio is not None
     assert report.flops_ratio <= 0.5
     assert report.flops_ratio >= 0.45
     assert report.plan.metric == "flops"
     # every row's FLOPs are known and the factorized ones went down
-    assert all(row.flops_before is not None for row in report.layers)
-    assert all(row.flops_after < row.flops_before for row in report.factorized)
+    assert all(row.costs["flops"][0] is not None for row in report.layers)
+    assert all(row.costs["flops"][1] < row.costs["flops"][0] for row in report.factorized)
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -217,46 +217,47 @@ def test_flops_metric_without_concrete_shapes_asks_for_input_shape(verify):
 @pytest.mark.parametrize("shapes", [["x:1x3x16x16"], {"x": (1, 3, 16, 16)}, ("x:1,3,16,16",)])
 def test_flops_metric_with_given_input_shapes(shapes):
     dynamic = build_cnn(input_shape=("N", 3, "H", "W"))
-    _, report = onnx_lowrank.compress(dynamic, 0.5, metric="flops", input_shapes=shapes)
-    _, static = onnx_lowrank.compress(build_cnn(), 0.5, metric="flops")
+    _, report = onnx_lowrank.compress(dynamic, 0.5, metric="flops", input_shapes=shapes, allow_slower=True)
+    _, static = onnx_lowrank.compress(build_cnn(), 0.5, metric="flops", allow_slower=True)
     assert report.flops_ratio <= 0.5
-    assert report.before.flops == static.before.flops
-    assert report.after.flops == static.after.flops
+    assert report.before["flops"] == static.before["flops"]
+    assert report.after["flops"] == static.after["flops"]
 
 
 def test_params_metric_works_without_concrete_shapes_when_not_verifying():
     model = build_cnn(input_shape=("N", 3, "H", "W"))
-    _, report = onnx_lowrank.compress(model, 0.5, verify=False)
+    _, report = onnx_lowrank.compress(model, 0.5, verify=False, allow_slower=True)
     assert report.params_ratio <= 0.5
-    assert report.before.flops is None and report.flops_ratio is None
+    assert "flops" not in report.before and report.flops_ratio is None  # no shapes: no FLOPs cost model
 
 
 def test_dynamic_batch_alone_defaults_to_one():
-    _, report = onnx_lowrank.compress(build_cnn(input_shape=("N", 3, 16, 16)), 0.5, metric="flops")
-    _, static = onnx_lowrank.compress(build_cnn(), 0.5, metric="flops")
-    assert report.before.flops == static.before.flops
+    dynamic_batch = build_cnn(input_shape=("N", 3, 16, 16))
+    _, report = onnx_lowrank.compress(dynamic_batch, 0.5, metric="flops", allow_slower=True)
+    _, static = onnx_lowrank.compress(build_cnn(), 0.5, metric="flops", allow_slower=True)
+    assert report.before["flops"] == static.before["flops"]
 
 
 # ------------------------------------------------------------------------------------------------ analyze / plan
 
 
 def test_analyze_candidates_are_all_smaller_than_dense():
-    analysis = onnx_lowrank.analyze(build_cnn())
+    analysis = onnx_lowrank.analyze(build_cnn(), allow_slower=True)
     assert [a.layer.name for a in analysis.layers] == list(CNN_LAYERS)
-    assert analysis.total_params == _weight_params(build_cnn())
-    assert analysis.total_flops is not None
+    assert analysis.total("params") == _weight_params(build_cnn())
+    assert analysis.total("flops") is not None
     for entry in analysis.layers:
         assert entry.candidates
         for c in entry.candidates:
-            assert c.params < entry.dense_params
-            assert c.flops is not None and c.flops < entry.dense_flops
+            assert c.costs["params"] < entry.dense["params"]
+            assert c.costs["flops"] is not None and c.costs["flops"] < entry.dense["flops"]
             assert c.error >= 0  # an upper bound: may exceed 1 for k > 1
             assert entry.layer.in_channels % c.k == 0
         assert {c.k for c in entry.candidates} >= {1}
 
 
 def test_analyze_with_max_groups_one_gives_plain_svd_only():
-    analysis = onnx_lowrank.analyze(build_cnn(), max_groups=1)
+    analysis = onnx_lowrank.analyze(build_cnn(), max_groups=1, allow_slower=True)
     assert all(c.k == 1 for a in analysis.layers for c in a.candidates)
 
 
@@ -267,16 +268,16 @@ def test_analyze_rejects_bad_options(bad):
 
 
 def test_exclude_keeps_layers_dense_and_lists_them():
-    _, report = onnx_lowrank.compress(build_cnn(), 0.7, exclude="^fc", verify=False)
+    _, report = onnx_lowrank.compress(build_cnn(), 0.7, exclude="^fc", verify=False, allow_slower=True)
     assert [row.name for row in report.layers] == ["conv1", "conv2", "conv3"]
     assert {s.name for s in report.skipped} == {"fc1", "fc2"}
     assert report.params_ratio <= 0.7
 
 
 def test_rank_multiple_of_eight():
-    analysis = onnx_lowrank.analyze(build_cnn(), rank_multiple=8)
+    analysis = onnx_lowrank.analyze(build_cnn(), rank_multiple=8, allow_slower=True)
     assert all(c.rank % 8 == 0 for a in analysis.layers for c in a.candidates)
-    _, report = onnx_lowrank.compress(build_cnn(), 0.5, rank_multiple=8, verify=False)
+    _, report = onnx_lowrank.compress(build_cnn(), 0.5, rank_multiple=8, verify=False, allow_slower=True)
     assert report.factorized
     assert all(row.rank % 8 == 0 for row in report.factorized)
     assert report.params_ratio <= 0.5
@@ -284,8 +285,8 @@ def test_rank_multiple_of_eight():
 
 def test_plan_then_apply_equals_compress():
     model = build_cnn()
-    compressed, report = onnx_lowrank.compress(model, 0.5)
-    analysis = onnx_lowrank.analyze(model)
+    compressed, report = onnx_lowrank.compress(model, 0.5, allow_slower=True)
+    analysis = onnx_lowrank.analyze(model, allow_slower=True)
     plan = onnx_lowrank.plan(analysis, 0.5)
     assert dict(plan.layers) == dict(report.plan.layers)
     with_analysis, _ = onnx_lowrank.apply(model, plan, analysis=analysis)
@@ -296,7 +297,7 @@ def test_plan_then_apply_equals_compress():
 
 def test_plan_survives_a_json_round_trip():
     model = build_cnn()
-    compressed, report = onnx_lowrank.compress(model, 0.6)
+    compressed, report = onnx_lowrank.compress(model, 0.6, allow_slower=True)
     plan = Plan.from_dict(__import__("json").loads(report.plan.to_json()))
     reapplied, _ = onnx_lowrank.apply(model, plan)
     assert reapplied.SerializeToString() == compressed.SerializeToString()
@@ -331,7 +332,7 @@ def test_apply_with_full_rank_reproduces_the_model():
 def test_reported_error_is_the_measured_error_of_the_written_weights():
     model = build_cnn()
     reference = {layer.name: layer for layer in discover(model).layers}
-    compressed, report = onnx_lowrank.compress(model, 0.7)
+    compressed, report = onnx_lowrank.compress(model, 0.7, allow_slower=True)
     inputs = {"conv1": "x", "conv2": "r1", "conv3": "r2", "fc1": "flat", "fc2": "r4"}
     ks = {row.k for row in report.factorized}
     assert 1 in ks and max(ks) > 1  # both the exact (k = 1) and the grouped case are checked
@@ -374,7 +375,7 @@ def test_reported_error_of_grouped_layers_is_measured():
 ])
 def test_gemm_variants_compress_and_run(trans_b, alpha, beta, bias_shape):
     model = build_gemm(trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=bias_shape)
-    compressed, report = onnx_lowrank.compress(model, 0.6)
+    compressed, report = onnx_lowrank.compress(model, 0.6, allow_slower=True)
     assert report.factorized and report.params_ratio <= 0.6
     onnx.checker.check_model(compressed, full_check=True)
     x = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
@@ -391,13 +392,13 @@ def test_gemm_variants_compress_and_run(trans_b, alpha, beta, bias_shape):
 
 
 def test_verification_is_on_by_default_and_off_on_request():
-    _, report = onnx_lowrank.compress(build_cnn(), 0.5)
+    _, report = onnx_lowrank.compress(build_cnn(), 0.5, allow_slower=True)
     assert report.verification is not None
     assert report.verified_on == "random"
     assert [o.name for o in report.verification.outputs] == ["logits"]
     assert report.verification.samples >= 1
     assert np.isfinite(report.verification.worst_relative_l2) and report.verification.worst_relative_l2 > 0
-    _, quiet = onnx_lowrank.compress(build_cnn(), 0.5, verify=False)
+    _, quiet = onnx_lowrank.compress(build_cnn(), 0.5, verify=False, allow_slower=True)
     assert quiet.verification is None
     assert quiet.verified_on is None
 
@@ -407,7 +408,7 @@ def test_verification_on_given_inputs(tmp_path):
     path = tmp_path / "samples.npz"
     np.savez(path, x=x)
     model = build_cnn(input_shape=("N", 3, 16, 16))
-    compressed, report = onnx_lowrank.compress(model, 0.5, inputs=path)
+    compressed, report = onnx_lowrank.compress(model, 0.5, inputs=path, allow_slower=True)
     assert report.verified_on == str(path)
     (y0,) = run(model, {"x": x})
     (y1,) = run(compressed, {"x": x})
@@ -425,7 +426,7 @@ def test_verification_on_given_inputs(tmp_path):
 def test_compressed_model_passes_full_check_and_runs(builder):
     model = builder()
     shapes = ["x:2x6x24"] if model.graph.input[0].type.tensor_type.shape.dim[1].dim_param else None
-    compressed, report = onnx_lowrank.compress(model, 0.5, input_shapes=shapes)
+    compressed, report = onnx_lowrank.compress(model, 0.5, input_shapes=shapes, allow_slower=True)
     assert report.factorized
     assert report.params_ratio <= 0.5
     onnx.checker.check_model(compressed, full_check=True)
@@ -440,8 +441,8 @@ def test_compressed_model_passes_full_check_and_runs(builder):
 
 
 def test_constant_weight_model_compresses_like_the_initializer_model():
-    _, a = onnx_lowrank.compress(build_cnn(), 0.5)
-    _, b = onnx_lowrank.compress(build_cnn(constant_weights=True), 0.5)
+    _, a = onnx_lowrank.compress(build_cnn(), 0.5, allow_slower=True)
+    _, b = onnx_lowrank.compress(build_cnn(constant_weights=True), 0.5, allow_slower=True)
     assert dict(a.plan.layers) == dict(b.plan.layers)
     assert a.params_ratio == pytest.approx(b.params_ratio)
 
@@ -449,7 +450,7 @@ def test_constant_weight_model_compresses_like_the_initializer_model():
 def test_report_to_dict_is_json_safe():
     import json
 
-    _, report = onnx_lowrank.compress(build_cnn(), 0.5)
+    _, report = onnx_lowrank.compress(build_cnn(), 0.5, allow_slower=True)
     data = json.loads(json.dumps(report.to_dict()))
     assert {"summary", "layers", "skipped", "verification", "seconds", "plan"} <= set(data)
     assert data["summary"]["params_ratio"] == pytest.approx(report.params_ratio)
@@ -460,12 +461,14 @@ def test_report_to_dict_is_json_safe():
 def test_planned_costs_equal_the_costs_counted_on_the_written_model(metric):
     """The cost model is the truth: folded BatchNormalization parameters included (they vanish when factorized)."""
     model = build_cnn(batchnorm=True)
-    analysis = onnx_lowrank.analyze(model)
+    analysis = onnx_lowrank.analyze(model, allow_slower=True)
     assert any(a.layer.batchnorm_output for a in analysis.layers)
     plan = onnx_lowrank.plan(analysis, 0.6, metric=metric)
     assert any(analysis.layer(name).layer.batchnorm_output for name in plan.layers)
     _, report = onnx_lowrank.apply(model, plan, analysis=analysis, verify=False)
-    predicted_params = analysis.total_params + sum(r.params_after - r.params_before for r in report.layers)
-    predicted_flops = analysis.total_flops + sum(r.flops_after - r.flops_before for r in report.layers)
-    assert report.after.params == predicted_params
-    assert report.after.flops == predicted_flops
+    def predicted(cost: str) -> float:
+        return analysis.total(cost) + sum(after - before for before, after in (r.costs[cost] for r in report.layers))
+
+    predicted_params, predicted_flops = predicted("params"), predicted("flops")
+    assert report.after["params"] == predicted_params
+    assert report.after["flops"] == predicted_flops

@@ -25,6 +25,7 @@ from onnx_lowrank.sweep import sweep
 from onnx_lowrank.verify import verify
 
 CANDIDATES = ("alds", "uniform", "energy")
+FAST = ["--allow-slower"]  # the toy layers are never faster factorized: lift the never-slower guard (the CLI flag)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -61,7 +62,7 @@ def held_out_feeds() -> list[dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def calibrated_analysis(cnn_model, calibration_feeds):
-    return onnx_lowrank.analyze(cnn_model, calibration=calibration_feeds)
+    return onnx_lowrank.analyze(cnn_model, calibration=calibration_feeds, allow_slower=True)
 
 
 @pytest.fixture
@@ -88,8 +89,9 @@ def _error(original, compressed, feeds) -> float:
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_calibrated_beats_weight_only_on_held_out_samples(cnn_model, calibration_feeds, held_out_feeds, budget):
     calibrated, report = onnx_lowrank.compress(cnn_model, budget, calibration=calibration_feeds,
-                                               inputs=held_out_feeds)
-    weight_only, weight_report = onnx_lowrank.compress(cnn_model, budget, weight_only=True, inputs=held_out_feeds)
+                                               inputs=held_out_feeds, allow_slower=True)
+    weight_only, weight_report = onnx_lowrank.compress(cnn_model, budget, weight_only=True, inputs=held_out_feeds,
+                                                       allow_slower=True)
     # same size class
     assert report.params_ratio <= budget and weight_report.params_ratio <= budget
     assert abs(report.params_ratio - weight_report.params_ratio) < 0.02
@@ -103,7 +105,8 @@ def test_calibrated_beats_weight_only_on_held_out_samples(cnn_model, calibration
 
 
 def test_budget_one_with_calibration_returns_the_original(cnn_model, calibration_feeds, held_out_feeds):
-    model, report = onnx_lowrank.compress(cnn_model, 1.0, calibration=calibration_feeds, inputs=held_out_feeds)
+    model, report = onnx_lowrank.compress(cnn_model, 1.0, calibration=calibration_feeds, inputs=held_out_feeds,
+                                          allow_slower=True)
     assert report.factorized == ()
     assert report.message and "unchanged" in report.message
     assert model.SerializeToString() == cnn_model.SerializeToString()
@@ -124,15 +127,15 @@ def test_measure_is_output_with_calibration_and_spectral_without(cnn_model, cali
                                                                  tmp_path):
     assert calibrated_analysis.measure == "output"
     assert calibrated_analysis.calibration == "given samples"
-    plain = onnx_lowrank.analyze(cnn_model)
+    plain = onnx_lowrank.analyze(cnn_model, allow_slower=True)
     assert plain.measure == "spectral" and plain.calibration is None
 
-    _, report = onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds)
+    _, report = onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds, allow_slower=True)
     assert report.measure == "output" and report.calibrated_on == "given samples"
     summary = report.to_dict()["summary"]
     assert "output" in summary["layer_error_measure"] and summary["calibrated_on"] == "given samples"
     assert summary["refit"] is False
-    _, plain_report = onnx_lowrank.compress(cnn_model, 0.5)
+    _, plain_report = onnx_lowrank.compress(cnn_model, 0.5, allow_slower=True)
     assert plain_report.measure == "spectral" and plain_report.calibrated_on is None
     plain_summary = plain_report.to_dict()["summary"]
     assert "spectral" in plain_summary["layer_error_measure"] and plain_summary["calibrated_on"] is None
@@ -141,13 +144,13 @@ def test_measure_is_output_with_calibration_and_spectral_without(cnn_model, cali
     folder.mkdir()
     for index, feed in enumerate(calibration_feeds[:3]):
         np.savez(folder / f"{index}.npz", **feed)
-    _, path_report = onnx_lowrank.compress(cnn_model, 0.5, calibration=folder)
+    _, path_report = onnx_lowrank.compress(cnn_model, 0.5, calibration=folder, allow_slower=True)
     assert path_report.calibrated_on == str(folder)
     assert json.loads(json.dumps(path_report.to_dict()))["summary"]["calibrated_on"] == str(folder)
 
 
 def test_layer_errors_equal_the_planned_candidate_errors(cnn_model, calibration_feeds, calibrated_analysis):
-    _, report = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds)
+    _, report = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, allow_slower=True)
     assert report.factorized
     for row in report.factorized:
         candidate = next(c for c in calibrated_analysis.layer(row.name).candidates if (c.k, c.rank) == (row.k, row.rank))
@@ -156,7 +159,7 @@ def test_layer_errors_equal_the_planned_candidate_errors(cnn_model, calibration_
 
 
 def test_weight_only_layer_errors_stay_within_the_planned_bound(cnn_model):
-    _, report = onnx_lowrank.compress(cnn_model, 0.4, weight_only=True)
+    _, report = onnx_lowrank.compress(cnn_model, 0.4, weight_only=True, allow_slower=True)
     assert report.factorized
     for row in report.factorized:
         assert row.error <= row.planned_error + 1e-9
@@ -172,7 +175,8 @@ def test_data_aware_layer_error_is_the_real_output_error():
     basis = rng.standard_normal((6, 32))
     feeds = [{"x": (rng.standard_normal((4, 6)) @ basis + 0.05 * rng.standard_normal((4, 32))).astype(np.float32)}
              for _ in range(16)]
-    compressed, report = onnx_lowrank.compress(model, 0.5, calibration=feeds, shrinkage=0.0, verify=False)
+    compressed, report = onnx_lowrank.compress(model, 0.5, calibration=feeds, shrinkage=0.0, verify=False,
+                                               allow_slower=True)
     (row,) = report.factorized
     original = np.concatenate([run(model, f)[0] for f in feeds]).astype(np.float64)
     approx = np.concatenate([run(compressed, f)[0] for f in feeds]).astype(np.float64)
@@ -185,14 +189,14 @@ def test_gemm_and_matmul_calibrate_too(builder, shape):
     model = builder()
     rng = np.random.default_rng(4)
     feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(6)]
-    compressed, report = onnx_lowrank.compress(model, 0.6, calibration=feeds)
+    compressed, report = onnx_lowrank.compress(model, 0.6, calibration=feeds, allow_slower=True)
     assert report.measure == "output" and report.factorized and report.params_ratio <= 0.6
     assert report.verification.worst_relative_l2 == pytest.approx(_error(model, compressed, feeds), rel=1e-6)
 
 
 def test_progress_reports_calibration(cnn_model, calibration_feeds):
     seen = []
-    onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds[:5], verify=False,
+    onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds[:5], verify=False, allow_slower=True,
                           progress=lambda stage, done, total: seen.append((stage, done, total)))
     calibrating = [(done, total) for stage, done, total in seen if stage == "calibrating"]
     assert calibrating == [(i, 5) for i in range(1, 6)]
@@ -203,21 +207,23 @@ def test_progress_reports_calibration(cnn_model, calibration_feeds):
 
 
 def test_inputs_alone_calibrate_in_sample_and_weight_only_opts_out(cnn_model, held_out_feeds):
-    _, report = onnx_lowrank.compress(cnn_model, 0.5, inputs=held_out_feeds)
+    _, report = onnx_lowrank.compress(cnn_model, 0.5, inputs=held_out_feeds, allow_slower=True)
     assert report.measure == "output" and report.calibrated_on == "given samples"
     assert report.in_sample and report.to_dict()["summary"]["verification_in_sample"] is True
 
-    _, opted_out = onnx_lowrank.compress(cnn_model, 0.5, inputs=held_out_feeds, weight_only=True)
+    _, opted_out = onnx_lowrank.compress(cnn_model, 0.5, inputs=held_out_feeds, weight_only=True,
+                                         allow_slower=True)
     assert opted_out.measure == "spectral" and opted_out.calibrated_on is None
     assert not opted_out.in_sample and opted_out.verification is not None
     assert opted_out.to_dict()["summary"]["verification_in_sample"] is False
 
-    assert onnx_lowrank.analyze(cnn_model, inputs=held_out_feeds).measure == "output"
-    assert onnx_lowrank.analyze(cnn_model, inputs=held_out_feeds, weight_only=True).measure == "spectral"
+    assert onnx_lowrank.analyze(cnn_model, inputs=held_out_feeds, allow_slower=True).measure == "output"
+    weight_only = onnx_lowrank.analyze(cnn_model, inputs=held_out_feeds, weight_only=True, allow_slower=True)
+    assert weight_only.measure == "spectral"
 
 
 def test_calibration_alone_verifies_in_sample(cnn_model, calibration_feeds):
-    _, report = onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds)
+    _, report = onnx_lowrank.compress(cnn_model, 0.5, calibration=calibration_feeds, allow_slower=True)
     assert report.in_sample and report.verification.samples == len(calibration_feeds)
 
 
@@ -237,14 +243,14 @@ def test_cli_prints_the_in_sample_warning(files, capsys):
     model_path, _, held = files
     out = model_path.parent / "out"
     code = main(["compress", str(model_path), str(out / "a.onnx"), "--budget", "0.5", "--inputs", str(held),
-                 "--report", str(out / "a.json")])
+                 "--report", str(out / "a.json"), *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "in-sample" in captured.out
     assert json.loads((out / "a.json").read_text())["summary"]["verification_in_sample"] is True
 
     code = main(["compress", str(model_path), str(out / "b.onnx"), "--budget", "0.5", "--inputs", str(held),
-                 "--weight-only"])
+                 "--weight-only", *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "in-sample" not in captured.out
@@ -265,18 +271,18 @@ def test_cli_analyze_and_sweep_take_calibration(files, capsys):
     model_path, folder, held = files
     out = model_path.parent / "out"
     code = main(["analyze", str(model_path), "--calibration", str(folder), "--shrinkage", "0.01",
-                 "--report", str(out / "a.json"), "--quiet"])
+                 "--report", str(out / "a.json"), "--quiet", *FAST])
     assert code == 0, capsys.readouterr().err
     calibrated = json.loads((out / "a.json").read_text())
     code = main(["analyze", str(model_path), "--weight-only", "--inputs", str(held), "--report", str(out / "w.json"),
-                 "--quiet"])
+                 "--quiet", *FAST])
     assert code == 0, capsys.readouterr().err
     weight_only = json.loads((out / "w.json").read_text())
     assert [l["name"] for l in calibrated["layers"]] == [l["name"] for l in weight_only["layers"]] == list(CNN_LAYERS)
     assert calibrated["layers"][0]["candidates"] != weight_only["layers"][0]["candidates"]
 
     code = main(["sweep", str(model_path), "--budgets", "0.5", "--calibration", str(folder), "--inputs", str(held),
-                 "--no-latency", "--report", str(out / "s.json"), "--quiet"])
+                 "--no-latency", "--report", str(out / "s.json"), "--quiet", *FAST])
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "s.json").read_text())
     assert data["measure"] == "output" and data["calibration"] == str(folder)
@@ -308,9 +314,9 @@ def dynamic_folder(tmp_path):
 
 def test_calibration_from_a_folder_of_varying_sizes(dynamic_folder):
     model, folder, count = dynamic_folder
-    analysis = onnx_lowrank.analyze(model, calibration=folder)
+    analysis = onnx_lowrank.analyze(model, calibration=folder, allow_slower=True)
     assert analysis.measure == "output" and analysis.calibration == str(folder)
-    compressed, report = onnx_lowrank.compress(model, 0.5, calibration=folder)
+    compressed, report = onnx_lowrank.compress(model, 0.5, calibration=folder, allow_slower=True)
     assert report.factorized and report.params_ratio <= 0.5
     assert report.calibrated_on == str(folder) and report.in_sample
     assert report.verification.samples == count
@@ -340,7 +346,7 @@ def test_calibration_folder_is_streamed(dynamic_folder, monkeypatch):
         return arrays
 
     monkeypatch.setattr(onnx_lowrank.inputs, "_read_npz", counting_read)
-    onnx_lowrank.compress(model, 0.5, calibration=folder, refit=True)
+    onnx_lowrank.compress(model, 0.5, calibration=folder, refit=True, allow_slower=True)
     assert state["reads"] >= 3 * count  # several passes, each reading the files again
     assert state["peak"] <= 3, state
     assert state["alive"] == 0
@@ -366,14 +372,14 @@ def test_auto_picks_the_plan_with_the_smallest_calibration_error(cnn_model, cali
         assert best <= calibration_error(other) + 1e-9, name
 
     # compress with calibration defaults to auto and lands on the same plan, notes included
-    _, report = onnx_lowrank.compress(cnn_model, budget, calibration=calibration_feeds)
+    _, report = onnx_lowrank.compress(cnn_model, budget, calibration=calibration_feeds, allow_slower=True)
     assert report.plan.allocator == chosen.allocator
     assert dict(report.plan.layers) == dict(chosen.layers)
     assert report.plan.notes == chosen.notes
 
 
 def test_default_allocator_without_data_is_alds(cnn_model):
-    _, report = onnx_lowrank.compress(cnn_model, 0.5)
+    _, report = onnx_lowrank.compress(cnn_model, 0.5, allow_slower=True)
     assert report.plan.allocator == "alds" and report.plan.notes == ()
 
 
@@ -392,9 +398,10 @@ def test_auto_without_calibration_is_refused(cnn_model, held_out_feeds, calibrat
 
 
 def test_refit_writes_a_valid_model_within_budget(cnn_model, calibration_feeds, held_out_feeds):
-    plain, plain_report = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, inputs=held_out_feeds)
+    plain, plain_report = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, inputs=held_out_feeds,
+                                                allow_slower=True)
     refit, report = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, inputs=held_out_feeds,
-                                          refit=True)
+                                          refit=True, allow_slower=True)
     onnx.checker.check_model(refit, full_check=True)
     assert report.refit and report.to_dict()["summary"]["refit"] is True
     assert report.params_ratio <= 0.4
@@ -408,9 +415,10 @@ def test_refit_writes_a_valid_model_within_budget(cnn_model, calibration_feeds, 
 
 def test_refit_without_calibration_data_is_refused(cnn_model, held_out_feeds, calibrated_analysis):
     with pytest.raises(InvalidOptionError):
-        onnx_lowrank.compress(cnn_model, 0.5, refit=True)
+        onnx_lowrank.compress(cnn_model, 0.5, refit=True, allow_slower=True)
     with pytest.raises(InvalidOptionError):
-        onnx_lowrank.compress(cnn_model, 0.5, refit=True, inputs=held_out_feeds, weight_only=True)
+        onnx_lowrank.compress(cnn_model, 0.5, refit=True, inputs=held_out_feeds, weight_only=True,
+                              allow_slower=True)
     plan = onnx_lowrank.plan(calibrated_analysis, 0.5, allocator="alds")
     with pytest.raises(InvalidOptionError):  # the analysis was calibrated, but apply was given no samples
         onnx_lowrank.apply(cnn_model, plan, analysis=calibrated_analysis, refit=True)
@@ -420,7 +428,7 @@ def test_cli_apply_with_refit(files, capsys):
     model_path, folder, held = files
     out = model_path.parent / "out"
     code = main(["compress", str(model_path), str(out / "a.onnx"), "--budget", "0.5", "--calibration", str(folder),
-                 "--inputs", str(held), "--plan-out", str(out / "p.json"), "--quiet"])
+                 "--inputs", str(held), "--plan-out", str(out / "p.json"), "--quiet", *FAST])
     assert code == 0, capsys.readouterr().err
     code = main(["apply", str(model_path), str(out / "b.onnx"), "--plan", str(out / "p.json"), "--calibration",
                  str(folder), "--inputs", str(held), "--refit", "--report", str(out / "r.json"), "--quiet"])
@@ -438,7 +446,7 @@ def test_cli_apply_with_refit(files, capsys):
 @pytest.mark.parametrize("target", [0.05, 0.2])
 def test_target_error_finds_the_smallest_passing_budget(cnn_model, calibration_feeds, held_out_feeds, target):
     model, report = onnx_lowrank.compress(cnn_model, target_error=target, calibration=calibration_feeds,
-                                          inputs=held_out_feeds)
+                                          inputs=held_out_feeds, allow_slower=True)
     assert report.search and report.search_goal and f"{target:g}" in report.search_goal
     achieved = _error(cnn_model, model, held_out_feeds)
     assert achieved <= target
@@ -460,7 +468,7 @@ def test_target_error_finds_the_smallest_passing_budget(cnn_model, calibration_f
 
 def test_target_zero_returns_the_uncompressed_model(cnn_model, calibration_feeds, held_out_feeds):
     model, report = onnx_lowrank.compress(cnn_model, target_error=0.0, calibration=calibration_feeds,
-                                          inputs=held_out_feeds)
+                                          inputs=held_out_feeds, allow_slower=True)
     assert report.factorized == ()
     assert model.SerializeToString() == cnn_model.SerializeToString()
     assert report.search and not any(step.passed and step.value > 0 for step in report.search)
@@ -474,7 +482,7 @@ def test_target_with_evaluate_and_min_score(cnn_model, calibration_feeds, held_o
         return -_error(cnn_model, candidate, held_out_feeds)
 
     model, report = onnx_lowrank.compress(cnn_model, calibration=calibration_feeds, inputs=held_out_feeds,
-                                          evaluate=evaluate, min_score=-0.2)
+                                          evaluate=evaluate, min_score=-0.2, allow_slower=True)
     assert len(calls) == len(report.search) >= 2
     assert evaluate(model) >= -0.2
     assert "score" in report.search_goal
@@ -504,7 +512,7 @@ def test_cli_target_error(files, capsys):
     model_path, folder, held = files
     out = model_path.parent / "out"
     code = main(["compress", str(model_path), str(out / "t.onnx"), "--target-error", "0.3", "--calibration",
-                 str(folder), "--inputs", str(held), "--report", str(out / "t.json")])
+                 str(folder), "--inputs", str(held), "--report", str(out / "t.json"), *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     compressed = onnx.load(str(out / "t.onnx"))
@@ -531,16 +539,17 @@ def test_cli_budget_and_target_error_together_exit_2(files, capsys):
 
 @pytest.mark.parametrize("refit", [False, True])
 def test_calibrated_compress_is_deterministic(cnn_model, calibration_feeds, refit):
-    first, _ = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, refit=refit)
+    first, _ = onnx_lowrank.compress(cnn_model, 0.4, calibration=calibration_feeds, refit=refit, allow_slower=True)
     second, _ = onnx_lowrank.compress(build_cnn(), 0.4, calibration=[dict(f) for f in calibration_feeds],
-                                      refit=refit)
+                                      refit=refit, allow_slower=True)
     assert first.SerializeToString() == second.SerializeToString()
 
 
 def test_folder_and_in_memory_calibration_give_the_same_model(files, calibration_feeds):
     model_path, folder, _ = files
-    from_folder, _ = onnx_lowrank.compress(model_path, 0.4, calibration=folder, verify=False)
-    in_memory, _ = onnx_lowrank.compress(model_path, 0.4, calibration=calibration_feeds[:8], verify=False)
+    from_folder, _ = onnx_lowrank.compress(model_path, 0.4, calibration=folder, verify=False, allow_slower=True)
+    in_memory, _ = onnx_lowrank.compress(model_path, 0.4, calibration=calibration_feeds[:8], verify=False,
+                                         allow_slower=True)
     assert from_folder.SerializeToString() == in_memory.SerializeToString()
 
 
@@ -550,16 +559,17 @@ def test_folder_and_in_memory_calibration_give_the_same_model(files, calibration
 def test_model_and_samples_are_not_modified(files):
     model_path, folder, held = files
     digests = {p: sha256(p) for p in [model_path, held, *sorted(folder.iterdir())]}
-    onnx_lowrank.analyze(model_path, calibration=folder)
-    onnx_lowrank.compress(model_path, 0.5, calibration=folder, inputs=held, refit=True)
-    onnx_lowrank.compress(model_path, target_error=0.3, calibration=folder, inputs=held)
+    onnx_lowrank.analyze(model_path, calibration=folder, allow_slower=True)
+    onnx_lowrank.compress(model_path, 0.5, calibration=folder, inputs=held, refit=True, allow_slower=True)
+    onnx_lowrank.compress(model_path, target_error=0.3, calibration=folder, inputs=held, allow_slower=True)
     assert {p: sha256(p) for p in digests} == digests
 
 
 def test_sweep_with_calibration_uses_auto(files, calibration_feeds, held_out_feeds):
     model_path, _, _ = files
     digest = sha256(model_path)
-    result = sweep(model_path, [0.6, 0.4], calibration=calibration_feeds, inputs=held_out_feeds, latency=False)
+    result = sweep(model_path, [0.6, 0.4], calibration=calibration_feeds, inputs=held_out_feeds, latency=False,
+                   allow_slower=True)
     assert sha256(model_path) == digest
     assert result.measure == "output" and result.calibration == "given samples"
     assert [p.budget for p in result.points] == [0.6, 0.4]
@@ -598,7 +608,7 @@ def test_target_search_starts_at_a_reachable_budget():
     model = build_matmul()
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal((2, 6, 24)).astype(np.float32)} for _ in range(4)]
-    _, report = onnx_lowrank.compress(model, target_error=0.5, calibration=feeds)
+    _, report = onnx_lowrank.compress(model, target_error=0.5, calibration=feeds, allow_slower=True)
     assert report.search
 
 

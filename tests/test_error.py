@@ -6,6 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pytest
+
+from onnx_lowrank.decomposition import WeightDecomposition
 from onnx_lowrank.error import Spectrum, error_bound, measured_error
 from onnx_lowrank.svd import factorize, group_singular_values, reconstruct, spectral_norm
 
@@ -52,3 +55,14 @@ def test_singular_values_are_split_evenly_between_factors():
     sigma = np.linalg.svd(matrix, compute_uv=False)[:3]
     assert np.allclose(np.linalg.norm(factors.decoder, axis=0), np.sqrt(sigma))
     assert np.allclose(np.linalg.norm(factors.encoder[0], axis=1), np.sqrt(sigma))
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(1, 12), cols_per_group=st.integers(1, 10), k=st.sampled_from([1, 2, 3, 4]),
+       seed=st.integers(0, 2**16), rank_fraction=st.floats(0, 1))
+def test_truncation_error_from_the_svds_equals_the_measured_error(out, cols_per_group, k, seed, rank_fraction):
+    matrix = np.random.default_rng(seed).standard_normal((out, cols_per_group * k))
+    decomposition = WeightDecomposition(matrix, k)
+    rank = max(1, round(rank_fraction * decomposition.max_rank))
+    expected = measured_error(matrix, decomposition.factors(rank), decomposition.reference_norm)
+    assert decomposition.measured_error(rank) == pytest.approx(expected, rel=1e-7, abs=1e-12)

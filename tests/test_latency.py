@@ -43,12 +43,51 @@ def test_returns_positive_medians_and_their_ratio():
     assert set(result.to_dict()) == {"original_ms", "compressed_ms", "ratio"}
 
 
-def test_interleaves_and_pauses_after_every_run(monkeypatch):
-    pauses = []
-    monkeypatch.setattr(latency.time, "sleep", pauses.append)
-    result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), FEEDS[:1], repeats=3, warmup=0)
-    assert pauses == [latency.PAUSE_S] * 6  # original, pause, compressed, pause — three rounds
+class _LoggedSession:
+    """An onnxruntime session that appends (label, batch size of the feed) to `log` on every run."""
+
+    def __init__(self, sess, label, log):
+        self._sess, self._label, self._log = sess, label, log
+
+    def run(self, names, feed, *args, **kwargs):
+        self._log.append((self._label, len(feed["x"])))
+        return self._sess.run(names, feed, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def _log_runs_and_pauses(monkeypatch) -> list:
+    """Record every session run (the first session created is the original) and every sleep, in order."""
+    log = []
+    labels = iter(["original", "compressed"])
+    real_session = latency.runtime.session
+    monkeypatch.setattr(latency.runtime, "session",
+                        lambda *args, **kwargs: _LoggedSession(real_session(*args, **kwargs), next(labels), log))
+    monkeypatch.setattr(latency.time, "sleep", lambda seconds: log.append(("pause", seconds)))
+    return log
+
+
+def test_interleaves_rounds_over_the_feeds_and_pauses_after_every_timed_run_when_asked(monkeypatch):
+    log = _log_runs_and_pauses(monkeypatch)
+    result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=3, warmup=0,
+                                   pause_s=0.25)
+    # one untimed round (warmup 0 still checks the feeds) without pauses, then three timed rounds: round i runs
+    # feed i mod 2 (batch 8, then 2) on the original, pauses, runs it on the compressed model, pauses
+    warmup = [("original", 8), ("compressed", 8)]
+    timed = [("original", 8), ("pause", 0.25), ("compressed", 8), ("pause", 0.25),
+             ("original", 2), ("pause", 0.25), ("compressed", 2), ("pause", 0.25),
+             ("original", 8), ("pause", 0.25), ("compressed", 8), ("pause", 0.25)]
+    assert log == warmup + timed
     assert result.original_ms > 0 and result.compressed_ms > 0
+
+
+def test_does_not_pause_by_default(monkeypatch):
+    """Timing sessions stop their threads spinning at the end of each run, so no pause is needed between runs."""
+    assert latency.PAUSE_S == 0.0
+    log = _log_runs_and_pauses(monkeypatch)
+    measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), FEEDS[:1], repeats=3, warmup=2)
+    assert log == [("original", 8), ("compressed", 8)] * 5  # two warm-up rounds, three timed ones, no pause
 
 
 @pytest.mark.parametrize(

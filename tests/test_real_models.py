@@ -44,6 +44,7 @@ def test_compress_real_model(tmp_path, name, metric, budget):
     code = main([
         "compress", str(source), str(output), "--budget", str(budget), "--metric", metric,
         "--input-shape", CASES[name], "--report", str(report_path), "--quiet",
+        "--allow-slower",  # deterministic: which layers the never-slower guard keeps depends on this CPU's timings
     ])
     assert code == 0
     assert source.read_bytes() == before

@@ -1,0 +1,192 @@
+"""Measure, in onnxruntime, what each layer costs dense and factorized: the data behind the latency cost model.
+
+Every layer is cut out of the model (`passes.isolate_layer`: its node alone on an input of its real shape) and its
+factorized forms are written from that by the real rewrite passes, for every group count k and a grid of ranks:
+
+- ranks up to the largest one smaller than the dense layer (larger ones are never candidates);
+- for a 2-D Conv, which onnxruntime runs in its blocked NCHWc layout (channel block: 16 with AVX-512 or on ARM64,
+  else 8), only forms that keep that layout at full efficiency: ranks on multiples of the block (a rank off it is
+  padded up to the next multiple, so it costs as much and keeps less) and, for k > 1, input channels per group on
+  the block too (onnxruntime's rule for grouped convs, nchwc_transformer.cc). A grouped form off the block falls
+  back to plain NCHW kernels and forces layout conversions around it in the real model, which a layer timed alone
+  does not show (measured on YOLOv8n: such layers predicted at 0.7x dense ran at 1.0-1.5x in the model). Forms off
+  the block are therefore not offered (`FormTiming.aligned_to`): this is the automatic rank rounding.
+  Other layers (Gemm/MatMul gain nothing from alignment) get evenly spaced ranks.
+
+All variants of one layer are timed interleaved, round after round, in sessions made with the deployment's settings
+(threads, provider, optimization level) whose threads stop spinning after each run, so no variant steals a core
+from the next; the median per variant is kept. Results go to the `LatencyCache`, so a second run only looks them up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import cost, runtime
+from .analyze import group_counts
+from .cost_models import FormTiming, LayerTiming
+from .discover import Layer, discover
+from .latency_cache import LatencyCache, variant_key
+from .passes import factorize_layers
+from .passes.isolate import ISOLATED_INPUT, isolate_layer
+from .runtime import RuntimeSettings
+from .svd import Factors
+
+__all__ = ["block_size", "blocked", "rank_grid", "largest_candidate_rank", "layer_key", "measure_layers",
+           "time_sessions"]
+
+ROUNDS = 7
+"""Interleaved rounds per variant; the median is kept."""
+BLOCK_SECONDS = 0.0005
+"""A tiny layer is run several times per round so that each timed block lasts about this long."""
+MAX_REPEATS = 20
+CONV_POINTS = {1: 5}
+"""Grid points per k for a Conv (k = 1 gets more: it is the most common choice); other k get DEFAULT_POINTS."""
+DEFAULT_POINTS = 4
+
+
+def block_size() -> int:
+    """onnxruntime's NCHWc channel block on this CPU: 16 with AVX-512 or on ARM64, else 8."""
+    machine = os.uname().machine.lower() if hasattr(os, "uname") else ""
+    if machine in ("aarch64", "arm64"):
+        return 16
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as stream:
+            return 16 if " avx512f" in stream.read() else 8
+    except OSError:
+        return 8
+
+
+def _spread(values: Sequence[int], count: int) -> list[int]:
+    """At most `count` of the sorted `values`, evenly spaced, always keeping the first and the last."""
+    if len(values) <= count:
+        return list(values)
+    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
+    return sorted({values[i] for i in picks})
+
+
+def rank_grid(largest: int, block: int, points: int) -> list[int]:
+    """At most `points` ranks to time for a form whose candidate ranks run from 1 to `largest`: multiples of
+    `block` (none if `largest` < `block`), evenly spread, always including the smallest and the largest."""
+    return _spread(list(range(block, largest + 1, block)), points) if largest >= 1 else []
+
+
+def blocked(layer: Layer, block: int) -> bool:
+    """Whether onnxruntime runs this layer in its blocked NCHWc layout: every 2-D Conv with group 1 (channel counts
+    off the block are padded up to it; checked on onnxruntime 1.32 with ORT_ENABLE_ALL). A grouped Conv needs input
+    and output channels per group on the block, which `_forms` enforces for the factorized forms."""
+    return layer.op == "Conv" and len(layer.kernel_shape) == 2
+
+
+def largest_candidate_rank(layer: Layer, k: int, bias_correction: bool) -> int:
+    """The largest rank at which the factorized layer is still smaller than the dense one (0 if none is)."""
+    top = min(layer.out_channels, layer.matrix.shape[1] // k)
+    for rank in range(top, 0, -1):
+        if cost.is_smaller(layer, k, rank, bias_correction):
+            return rank
+    return 0
+
+
+def layer_key(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int]) -> dict:
+    """What a layer's time depends on: op, attributes, shapes, dtype and whether it has a bias."""
+    node = next(n for n in model.graph.node if n.output and n.output[0] == layer.node_output)
+    attributes = sorted(str(onnx.helper.get_attribute_value(a)) + a.name for a in node.attribute)
+    return {
+        "op": layer.op,
+        "attributes": attributes,
+        "input": list(map(int, input_shape)),
+        "weight": list(layer.weight_shape),
+        "dtype": str(np.dtype(layer.dtype)),
+        "bias": len(node.input) > 2 and bool(node.input[2]),
+    }
+
+
+def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray], rounds: int = ROUNDS) -> list[float]:
+    """Median milliseconds per run of every session, timed interleaved in `rounds` rounds after a warm-up run."""
+    first = []
+    for sess in sessions:
+        sess.run(None, feed)
+        start = time.perf_counter()
+        sess.run(None, feed)
+        first.append(time.perf_counter() - start)
+    repeats = [max(1, min(MAX_REPEATS, math.ceil(BLOCK_SECONDS / max(t, 1e-7)))) for t in first]
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for sess, count, times in zip(sessions, repeats, samples):
+            start = time.perf_counter()
+            for _ in range(count):
+                sess.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000.0 / count)
+    return [statistics.median(times) for times in samples]
+
+
+def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -> Factors:
+    cols = layer.matrix.shape[1]
+    return Factors(k=k, rank=rank, encoder=rng.standard_normal((k, rank, cols // k)),
+                   decoder=rng.standard_normal((layer.out_channels, k * rank)))
+
+
+def _forms(layer: Layer, max_groups: int, bias_correction: bool, block: int) -> dict[int, tuple[list[int], int]]:
+    """k -> (grid ranks, rank alignment) for every k with at least one candidate rank worth timing."""
+    forms = {}
+    align = block if blocked(layer, block) else 1
+    for k in group_counts(layer, max_groups):
+        if k > 1 and (layer.in_channels // k) % align:
+            continue  # a grouped conv with input channels per group off the block loses the blocked kernels
+        grid = rank_grid(largest_candidate_rank(layer, k, bias_correction), align, CONV_POINTS.get(k, DEFAULT_POINTS))
+        if grid:
+            forms[k] = (grid, align)
+    return forms
+
+
+def measure_layers(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: RuntimeSettings,
+    cache: LatencyCache,
+    max_groups: int = 8,
+    bias_correction: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, LayerTiming]:
+    """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them."""
+    block = block_size()
+    timings = {}
+    for index, layer in enumerate(layers, 1):
+        timings[layer.name] = _measure_layer(model, layer, tuple(shapes[layer.input_name]), settings, cache,
+                                             _forms(layer, max_groups, bias_correction, block))
+        if progress is not None:
+            progress(index, len(layers))
+    cache.save()
+    return timings
+
+
+def _measure_layer(model, layer, input_shape, settings, cache, forms) -> LayerTiming:
+    description = layer_key(model, layer, input_shape)
+    variants: list[tuple[int, int] | None] = [None]
+    for k, (grid, _) in forms.items():
+        variants += [(k, r) for r in grid]
+    keys = [variant_key(description, variant, settings) for variant in variants]
+    missing = [(variant, key) for variant, key in zip(variants, keys) if cache.get(key) is None]
+    if missing:
+        isolated = isolate_layer(model, layer, input_shape)
+        (alone,) = discover(isolated, shapes={ISOLATED_INPUT: input_shape}).layers
+        rng = np.random.default_rng(0)
+        models = [isolated if variant is None else
+                  factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0]
+                  for variant, _ in missing]
+        sessions = [runtime.session(m, settings=settings, timing=True) for m in models]
+        feed = {ISOLATED_INPUT: rng.standard_normal(input_shape).astype(layer.dtype)}
+        for (_, key), ms in zip(missing, time_sessions(sessions, feed)):
+            cache.put(key, ms)
+    measured = {variant: cache.get(key) for variant, key in zip(variants, keys)}
+    result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
+              for k, (grid, align) in forms.items()}
+    return LayerTiming(dense_ms=measured[None], forms=result)
