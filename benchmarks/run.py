@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,7 +79,7 @@ BASELINE = "weight alds"
 WEIGHT_ONLY = ("weight uniform", "weight energy", "weight alds")
 
 
-def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats, reference) -> tuple[list, float]:
+def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats, reference, cache) -> tuple[list, float]:
     """Every method's points (named after the method), grouped into one sweep per (data, refit, metric, guard)
     setting so each analysis runs once; and the seconds of each analysis (calibration + timing + decompositions)."""
     points, unreachable, analysis_seconds = [], [], {}
@@ -98,6 +99,7 @@ def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats,
             latency_repeats=latency_repeats,
             allow_slower=not guard,
             threads=THREADS,
+            latency_cache=cache,
             evaluate=lambda model: workload.score(runtime.session(model), reference),
             progress=lambda cell, g=group: print(f"  {g[0].name.rsplit(' ', 1)[0]}.. {cell}", file=sys.stderr,
                                                  flush=True),
@@ -123,6 +125,12 @@ def _noise(original, feeds, repeats: int) -> float:
 
 
 def run(models, budgets, methods, out_dir: Path, latency_repeats: int, command: str) -> Path:
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-bench-") as folder:
+        return _run(models, budgets, methods, out_dir, latency_repeats, command, Path(folder) / "latency.json")
+
+
+def _run(models, budgets, methods, out_dir: Path, latency_repeats: int, command: str, cache: Path) -> Path:
+    """Every model in turn, with its own fresh latency cache file `cache` shared by its sweeps."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plots").mkdir(exist_ok=True)
     started = time.perf_counter()
@@ -136,8 +144,11 @@ def run(models, budgets, methods, out_dir: Path, latency_repeats: int, command: 
         model_start = time.perf_counter()
         print(f"[{name}] {len(methods)} methods x {len(budgets)} budgets", file=sys.stderr, flush=True)
         noise = _noise(original, feeds, latency_repeats)
+        start = time.perf_counter()  # the first analysis times every layer (cold cache); the sweeps reuse it
+        onnx_lowrank.analyze(original, inputs=feeds, weight_only=True, threads=THREADS, latency_cache=cache)
+        timing_seconds = time.perf_counter() - start
         points, unreachable, analysis_seconds = _sweep_methods(original, workload, methods, budgets, feeds,
-                                                               latency_repeats, reference)
+                                                               latency_repeats, reference, cache)
         named = [replace(p, allocator=m.name) for m, _, p in points]
         plot = out_dir / "plots" / f"{name}.png"
         plot_frontier(
@@ -157,7 +168,7 @@ def run(models, budgets, methods, out_dir: Path, latency_repeats: int, command: 
                     ("predicted_latency_ratio", "predicted latency / original")),
             x=("budget", "budget (fraction of the method's metric kept)"),
         )
-        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise,
+        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise, timing_seconds,
                                  {"frontier": plot.relative_to(out_dir), "latency": speed_plot.relative_to(out_dir)},
                                  time.perf_counter() - model_start))
     results = out_dir / "RESULTS.md"
@@ -200,7 +211,8 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
     )
 
 
-def _section(name, workload, path, points, unreachable, analysis_seconds, noise, plots, seconds: float) -> str:
+def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing_seconds, plots,
+             seconds: float) -> str:
     calibration = analysis_seconds.get(("calibration", False, "params", True))
     lines = [
         f"## {name}\n",
@@ -209,7 +221,8 @@ def _section(name, workload, path, points, unreachable, analysis_seconds, noise,
         f"{len(workload.calibration_feeds())}. Weight-only analysis: "
         f"{analysis_seconds.get(('weight', False, 'params', True), 0):.1f} s"
         + (f"; data-aware analysis (calibration pass + decompositions): {calibration:.1f} s" if calibration else "")
-        + f". Latency noise: the original against itself strays up to {noise:.3f} from 1.0. "
+        + f". Timing every layer's forms (cold cache, once per model): {timing_seconds:.1f} s. "
+        f"Latency noise: the original against itself strays up to {noise:.3f} from 1.0. "
         f"Whole sweep: {seconds:.0f} s.\n",
         "| method | budget | params | FLOPs | latency | pred | task | out err | layer err | n | tool s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
