@@ -23,7 +23,7 @@ from .discover import Layer, discover
 from .errors import InvalidOptionError
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .latency import measure_latency_ratio, model_latency
-from .latency_cache import LatencyCache, default_cache_path
+from .latency_cache import LatencyCache, default_cache_path, model_key
 from .layer_timing import measure_layers
 from .load import load_model
 from .parallel import single_threaded_blas
@@ -192,8 +192,9 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
             progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
         )
     latency = None
-    if workspace.speed.measure and shapes is not None and discovery.layers:
-        latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, statistics is not None, progress)
+    timeable = shapes is not None and all(layer.input_name in shapes for layer in discovery.layers)
+    if workspace.speed.measure and timeable and discovery.layers:
+        latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, progress)
     total = len(discovery.layers)
     counter = iter(range(1, total + 1))
     return analyze_layers(
@@ -212,16 +213,28 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
     )
 
 
-def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int, shifted: bool,
+def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,
                      progress: Progress | None) -> LatencyCost:
-    """Time every layer's dense and factorized forms (or read them from the cache) and the whole original model."""
+    """Time every layer's dense and factorized forms (or read them from the cache) and the whole original model.
+
+    The whole model's time is cached with the layers' and measured again whenever a layer was: both ends of the
+    prediction (the rest of the model and the layers) then come from the same period of this machine's speed.
+    """
     speed = workspace.speed
+    cache = speed.open_cache()
     timings = measure_layers(
-        workspace.model, layers, shapes, speed.settings, speed.open_cache(), max_groups=max_groups,
-        bias_correction=shifted,
+        workspace.model, layers, shapes, speed.settings, cache, max_groups=max_groups,
         progress=None if progress is None else lambda done, total: progress("timing layers", done, total),
     )
-    return LatencyCost(total=model_latency(workspace.model, workspace.timing_feed(), speed.settings), timings=timings)
+    feed = workspace.timing_feed()
+    key = model_key(workspace.model, {name: value.shape for name, value in feed.items()}, speed.settings)
+    total = None if key is None or cache.changed else cache.get(key)
+    if total is None:
+        total = model_latency(workspace.model, feed, speed.settings)
+        if key is not None:
+            cache.put(key, total)
+    cache.save()
+    return LatencyCost(total=total, timings=timings)
 
 
 def plan(

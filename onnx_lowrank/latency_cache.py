@@ -24,9 +24,9 @@ from pathlib import Path
 
 import onnxruntime
 
-from .runtime import RuntimeSettings
+from .runtime import PROTOBUF_LIMIT, RuntimeSettings, model_size
 
-__all__ = ["LatencyCache", "default_cache_path", "environment_key", "variant_key"]
+__all__ = ["LatencyCache", "default_cache_path", "environment_key", "variant_key", "model_key"]
 
 _FORMAT = "onnx-lowrank-latency-cache"
 _VERSION = 1
@@ -72,6 +72,17 @@ def variant_key(layer_key: Mapping, form: tuple[int, int] | None, settings: Runt
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def model_key(model, input_shapes: Mapping[str, tuple[int, ...]], settings: RuntimeSettings) -> str | None:
+    """A key for a whole model's time: the digest of its bytes, its input shapes and the environment; None for a
+    model too large to serialize in one message (it is then timed every run)."""
+    if model_size(model) > PROTOBUF_LIMIT:
+        return None
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+    text = json.dumps({"model": digest, "inputs": {k: list(map(int, v)) for k, v in sorted(input_shapes.items())},
+                       "environment": environment_key(settings)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 class LatencyCache:
     """Milliseconds by key, loaded from and saved to one JSON file. `path=None` keeps it in memory only."""
 
@@ -110,6 +121,11 @@ class LatencyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was added since the file was loaded or last saved."""
+        return self._dirty
 
     def save(self) -> None:
         """Write the file if anything was added (atomically); an unwritable cache folder only warns."""

@@ -47,8 +47,8 @@ ROUNDS = 7
 BLOCK_SECONDS = 0.0005
 """A tiny layer is run several times per round so that each timed block lasts about this long."""
 MAX_REPEATS = 20
-CONV_POINTS = {1: 5}
-"""Grid points per k for a Conv (k = 1 gets more: it is the most common choice); other k get DEFAULT_POINTS."""
+GRID_POINTS = {1: 5}
+"""Ranks timed per k (k = 1 gets more: it is the most common choice); other k get DEFAULT_POINTS."""
 DEFAULT_POINTS = 4
 
 
@@ -85,11 +85,12 @@ def blocked(layer: Layer, block: int) -> bool:
     return layer.op == "Conv" and len(layer.kernel_shape) == 2
 
 
-def largest_candidate_rank(layer: Layer, k: int, bias_correction: bool) -> int:
-    """The largest rank at which the factorized layer is still smaller than the dense one (0 if none is)."""
+def largest_candidate_rank(layer: Layer, k: int) -> int:
+    """The largest rank at which the factorized layer is still smaller than the dense one (0 if none is). Without a
+    bias correction, which only lowers it: one grid serves weight-only and data-aware analyses alike."""
     top = min(layer.out_channels, layer.matrix.shape[1] // k)
     for rank in range(top, 0, -1):
-        if cost.is_smaller(layer, k, rank, bias_correction):
+        if cost.is_smaller(layer, k, rank):
             return rank
     return 0
 
@@ -133,14 +134,14 @@ def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -
                    decoder=rng.standard_normal((layer.out_channels, k * rank)))
 
 
-def _forms(layer: Layer, max_groups: int, bias_correction: bool, block: int) -> dict[int, tuple[list[int], int]]:
+def _forms(layer: Layer, max_groups: int, block: int) -> dict[int, tuple[list[int], int]]:
     """k -> (grid ranks, rank alignment) for every k with at least one candidate rank worth timing."""
     forms = {}
     align = block if blocked(layer, block) else 1
     for k in group_counts(layer, max_groups):
         if k > 1 and (layer.in_channels // k) % align:
             continue  # a grouped conv with input channels per group off the block loses the blocked kernels
-        grid = rank_grid(largest_candidate_rank(layer, k, bias_correction), align, CONV_POINTS.get(k, DEFAULT_POINTS))
+        grid = rank_grid(largest_candidate_rank(layer, k), align, GRID_POINTS.get(k, DEFAULT_POINTS))
         if grid:
             forms[k] = (grid, align)
     return forms
@@ -153,18 +154,17 @@ def measure_layers(
     settings: RuntimeSettings,
     cache: LatencyCache,
     max_groups: int = 8,
-    bias_correction: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, LayerTiming]:
-    """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them."""
+    """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them;
+    new timings are put in the cache, which the caller saves."""
     block = block_size()
     timings = {}
     for index, layer in enumerate(layers, 1):
         timings[layer.name] = _measure_layer(model, layer, tuple(shapes[layer.input_name]), settings, cache,
-                                             _forms(layer, max_groups, bias_correction, block))
+                                             _forms(layer, max_groups, block))
         if progress is not None:
             progress(index, len(layers))
-    cache.save()
     return timings
 
 
@@ -174,7 +174,9 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms) -> LayerTi
     for k, (grid, _) in forms.items():
         variants += [(k, r) for r in grid]
     keys = [variant_key(description, variant, settings) for variant in variants]
-    missing = [(variant, key) for variant, key in zip(variants, keys) if cache.get(key) is None]
+    # Any variant missing: time them all again, together, so a layer's times all come from one period (a layer's
+    # dense time cached minutes ago against variants timed now would carry the machine's drift into the ratio).
+    missing = list(zip(variants, keys)) if any(cache.get(key) is None for key in keys) else []
     if missing:
         isolated = isolate_layer(model, layer, input_shape)
         (alone,) = discover(isolated, shapes={ISOLATED_INPUT: input_shape}).layers

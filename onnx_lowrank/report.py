@@ -86,11 +86,12 @@ class Report:
 
     @property
     def predicted_latency_error(self) -> float | None:
-        """(predicted - measured) / measured milliseconds of the compressed model, when both are known."""
-        predicted = self.after.get("latency")
-        if predicted is None or self.latency is None or not self.latency.compressed_ms:
+        """predicted / measured - 1 for the compressed model's latency relative to the original's, when both are
+        known. Ratios, not milliseconds: the two were timed minutes apart, and the machine's speed drifts."""
+        predicted = self.ratio("latency")
+        if predicted is None or self.latency is None or not self.latency.ratio:
             return None
-        return predicted / self.latency.compressed_ms - 1.0
+        return predicted / self.latency.ratio - 1.0
 
     @property
     def factorized(self) -> tuple[LayerRow, ...]:
@@ -184,10 +185,10 @@ def render(report: Report, console: Console) -> None:
         totals.add_row("worst layer error", "", f"{worst:.4f}", "")
     console.print(totals)
     if report.latency is not None:
-        error = report.predicted_latency_error
-        predicted = "" if error is None else f"; the prediction was off by {error:+.1%}"
-        console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime (medians of both models timed "
-                      f"interleaved{predicted}).")
+        error, predicted = report.predicted_latency_error, report.ratio("latency")
+        forecast = "" if error is None else f"; predicted {predicted:.3f}x of the original, off by {error:+.1%}"
+        console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime: {report.latency.ratio:.3f}x of the "
+                      f"original's time (medians of both models timed interleaved{forecast}).")
     if report.guarded:
         console.print("Never slower: only factorizations measured faster than their dense layer were considered "
                       "(--allow-slower lifts this).")

@@ -156,7 +156,7 @@ def test_measure_layers_times_every_form_and_a_warm_cache_times_nothing(monkeypa
     assert set(forms) == {1, 2}
     for k, form in forms.items():
         assert form.aligned_to == 8 and all(r % 8 == 0 for r, _ in form.points)
-        assert form.points[-1][0] <= largest_candidate_rank(conv3, k, False)
+        assert form.points[-1][0] <= largest_candidate_rank(conv3, k)
     assert all(ms > 0 for t in timings.values() for f in t.forms.values() for _, ms in f.points)
     assert timings["fc1"].forms[1].aligned_to == 1  # Gemm: any rank
     entries = len(cache)
@@ -181,7 +181,7 @@ def _synthetic_analysis(guard: bool):
         if layer.name == "conv3":
             timings[layer.name] = LayerTiming(1.0, {1: FormTiming(((8, 1.0), (16, 1.2)), aligned_to=8)})
         else:
-            top = largest_candidate_rank(layer, 1, False)
+            top = largest_candidate_rank(layer, 1)
             timings[layer.name] = LayerTiming(1.0, {1: FormTiming(((1, 0.1), (max(top, 2), 0.9)))})
     latency = LatencyCost(total=10.0, timings=timings)
     return model, analyze_layers(model, discovery, SHAPES, max_groups=1, latency=latency, guard=guard)
@@ -217,3 +217,22 @@ def test_latency_metric_without_measurements_says_what_to_do():
 
     with pytest.raises(InvalidOptionError, match="latency metric needs"):
         allocate(analysis, 0.5, metric="latency")
+
+
+def test_whole_model_time_is_cached_with_the_layers_and_measured_again_with_them(tmp_path, monkeypatch):
+    from onnx_lowrank import api
+
+    calls = []
+    original = api.model_latency
+    monkeypatch.setattr(api, "model_latency", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(layer_timing, "ROUNDS", 2)
+    cache = tmp_path / "latency.json"
+    model = build_cnn()
+    first = api.analyze(model, threads=1, latency_cache=cache)
+    second = api.analyze(model, threads=1, latency_cache=cache)
+    assert len(calls) == 1 and second.total("latency") == first.total("latency")
+    entries = json.loads(cache.read_text())["entries"]
+    entries.pop(next(iter(entries)))  # one timing gone: that layer, and the whole model, are timed again
+    cache.write_text(json.dumps({"format": "onnx-lowrank-latency-cache", "version": 1, "entries": entries}))
+    api.analyze(model, threads=1, latency_cache=cache)
+    assert len(calls) == 2
