@@ -22,9 +22,9 @@ from .cost_models import LatencyCost
 from .discover import Layer, discover
 from .errors import InvalidOptionError
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
-from .latency import measure_latency_ratio, model_latency
+from .latency import measure_latency_ratio
 from .latency_cache import LatencyCache, default_cache_path, model_key
-from .layer_timing import measure_layers
+from .layer_timing import measure_layers, realized_fraction
 from .load import load_model
 from .parallel import single_threaded_blas
 from .passes import factorize_layers
@@ -215,10 +215,11 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
 
 def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,
                      progress: Progress | None) -> LatencyCost:
-    """Time every layer's dense and factorized forms (or read them from the cache) and the whole original model.
+    """Time every layer's dense and factorized forms (or read them from the cache), the whole original model, and
+    the fraction of the layers' savings a factorized model really delivers (`layer_timing.realized_fraction`).
 
-    The whole model's time is cached with the layers' and measured again whenever a layer was: both ends of the
-    prediction (the rest of the model and the layers) then come from the same period of this machine's speed.
+    The whole-model numbers are cached with the layers' and measured again whenever a layer was: every part of the
+    prediction then comes from the same period of this machine's speed.
     """
     speed = workspace.speed
     cache = speed.open_cache()
@@ -228,13 +229,15 @@ def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max
     )
     feed = workspace.timing_feed()
     key = model_key(workspace.model, {name: value.shape for name, value in feed.items()}, speed.settings)
-    total = None if key is None or cache.changed else cache.get(key)
-    if total is None:
-        total = model_latency(workspace.model, feed, speed.settings)
+    keys = (None, None) if key is None else (key + "/total", key + "/realized")
+    total, realized = (None, None) if key is None or cache.changed else (cache.get(keys[0]), cache.get(keys[1]))
+    if total is None or realized is None:
+        total, realized = realized_fraction(workspace.model, layers, timings, feed, speed.settings)
         if key is not None:
-            cache.put(key, total)
+            cache.put(keys[0], total)
+            cache.put(keys[1], realized)
     cache.save()
-    return LatencyCost(total=total, timings=timings)
+    return LatencyCost(total=total, timings=timings, realized=realized)
 
 
 def plan(

@@ -9,7 +9,8 @@ in `build_cost_models`; nothing else switches on metric names.
 - `latency`: milliseconds in onnxruntime, measured per layer (`layer_timing`) with the deployment's session
   options, for the dense layer and a grid of ranks per group count k, linearly interpolated between grid ranks.
   Whole model = measured whole-model latency of the original, minus its layers' dense times, plus their planned
-  times (the per-run overhead a layer timed alone carries is in both and cancels). Forms that would lose
+  times (the per-run overhead a layer timed alone carries is in both and cancels), each saving scaled by the
+  fraction of such savings a probe model really delivered. Forms that would lose
   onnxruntime's blocked conv kernels are not offered, and conv ranks are multiples of its channel block
   (`FormTiming.aligned_to`, see `layer_timing`): that is the automatic rank rounding.
 """
@@ -139,10 +140,15 @@ class LayerTiming:
 
 @dataclass(frozen=True)
 class LatencyCost:
-    """Milliseconds: each layer from its timings, the rest of the model as measured."""
+    """Milliseconds: each layer from its timings, the rest of the model as measured.
+
+    A factorized layer costs its dense time minus `realized` times the saving measured on the layer alone: the
+    fraction of such savings a factorized model really delivered when timed whole (`layer_timing`).
+    """
 
     total: float  # measured median of the original model
     timings: Mapping[str, LayerTiming]  # layer name -> timing
+    realized: float = 1.0
     name: str = "latency"
     unit: str = "ms"
 
@@ -151,7 +157,10 @@ class LatencyCost:
 
     def factorized(self, layer: Layer, k: int, rank: int) -> float | None:
         form = self.timings[layer.name].forms.get(k)
-        return None if form is None else form.ms(rank)
+        if form is None:
+            return None
+        dense = self.timings[layer.name].dense_ms
+        return dense - self.realized * (dense - form.ms(rank))
 
     def offers(self, layer: Layer, k: int, rank: int) -> bool:
         """Whether (k, rank) is a form worth planning with: measured, and on the channel block when it matters."""

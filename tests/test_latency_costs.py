@@ -223,8 +223,8 @@ def test_whole_model_time_is_cached_with_the_layers_and_measured_again_with_them
     from onnx_lowrank import api
 
     calls = []
-    original = api.model_latency
-    monkeypatch.setattr(api, "model_latency", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = api.realized_fraction
+    monkeypatch.setattr(api, "realized_fraction", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setattr(layer_timing, "ROUNDS", 2)
     cache = tmp_path / "latency.json"
     model = build_cnn()
@@ -236,3 +236,26 @@ def test_whole_model_time_is_cached_with_the_layers_and_measured_again_with_them
     cache.write_text(json.dumps({"format": "onnx-lowrank-latency-cache", "version": 1, "entries": entries}))
     api.analyze(model, threads=1, latency_cache=cache)
     assert len(calls) == 2
+
+
+def test_realized_fraction_scales_every_saving():
+    timing = LayerTiming(2.0, {1: FormTiming(((16, 1.0), (32, 1.5)))})
+    layer = discover(build_cnn(), shapes=SHAPES).layers[1]
+    full = LatencyCost(total=10.0, timings={layer.name: timing})
+    half = LatencyCost(total=10.0, timings={layer.name: timing}, realized=0.5)
+    assert full.factorized(layer, 1, 16) == pytest.approx(1.0)
+    assert half.factorized(layer, 1, 16) == pytest.approx(1.5)  # half of the 1.0 ms saving
+    assert half.factorized(layer, 1, 32) == pytest.approx(1.75)
+    assert half.dense(layer) == 2.0 and half.factorized(layer, 2, 16) is None
+
+
+def test_probe_measures_a_bounded_fraction():
+    model = build_cnn()
+    layers = discover(model, shapes=SHAPES).layers
+    timings = {l.name: LayerTiming(1.0, {1: FormTiming(((1, 0.5),))}) for l in layers}
+    feed = {"x": np.zeros(SHAPES["x"], np.float32)}
+    total, fraction = layer_timing.realized_fraction(model, layers, timings, feed, RuntimeSettings(threads=1), rounds=3)
+    assert total > 0
+    assert layer_timing.MIN_REALIZED <= fraction <= layer_timing.MAX_REALIZED
+    no_forms = {l.name: LayerTiming(1.0) for l in layers}
+    assert layer_timing.realized_fraction(model, layers, no_forms, feed, RuntimeSettings(threads=1))[1] == 1.0
