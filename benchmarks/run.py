@@ -145,8 +145,9 @@ def _run(models, budgets, methods, out_dir: Path, latency_repeats: int, command:
         print(f"[{name}] {len(methods)} methods x {len(budgets)} budgets", file=sys.stderr, flush=True)
         noise = _noise(original, feeds, latency_repeats)
         start = time.perf_counter()  # the first analysis times every layer (cold cache); the sweeps reuse it
-        onnx_lowrank.analyze(original, inputs=feeds, weight_only=True, threads=THREADS, latency_cache=cache)
+        timed = onnx_lowrank.analyze(original, inputs=feeds, weight_only=True, threads=THREADS, latency_cache=cache)
         timing_seconds = time.perf_counter() - start
+        realized = timed.costs["latency"].realized if "latency" in timed.costs else None
         points, unreachable, analysis_seconds = _sweep_methods(original, workload, methods, budgets, feeds,
                                                                latency_repeats, reference, cache)
         named = [replace(p, allocator=m.name) for m, _, p in points]
@@ -168,7 +169,8 @@ def _run(models, budgets, methods, out_dir: Path, latency_repeats: int, command:
                     ("predicted_latency_ratio", "predicted latency / original")),
             x=("budget", "budget (fraction of the method's metric kept)"),
         )
-        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise, timing_seconds,
+        sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise,
+                                 (timing_seconds, realized),
                                  {"frontier": plot.relative_to(out_dir), "latency": speed_plot.relative_to(out_dir)},
                                  time.perf_counter() - model_start))
     results = out_dir / "RESULTS.md"
@@ -211,8 +213,9 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
     )
 
 
-def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing_seconds, plots,
+def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing, plots,
              seconds: float) -> str:
+    timing_seconds, realized = timing
     calibration = analysis_seconds.get(("calibration", False, "params", True))
     lines = [
         f"## {name}\n",
@@ -221,7 +224,8 @@ def _section(name, workload, path, points, unreachable, analysis_seconds, noise,
         f"{len(workload.calibration_feeds())}. Weight-only analysis: "
         f"{analysis_seconds.get(('weight', False, 'params', True), 0):.1f} s"
         + (f"; data-aware analysis (calibration pass + decompositions): {calibration:.1f} s" if calibration else "")
-        + f". Timing every layer's forms (cold cache, once per model): {timing_seconds:.1f} s. "
+        + f". Timing every layer's forms (cold cache, once per model): {timing_seconds:.1f} s; the probe model "
+        f"delivered {realized:.2f} of the savings its layers showed alone (every layer saving is scaled by that). "
         f"Latency noise: the original against itself strays up to {noise:.3f} from 1.0. "
         f"Whole sweep: {seconds:.0f} s.\n",
         "| method | budget | params | FLOPs | latency | pred | task | out err | layer err | n | tool s |",

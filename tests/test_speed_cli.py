@@ -83,3 +83,15 @@ def test_speed_options_are_checked(model_path, tmp_path, capsys, options, messag
         return
     assert code == 2 and message in err
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_runs_sharing_a_latency_cache_write_identical_models(model_path, tmp_path):
+    cache = tmp_path / "latency.json"
+
+    def outcome() -> bytes | str:  # the model written, or the refusal (the toy layers may have no faster form)
+        try:
+            return api.compress(model_path, 0.9, threads=1, latency_cache=cache, verify=False)[0].SerializeToString()
+        except BudgetError as error:
+            return str(error)
+
+    assert outcome() == outcome()
