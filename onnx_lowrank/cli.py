@@ -293,6 +293,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise InvalidOptionError(f"--budget must be a fraction in (0, 1]. Got {args.budget:g} instead.")
     if getattr(args, "max_error", None) is not None and not args.max_error >= 0:
         raise InvalidOptionError(f"--max-error must be >= 0. Got {args.max_error:g} instead.")
+    if getattr(args, "max_error", None) is not None and getattr(args, "verify", True) is False:
+        raise InvalidOptionError("--max-error needs verification, which --no-verify turns off; drop one of them.")
     if getattr(args, "target_error", None) is not None and not args.target_error >= 0:
         raise InvalidOptionError(f"--target-error must be >= 0. Got {args.target_error:g} instead.")
     if getattr(args, "calibration", None) and getattr(args, "weight_only", False):

@@ -141,11 +141,14 @@ def sweep(
             compressed, report = api.apply(proto, plan, input_shapes=first_shapes, verify=False, analysis=analysis,
                                            calibration=calibration_samples, refit=refit)
             tool_seconds = analysis_seconds + time.perf_counter() - start
-            check = verify(proto, compressed, feeds)
-            agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
-            settings = RuntimeSettings(threads=threads, provider=provider)
-            timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats,
-                                           settings=settings) if latency else None
+            output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
+            if report.factorized:
+                check = verify(proto, compressed, feeds)
+                output_error = check.worst_relative_l2
+                agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
+                settings = RuntimeSettings(threads=threads, provider=provider)
+                timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats,
+                                               settings=settings) if latency else None
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -154,7 +157,7 @@ def sweep(
                     flops_ratio=report.flops_ratio,
                     latency_ratio=None if timing is None else timing.ratio,
                     predicted_latency_ratio=report.ratio("latency"),
-                    output_error=check.worst_relative_l2,
+                    output_error=output_error,
                     top1_agreement=min(agreements) if agreements else None,
                     max_layer_error=max((r.error for r in report.factorized), default=0.0),
                     layers_factorized=len(report.factorized),
