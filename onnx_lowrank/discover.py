@@ -217,7 +217,7 @@ def _attributes(node: onnx.NodeProto) -> dict:
 def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
     attrs = _attributes(node)
     if attrs.get("group", 1) != 1:
-        return _raise(f"grouped convolution (group={attrs['group']}) is left as it is")
+        return _raise("grouped or depthwise convolution (group > 1)")
     weight = constants.array(node.input[1])
     if weight.ndim < 3:
         return _raise(f"weight of rank {weight.ndim} is not a convolution kernel")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -15,7 +15,7 @@ from .latency import LatencyComparison
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis"]
+__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary"]
 
 _MEASURES = {
     "spectral": "relative spectral error of the weight, ||W - W_hat||_2 / ||W||_2",
@@ -158,12 +158,11 @@ def render(report: Report, console: Console) -> None:
         )
     console.print(table)
     if report.skipped:
-        skipped = Table(title="Skipped", title_justify="left")
-        skipped.add_column("layer", overflow="fold")
-        skipped.add_column("op")
-        skipped.add_column("reason", overflow="fold")
-        for item in report.skipped:
-            skipped.add_row(item.name, item.op, item.reason)
+        skipped = Table(title="Skipped (every layer is listed in the JSON report)", title_justify="left")
+        for column, justify in (("layers", "right"), ("op", "left"), ("reason", "left"), ("for example", "left")):
+            skipped.add_column(column, justify=justify, overflow="fold")
+        for count, op, reason, example in skip_summary(report.skipped):
+            skipped.add_row(str(count), op, reason, example)
         console.print(skipped)
 
     totals = Table(title="Model", title_justify="left")
@@ -268,6 +267,8 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
     console.print(table)
     totals = ", ".join(f"{_label(name, units)} {_value(model.total, model.unit)}" for name, model in analysis.costs.items())
     console.print(f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model {totals}")
+    for count, op, reason, _ in skip_summary(analysis.skipped):
+        console.print(f"  {count} {op} skipped: {reason}")
 
 
 def render_sweep(result, console: Console) -> None:
@@ -299,6 +300,16 @@ def render_sweep(result, console: Console) -> None:
         + "; n: layers factorized; "
         "s: tool seconds (analyze + plan + apply)."
     )
+
+
+def skip_summary(skipped: Sequence[Skipped]) -> list[tuple[int, str, str, str]]:
+    """(count, op, reason, first layer) for every distinct (op, reason), most frequent first: 60 identical rows say
+    less than one row saying 60."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for item in skipped:
+        groups.setdefault((item.op, item.reason), []).append(item.name)
+    ordered = sorted(groups.items(), key=lambda entry: -len(entry[1]))  # stable: ties keep model order
+    return [(len(names), op, reason, names[0]) for (op, reason), names in ordered]
 
 
 def _label(name: str, units: Mapping[str, str]) -> str:

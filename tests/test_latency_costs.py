@@ -7,7 +7,6 @@ synthetic ones where the outcome must be known), and that the cache makes a seco
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import onnx

@@ -96,24 +96,3 @@ def test_runs_sharing_a_latency_cache_write_identical_models(model_path, tmp_pat
 
     assert outcome() == outcome()
 
-
-def test_max_error_with_no_verify_is_refused_up_front(model_path, tmp_path, capsys):
-    out = tmp_path / "c.onnx"
-    code = main(["compress", str(model_path), str(out), "--budget", "0.5", "--no-verify", "--max-error", "0.1"])
-    assert code == 2 and "--max-error needs verification" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_sweep_measures_nothing_when_nothing_changed(tmp_path, monkeypatch):
-    from conftest import build_relu_only
-
-    from onnx_lowrank import sweep as sweep_module
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an unchanged model must not be verified or timed")
-
-    monkeypatch.setattr(sweep_module, "verify", refuse)
-    monkeypatch.setattr(sweep_module, "measure_latency_ratio", refuse)
-    result = sweep_module.sweep(build_relu_only(), [0.9, 0.5], threads=1)
-    assert [p.layers_factorized for p in result.points] == [0, 0]
-    assert all(p.output_error == 0.0 and p.latency_ratio is None for p in result.points)

@@ -1,0 +1,71 @@
+"""What the command line tells a user beyond the numbers: options refused up front, skip reasons grouped, no work
+spent measuring a model that nothing changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import build_cnn, save
+
+from onnx_lowrank.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    return save(build_cnn(), tmp_path / "m.onnx")
+
+
+def test_max_error_with_no_verify_is_refused_up_front(model_path, tmp_path, capsys):
+    out = tmp_path / "c.onnx"
+    code = main(["compress", str(model_path), str(out), "--budget", "0.5", "--no-verify", "--max-error", "0.1"])
+    assert code == 2 and "--max-error needs verification" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sweep_measures_nothing_when_nothing_changed(tmp_path, monkeypatch):
+    from conftest import build_relu_only
+
+    from onnx_lowrank import sweep as sweep_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unchanged model must not be verified or timed")
+
+    monkeypatch.setattr(sweep_module, "verify", refuse)
+    monkeypatch.setattr(sweep_module, "measure_latency_ratio", refuse)
+    result = sweep_module.sweep(build_relu_only(), [0.9, 0.5], threads=1)
+    assert [p.layers_factorized for p in result.points] == [0, 0]
+    assert all(p.output_error == 0.0 and p.latency_ratio is None for p in result.points)
+
+
+def _depthwise_stack(count: int):
+    """`count` depthwise convs in a row, then one ordinary conv: the skip list has one reason `count` times."""
+    import numpy as np
+    from conftest import make_model, tensor
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], {}, "x"
+    for index in range(count):
+        inits[f"dw{index}.w"] = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+        nodes.append(helper.make_node("Conv", [current, f"dw{index}.w"], [f"d{index}"], name=f"dw{index}",
+                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8))
+        current = f"d{index}"
+    inits["pw.w"] = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    nodes.append(helper.make_node("Conv", [current, "pw.w"], ["y"], name="pw", kernel_shape=[1, 1]))
+    return make_model(nodes, [tensor("x", [1, 8, 6, 6])], [tensor("y", [1, 8, 6, 6])], inits)
+
+
+def test_skip_reasons_are_grouped_with_counts(tmp_path, capsys):
+    path = save(_depthwise_stack(6), tmp_path / "dw.onnx")
+    assert main(["analyze", str(path), "--allow-slower"]) == 0
+    out = capsys.readouterr().out
+    assert "6 Conv skipped: grouped or depthwise convolution (group > 1)" in out
+    report = tmp_path / "r.json"
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.95", "--allow-slower",
+                 "--report", str(report)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "grouped or depthwise" in line]
+    assert len(rows) == 1  # one row for the six layers ...
+    cells = [cell.strip() for cell in rows[0].split("│")]
+    assert cells[1] == "6" and cells[2] == "Conv" and cells[4] == "dw0"
+    assert len(json.loads(report.read_text())["skipped"]) == 6  # ... and every layer in the JSON
