@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="per-layer compressibility table; no rewrite")
     analyze.add_argument("input", help="the model to analyze")
     _analysis_options(analyze)
-    analyze.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    analyze.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     analyze.set_defaults(run=_run_analyze)
 
     apply = commands.add_parser("apply", help="rewrite a model with a plan written by --plan-out (or by hand)")
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--plot", metavar="FRONTIER.png", help="draw output error and latency against size")
     sweep.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     _analysis_options(sweep)
-    sweep.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sweep.set_defaults(run=_run_sweep)
     return parser
 
@@ -120,7 +120,10 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", metavar="PATH",
                         help=".npz keyed by input name (one batch), or a folder of .npz files (one sample each)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
-                        help="concrete shape for an input with dynamic dimensions (repeatable)")
+                        help="concrete shape for an input with dynamic dimensions (repeatable; NAME:1,3,224,224 "
+                             "works too)")
+    parser.add_argument("--input-shapes", dest="input_shape", action="extend", nargs="+", metavar="NAME:1,3,224,224",
+                        help="several shapes after one flag, as onnxslim takes them (put it after the model paths)")
 
 
 def _calibration_options(parser: argparse.ArgumentParser, shrinkage: bool = True) -> None:
@@ -163,7 +166,7 @@ def _verify_options(parser: argparse.ArgumentParser) -> None:
                         help="skip running both models in onnxruntime")
     parser.add_argument("--max-error", type=float, metavar="X",
                         help="exit 1 and write no model when an output's relative L2 error exceeds X")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
 
 def _run_compress(args: argparse.Namespace, console: Console) -> int:

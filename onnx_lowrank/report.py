@@ -178,7 +178,8 @@ def render(report: Report, console: Console) -> None:
         timed = report.latency
         totals.add_row("latency ms (measured)", f"{timed.original_ms:.3f}", f"{timed.compressed_ms:.3f}",
                        f"{timed.ratio:.3f}")
-    totals.add_row("factorized layers", "", f"{len(report.factorized)} of {len(report.layers)}", "")
+    skipped_note = f" ({len(report.skipped)} more skipped)" if report.skipped else ""
+    totals.add_row("factorized layers", "", f"{len(report.factorized)} of {len(report.layers)}{skipped_note}", "")
     worst = max((r.error for r in report.factorized), default=None)
     if worst is not None:
         totals.add_row("worst layer error", "", f"{worst:.4f}", "")

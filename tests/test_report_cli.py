@@ -69,3 +69,40 @@ def test_skip_reasons_are_grouped_with_counts(tmp_path, capsys):
     cells = [cell.strip() for cell in rows[0].split("│")]
     assert cells[1] == "6" and cells[2] == "Conv" and cells[4] == "dw0"
     assert len(json.loads(report.read_text())["skipped"]) == 6  # ... and every layer in the JSON
+
+
+def test_short_quiet_and_onnxslim_style_input_shapes(tmp_path, capsys):
+    from conftest import build_matmul
+
+    path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
+    out = tmp_path / "c.onnx"
+    code = main(["compress", str(path), str(out), "--budget", "0.8", "--allow-slower", "-q",
+                 "--input-shapes", "x:2,6,24"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out == "" and captured.err == "" and out.exists()
+
+
+def test_several_shapes_after_one_flag_reach_every_input(tmp_path, capsys):
+    from conftest import build_matmul
+
+    path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
+    code = main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.8", "--allow-slower", "-q",
+                 "--input-shapes", "x:2,6,24", "nope:1,2"])
+    assert code == 2 and "nope" in capsys.readouterr().err  # the second shape was read, and checked
+
+
+def test_factorized_count_mentions_the_skipped_layers(tmp_path, capsys):
+    path = save(_depthwise_stack(3), tmp_path / "dw.onnx")
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.95", "--allow-slower"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "factorized layers" in line)
+    assert "1 of 1 (3 more skipped)" in row
+
+
+def test_input_shape_before_the_positionals_still_takes_one_value(tmp_path):
+    from conftest import build_matmul
+
+    path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
+    out = tmp_path / "c.onnx"
+    code = main(["compress", "--input-shape", "x:2x6x24", str(path), str(out), "--budget", "0.8", "--allow-slower",
+                 "-q"])
+    assert code == 0 and out.exists()
