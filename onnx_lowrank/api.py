@@ -438,6 +438,8 @@ def compress(
     speed = _Speed.of(allow_slower, metric, threads, provider, latency_cache)
     workspace = _prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, weight_only,
                          speed)
+    if metric != "params" and workspace.input_shapes is None:  # say so now, not after the whole analysis
+        resolve_shapes(workspace.model, parse_shape_specs(input_shapes))
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
     analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)

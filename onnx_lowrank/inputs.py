@@ -152,26 +152,42 @@ def resolve_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]
             f"its inputs are: {names}"
         )
     shapes: dict[str, tuple[int, ...]] = {}
+    missing: list[tuple[InputSpec, list[int]]] = []  # every input still needing a size, to name them all at once
     for spec in specs:
         if spec.name in overrides:
             shapes[spec.name] = _checked_override(spec, overrides[spec.name])
             continue
         if spec.shape is None:
-            raise InvalidOptionError(
-                f"Input {spec.name!r} has no declared shape; give one with --input-shape {spec.name}:1x3x640x640"
-            )
+            missing.append((spec, []))
+            continue
         dynamic = [i for i in spec.dynamic_positions if i != 0]
         if dynamic:
-            placeholder = _placeholder(spec)
-            letters = ", ".join(placeholder[i] for i in dynamic)
-            raise InvalidOptionError(
-                f"Input {spec.name!r} has dynamic dimension(s) at position(s) {', '.join(map(str, dynamic))} "
-                f"(shape {_declared(spec)}); give them with "
-                f"--input-shape {spec.name}:{_format_dims(placeholder)}, replacing {letters} by the sizes you run "
-                "the model at"
-            )
+            missing.append((spec, dynamic))
+            continue
         shapes[spec.name] = tuple(1 if d is None else d for d in spec.shape)
+    if missing:
+        raise InvalidOptionError(_missing_shapes_message(missing))
     return shapes
+
+
+def _missing_shapes_message(missing: list[tuple[InputSpec, list[int]]]) -> str:
+    """One message naming every input that needs a size, with a line ready to paste."""
+    if len(missing) == 1 and missing[0][0].shape is None:
+        name = missing[0][0].name
+        return f"Input {name!r} has no declared shape; give one with --input-shape {name}:1x3x640x640"
+    if len(missing) == 1:
+        spec, dynamic = missing[0]
+        placeholder = _placeholder(spec)
+        letters = ", ".join(placeholder[i] for i in dynamic)
+        return (f"Input {spec.name!r} has dynamic dimension(s) at position(s) {', '.join(map(str, dynamic))} "
+                f"(shape {_declared(spec)}); give them with --input-shape {spec.name}:{_format_dims(placeholder)}, "
+                f"replacing {letters} by the sizes you run the model at")
+    described = ", ".join(f"{spec.name!r} ({_declared(spec) if spec.shape is not None else 'no declared shape'})"
+                          for spec, _ in missing)
+    pasteable = " ".join(f"{spec.name}:{_format_dims(_placeholder(spec)) if spec.shape is not None else '1x3x640x640'}"
+                         for spec, _ in missing)
+    return (f"Inputs {described} need concrete sizes; give them all with --input-shapes {pasteable}, replacing the "
+            "letters by the sizes you run the model at")
 
 
 def _checked_override(spec: InputSpec, dims: Sequence[int]) -> tuple[int, ...]:

@@ -106,3 +106,25 @@ def test_input_shape_before_the_positionals_still_takes_one_value(tmp_path):
     code = main(["compress", "--input-shape", "x:2x6x24", str(path), str(out), "--budget", "0.8", "--allow-slower",
                  "-q"])
     assert code == 0 and out.exists()
+
+
+def _two_dynamic_inputs():
+    import numpy as np
+    from conftest import make_model, tensor
+    from onnx import helper
+
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    return make_model(nodes, [tensor("a", ["n", "t", 16]), tensor("b", ["n", "t", 16])], [tensor("y", ["n", "t", 16])],
+                      {"w": w})
+
+
+def test_every_dynamic_input_is_named_at_once_before_any_work(tmp_path, capsys):
+    path = save(_two_dynamic_inputs(), tmp_path / "two.onnx")
+    code = main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.5", "--metric", "flops",
+                 "--no-verify", "--allow-slower"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'a'" in err and "'b'" in err
+    assert "--input-shapes a:1xD1x16 b:1xD1x16" in err  # ready to paste, both at once
+    assert not (tmp_path / "c.onnx").exists()
