@@ -85,9 +85,11 @@ class Analysis:
         raise KeyError(name)
 
 
-def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]]) -> list[tuple[Layer, Factors, float]]:
+def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]],
+               progress: Callable[[int, int], None] | None = None) -> list[tuple[Layer, Factors, float]]:
     """(layer, factors, measured error) of every layer `choices` names (layer -> (k, rank)), in model order, from
-    the analysis' decompositions: nothing is decomposed again. Layers are computed in parallel (`parallel`)."""
+    the analysis' decompositions: nothing is decomposed again. Layers are computed in parallel (`parallel`);
+    `progress(done, total)` follows them."""
     jobs = []
     for entry in analysis.layers:
         choice = choices.get(entry.layer.name)
@@ -105,8 +107,13 @@ def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]]) -> li
         layer, decomposition, rank = job
         return layer, decomposition.factors(rank), decomposition.measured_error(rank)
 
+    chosen = []
     with single_threaded_blas():
-        return list(map_in_order(one, jobs))
+        for result in map_in_order(one, jobs):
+            chosen.append(result)
+            if progress is not None:
+                progress(len(chosen), len(jobs))
+    return chosen
 
 
 def group_counts(layer: Layer, max_groups: int) -> list[int]:

@@ -6,6 +6,7 @@ only wires them together and times them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -43,8 +44,8 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 ShapeSpecs = Mapping[str, Sequence[int]] | Sequence[str] | None
 SampleSource = str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None
 Progress = Callable[[str, int, int | None], None]
-"""progress(stage, done, total): called as calibration samples, timed and analysed layers complete (total None if
-unknown)."""
+"""progress(stage, done, total): called as calibration samples, timed, analysed and applied layers, verification
+samples and search steps complete (total None if unknown)."""
 CachePath = str | os.PathLike | bool
 """Where measured latencies are cached: True for the default file (see `latency_cache`), False for none, or a path."""
 
@@ -314,12 +315,14 @@ def apply(
 
 
 def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analysis, seconds: dict,
-           refit: bool = False, time_models: bool = True) -> tuple[onnx.ModelProto, Report]:
+           refit: bool = False, time_models: bool = True, progress: Progress | None = None
+           ) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     model = workspace.model
     layers = {a.layer.name: a for a in analysis.layers}
     _check_plan(plan, layers, analysis)
-    chosen = factors_of(analysis, plan.layers)
+    chosen = factors_of(analysis, plan.layers,
+                        None if progress is None else lambda done, total: progress("applying", done, total))
     rewrites = [(layer, factors) for layer, factors, _ in chosen]
     errors = {layer.name: error for layer, _, error in chosen}
     if refit and rewrites:
@@ -335,7 +338,8 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     if run_verify and rewrites:
         start = time.perf_counter()
         onnx.checker.check_model(compressed, full_check=True)
-        verification = verify(model, compressed, workspace.feeds)
+        verification = verify(model, compressed, workspace.feeds, None if progress is None else
+                              lambda done: progress("verifying", done, workspace.feeds.count))
         seconds["verify"] = time.perf_counter() - start
         if time_models:
             start = time.perf_counter()
@@ -453,7 +457,7 @@ def compress(
     if not targeted:
         chosen = make_plan(budget)
         seconds["plan"] = time.perf_counter() - start
-        compressed, report = _apply(workspace, chosen, verify, analysis, seconds, refit)
+        compressed, report = _apply(workspace, chosen, verify, analysis, seconds, refit, progress=progress)
     else:
         compressed, report = _search(workspace, analysis, make_plan, metric, allocator, refit, verify, target_error,
                                      evaluate, min_score, seconds, progress)
@@ -485,11 +489,13 @@ def _search(workspace, analysis, make_plan, metric, allocator, refit, run_verify
             passed = bool(value >= min_score)
         steps.append(SearchStep(budget=fraction, achieved=report.ratio(metric), value=value, passed=passed))
         if progress is not None:
-            progress("searching", len(steps), None)
+            progress("searching", len(steps), max(len(steps), planned_steps))
         return passed, candidate_plan
 
     best_plan = Plan(layers={}, allocator=chosen_allocator, metric=metric, budget=1.0, threshold=0.0)
     high = 1.0
+    # one check of the smallest budget, then halvings until the interval is narrower than the resolution
+    planned_steps = 1 + max(0, math.ceil(math.log2(max(high - low, _SEARCH_RESOLUTION) / _SEARCH_RESOLUTION)))
     passed, candidate = check(low)
     if passed:
         best_plan, high = candidate, low
@@ -501,7 +507,9 @@ def _search(workspace, analysis, make_plan, metric, allocator, refit, run_verify
         else:
             low = middle
     seconds["search"] = time.perf_counter() - start
-    compressed, report = _apply(workspace, best_plan, run_verify, analysis, seconds, refit)
+    if progress is not None:
+        progress("searching", len(steps), len(steps))  # done: the bar ends full
+    compressed, report = _apply(workspace, best_plan, run_verify, analysis, seconds, refit, progress=progress)
     measure = "relative output error" if target_error is not None else "score"
     goal = f"{measure} <= {target_error:g}" if target_error is not None else f"score >= {min_score:g}"
     return compressed, replace(report, search=tuple(steps), search_goal=goal)

@@ -10,7 +10,7 @@ so a sample with a large output weighs in proportion to its size.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -137,18 +137,25 @@ class _Accumulator:
 
 
 def verify(
-    original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    progress: Callable[[int], None] | None = None,
 ) -> Verification:
-    """Run both models on every feed (one session each) and compare their outputs, pooled over the feeds.
+    """Run both models on every feed (one session each) and compare their outputs, pooled over the feeds;
+    `progress(samples done)` after each.
 
     The compressed model must have the original's outputs (by name) with the same shapes; otherwise the rewrite
     broke the model and InvalidModelError is raised.
     """
-    return verify_many(original, [compressed], feeds)[0]
+    return verify_many(original, [compressed], feeds, progress)[0]
 
 
 def verify_many(
-    original: onnx.ModelProto, candidates: Sequence[onnx.ModelProto], feeds: Iterable[Mapping[str, np.ndarray]]
+    original: onnx.ModelProto,
+    candidates: Sequence[onnx.ModelProto],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    progress: Callable[[int], None] | None = None,
 ) -> list[Verification]:
     """`verify` for several candidates at once: the original runs once per feed."""
     reference_session = runtime.session(original)
@@ -178,6 +185,8 @@ def verify_many(
                         "compressed model; the rewrite changed what the model computes"
                     )
                 accumulators[name].add(a, b)
+        if progress is not None:
+            progress(samples)
     if not samples:
         raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
     return [Verification(tuple(acc[name].result(name) for name in names), samples) for acc in sums]

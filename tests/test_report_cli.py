@@ -128,3 +128,16 @@ def test_every_dynamic_input_is_named_at_once_before_any_work(tmp_path, capsys):
     assert code == 2 and "'a'" in err and "'b'" in err
     assert "--input-shapes a:1xD1x16 b:1xD1x16" in err  # ready to paste, both at once
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_progress_has_known_totals_for_every_stage(model_path):
+    from onnx_lowrank import api
+
+    calls = []
+    api.compress(model_path, target_error=0.5, allow_slower=True, threads=1,
+                 progress=lambda stage, done, total: calls.append((stage, done, total)))
+    stages = {stage for stage, _, _ in calls}
+    assert {"analyzing", "searching", "applying", "verifying"} <= stages
+    assert all(total is not None and 0 < done <= total for _, done, total in calls)
+    last = {stage: (done, total) for stage, done, total in calls}
+    assert all(done == total for done, total in last.values())  # every bar ends full
