@@ -221,14 +221,17 @@ def _checked_override(spec: InputSpec, dims: Sequence[int]) -> tuple[int, ...]:
 def random_feeds(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], count: int = 1, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
-    """`count` deterministic feed dicts: floats uniform in [0, 1) like a normalised image, integers 0 (a valid
-    index for any embedding or gather), bools False. `shapes` goes through `resolve_shapes`, so fully static inputs
-    and a dynamic batch need no entry."""
+    """`count` deterministic, distinct feed dicts: floats uniform in [0, 1) like a normalised image; integers that
+    index a constant table through a Gather drawn over that table's rows (token ids over the vocabulary), other
+    integers 0 or 1 (masks, segment ids); bools a random mix. All-zero integer inputs made every sample the same and
+    hid what real data moves. `shapes` goes through `resolve_shapes`, so fully static inputs and a dynamic batch
+    need no entry."""
     if count < 1:
         raise InvalidOptionError(f"The number of random samples must be at least 1, got {count}")
     resolved = resolve_shapes(model, shapes)
     specs = model_inputs(model)
     rng = np.random.default_rng(seed)
+    upper = _gather_table_sizes(model)
     feeds = []
     for _ in range(count):
         feed = {}
@@ -236,8 +239,10 @@ def random_feeds(
             shape = resolved[spec.name]
             if spec.dtype.kind == "f":
                 feed[spec.name] = rng.random(shape).astype(spec.dtype)  # drawn in float64: same values for any dtype
-            elif spec.dtype.kind in "iub":
-                feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = rng.random(shape) < 0.5
+            elif spec.dtype.kind in "iu":
+                feed[spec.name] = rng.integers(0, upper.get(spec.name, 2), size=shape).astype(spec.dtype)
             else:
                 raise InvalidModelError(
                     f"Input {spec.name!r} has dtype {spec.dtype}, for which no random data can be made; "
@@ -245,6 +250,27 @@ def random_feeds(
                 )
         feeds.append(feed)
     return feeds
+
+
+def _gather_table_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph input -> the number of rows of the constant table it indexes directly (Gather indices), the smallest
+    when it indexes several: the range where random indices stay valid."""
+    tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tables[node.output[0]] = tuple(value.dims)
+    sizes: dict[str, int] = {}
+    inputs = {value.name for value in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in inputs:
+            continue
+        dims = tables.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+            sizes[node.input[1]] = min(sizes.get(node.input[1], dims[axis]), int(dims[axis]))
+    return sizes
 
 
 def load_feeds(path: str | Path, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:

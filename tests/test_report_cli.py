@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from conftest import build_cnn, save
 
@@ -141,3 +143,37 @@ def test_progress_has_known_totals_for_every_stage(model_path):
     assert all(total is not None and 0 < done <= total for _, done, total in calls)
     last = {stage: (done, total) for stage, done, total in calls}
     assert all(done == total for done, total in last.values())  # every bar ends full
+
+
+def _token_classifier():
+    import numpy as np
+    from conftest import make_model, tensor
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("ReduceMean", ["emb"], ["pooled"], name="pool", axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["pooled", "fc.w"], ["logits"], name="fc", transB=1),
+             helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["mask_f"], ["count"], keepdims=0)]
+    return make_model(nodes, [tensor("ids", [2, 5], TensorProto.INT64), tensor("mask", [2, 5], TensorProto.BOOL)],
+                      [tensor("logits", [2, 4]), tensor("count", [])],
+                      {"table": rng.standard_normal((50, 16)).astype(np.float32),
+                       "fc.w": rng.standard_normal((4, 16)).astype(np.float32)})
+
+
+def test_random_integer_and_bool_inputs_vary_and_stay_valid():
+    from onnx_lowrank.inputs import random_feeds
+
+    first, second = random_feeds(_token_classifier(), {}, count=2, seed=0)
+    assert not np.array_equal(first["ids"], second["ids"])  # two samples, not the same one twice
+    assert first["ids"].min() >= 0 and first["ids"].max() < 50 and len(np.unique(first["ids"])) > 1
+    assert first["ids"].dtype == np.int64 and first["mask"].dtype == np.bool_
+    assert first["mask"].any() and not first["mask"].all()
+
+
+def test_random_verification_of_an_integer_input_model_runs(tmp_path, capsys):
+    path = save(_token_classifier(), tmp_path / "tok.onnx")
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.9", "--allow-slower"]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "rejected the inputs" not in err and "Traceback" not in err
