@@ -23,6 +23,17 @@ _MEASURES = {
 }
 
 
+_MOVEMENT = (
+    (0.01, "practically unchanged."),
+    (0.05, "a small change; check your task metric."),
+    (0.2, "a noticeable change; check your task metric before deploying."),
+    (math.inf, "a large change: the model's answers are likely wrong. Give calibration data (--calibration), raise "
+               "the budget, or keep sensitive layers dense (--exclude)."),
+)
+"""Worst relative output error -> what it means for a user (upper limits, first match)."""
+LARGE_ERROR = 0.2
+
+
 @dataclass(frozen=True)
 class LayerRow:
     """One factorizable layer: what it was, what it became (k, rank None when kept dense), and the error."""
@@ -94,6 +105,33 @@ class Report:
         return predicted / self.latency.ratio - 1.0
 
     @property
+    def compressible_fraction(self) -> float:
+        """Share of the model's parameters that sit in factorizable layers: all a budget can act on."""
+        total = self.before.get("params") or 0
+        dense = sum(row.costs["params"][0] or 0 for row in self.layers)
+        return dense / total if total else 0.0
+
+    @property
+    def verdict(self) -> tuple[str, ...]:
+        """What happened, in lines a user can act on: budget, what was compressible, how far the outputs moved."""
+        lines = []
+        metric = self.plan.metric
+        if self.plan.budget is not None and metric in self.before and self.ratio(metric) is not None:
+            ratio = self.ratio(metric)
+            met = "met" if ratio <= self.plan.budget + 1e-9 else "missed"
+            lines.append(f"Budget {met}: {metric} {ratio:.3f} of the original (asked {self.plan.budget:g}).")
+        fraction = self.compressible_fraction
+        if fraction < 0.9:
+            where = "; ".join(f"{count} {op}: {reason}" for count, op, reason, _ in skip_summary(self.skipped)[:2])
+            lines.append(f"Only {fraction:.0%} of the parameters are in layers that can be factorized; the rest are in "
+                         f"other operators{' or skipped layers (' + where + ')' if where else ''}.")
+        if self.verification is not None:
+            error = self.verification.worst_relative_l2
+            words = next(text for limit, text in _MOVEMENT if error < limit)
+            lines.append(f"Outputs moved by {error:.3g} (worst relative L2): {words}")
+        return tuple(lines)
+
+    @property
     def factorized(self) -> tuple[LayerRow, ...]:
         return tuple(row for row in self.layers if row.rank is not None)
 
@@ -105,6 +143,8 @@ class Report:
         return {
             "summary": {
                 **costs,
+                "verdict": list(self.verdict),
+                "compressible_fraction": self.compressible_fraction,
                 "latency_measured": None if self.latency is None else self.latency.to_dict(),
                 "latency_prediction_error": self.predicted_latency_error,
                 "never_slower_guard": self.guarded,
@@ -237,6 +277,10 @@ def render(report: Report, console: Console) -> None:
             )
     if report.message:
         console.print(report.message)
+    large = report.verification is not None and report.verification.worst_relative_l2 >= LARGE_ERROR
+    for line in report.verdict:
+        style = "bold yellow" if large and line.startswith("Outputs") else "bold"
+        console.print(f"[{style}]{line}[/{style}]")
     if report.seconds:
         console.print("time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in report.seconds.items()))
 

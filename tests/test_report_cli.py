@@ -66,8 +66,9 @@ def test_skip_reasons_are_grouped_with_counts(tmp_path, capsys):
     report = tmp_path / "r.json"
     assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.95", "--allow-slower",
                  "--report", str(report)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if "grouped or depthwise" in line]
-    assert len(rows) == 1  # one row for the six layers ...
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│") and "grouped or depthwise" in line]
+    assert len(rows) == 1  # one table row for the six layers ...
     cells = [cell.strip() for cell in rows[0].split("│")]
     assert cells[1] == "6" and cells[2] == "Conv" and cells[4] == "dw0"
     assert len(json.loads(report.read_text())["skipped"]) == 6  # ... and every layer in the JSON
@@ -177,3 +178,28 @@ def test_random_verification_of_an_integer_input_model_runs(tmp_path, capsys):
     assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.9", "--allow-slower"]) in (0, 2)
     err = capsys.readouterr().err
     assert "rejected the inputs" not in err and "Traceback" not in err
+
+
+def test_verdict_says_budget_compressibility_and_output_movement(tmp_path, capsys):
+    path = save(_depthwise_stack(6), tmp_path / "dw.onnx")
+    report = tmp_path / "r.json"
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.95", "--allow-slower",
+                 "--report", str(report)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # lines a narrow console wrapped, joined again
+    assert "Budget met: params" in out
+    assert "Only 13% of the parameters are in layers that can be factorized" in out  # 64 of 496
+    assert "6 Conv: grouped or depthwise convolution (group > 1)" in out
+    assert "Outputs moved by" in out
+    verdict = json.loads(report.read_text())["summary"]["verdict"]
+    assert verdict[0].startswith("Budget met") and verdict[-1].startswith("Outputs moved by")
+
+
+def test_a_ruined_model_gets_a_warning_naming_the_cure(model_path, tmp_path, capsys):
+    assert main(["compress", str(model_path), str(tmp_path / "c.onnx"), "--budget", "0.2", "--allow-slower"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    line = out[out.index("Outputs moved by"):]
+    error = float(line.split()[3])
+    if error >= 0.2:  # random toy weights at a fifth of their size: expected, but the words must follow the number
+        assert "likely wrong" in line and "--calibration" in line and "--exclude" in line
+    else:
+        assert "likely wrong" not in line
