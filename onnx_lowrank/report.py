@@ -196,7 +196,8 @@ def render(report: Report, console: Console) -> None:
             "-" if row.error is None else f"{row.error:.4f}",
             style="dim" if dense else None,
         )
-    console.print(table)
+    if report.layers:  # an empty table says nothing; the skipped table and the message say why
+        console.print(table)
     if report.skipped:
         skipped = Table(title="Skipped (every layer is listed in the JSON report)", title_justify="left")
         for column, justify in (("layers", "right"), ("op", "left"), ("reason", "left"), ("for example", "left")):
