@@ -162,6 +162,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-as-external-data", action="store_true",
+                        help="write the weights to OUTPUT.data beside the model (automatic above 1.8 GB)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running both models in onnxruntime")
     parser.add_argument("--max-error", type=float, metavar="X",
@@ -283,7 +285,7 @@ def _finish(args: argparse.Namespace, console: Console, model, report: Report) -
             file=sys.stderr,
         )
         return EXIT_VERIFICATION
-    save_model(model, args.output)
+    save_model(model, args.output, external_data=True if args.save_as_external_data else None)
     if getattr(args, "plan_out", None):
         _write_text(args.plan_out, report.plan.to_json())
     console.print(f"wrote {args.output}")

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import onnx
 
+from . import runtime
 from .errors import InvalidModelError, InvalidOptionError
 
 __all__ = ["load_model", "save_model", "check_output_path"]
-
-# protobuf cannot serialise a message over 2 GiB; above this the weights go to an external data file
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -64,18 +62,16 @@ def check_output_path(output: str | os.PathLike, inputs: tuple[str | os.PathLike
     return target
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> Path:
-    """Write `model` to `output` atomically; large models put their weights in '<name>.data' beside it."""
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write `model` to `output` atomically. With `external_data` (default: automatically, for models too large for
+    one protobuf message) the weights go to '<name>.data' beside it."""
     target = Path(output)
-    external = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    external = runtime.model_size(model) > runtime.PROTOBUF_LIMIT if external_data is None else external_data
     data_name = target.name + ".data"
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".onnx-lowrank-") as scratch:
         staged = Path(scratch) / target.name
         if external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            runtime.save_with_external_data(model, scratch, target.name)
             os.replace(Path(scratch) / data_name, target.parent / data_name)
         else:
             staged.write_bytes(model.SerializeToString())

@@ -53,7 +53,7 @@ def test_missing_external_data_is_a_clear_error(tmp_path, capsys):
 
 
 def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(load, "_EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(load.runtime, "PROTOBUF_LIMIT", 0)  # the one limit, shared with runtime
     target = load.save_model(_gemm_model(), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").exists()
     reloaded = load.load_model(target)

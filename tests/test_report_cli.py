@@ -203,3 +203,18 @@ def test_a_ruined_model_gets_a_warning_naming_the_cure(model_path, tmp_path, cap
         assert "likely wrong" in line and "--calibration" in line and "--exclude" in line
     else:
         assert "likely wrong" not in line
+
+
+def test_save_as_external_data_writes_the_weights_beside_the_model(model_path, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "out" / "c.onnx"
+    out.parent.mkdir()
+    assert main(["compress", str(model_path), str(out), "--budget", "0.6", "--allow-slower", "-q",
+                 "--save-as-external-data"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.onnx", "c.onnx.data"]
+    assert out.stat().st_size < (out.parent / "c.onnx.data").stat().st_size  # the weights are in the side file
+    onnx.checker.check_model(str(out), full_check=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
