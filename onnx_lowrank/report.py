@@ -253,7 +253,7 @@ def render(report: Report, console: Console) -> None:
 
     if report.verification is not None:
         source = "random" if report.verified_on == "random" else report.verified_on
-        title = f"Verification in onnxruntime ({report.verification.samples} samples from {source})"
+        title = f"Verification in onnxruntime ({report.verification.describe()} from {source})"
         check = Table(title=title, title_justify="left")
         for column in ("output", "relative L2", "max abs", "cosine", "top-1 agreement"):
             check.add_column(column, justify="left" if column == "output" else "right")

@@ -43,7 +43,14 @@ class Verification:
     """Per-output comparison of the original and compressed model, in the model's output order."""
 
     outputs: tuple[OutputComparison, ...]
-    samples: int
+    samples: int  # feeds run
+    rows: int | None = None  # items in them (the first input's batch dimension summed over feeds)
+
+    def describe(self) -> str:
+        """'16 samples', or '12 rows in 1 batch' when a feed holds a batch."""
+        if self.rows is None or self.rows == self.samples:
+            return f"{self.samples} sample{'s' if self.samples != 1 else ''}"
+        return f"{self.rows} rows in {self.samples} batch{'es' if self.samples != 1 else ''}"
 
     @property
     def worst_relative_l2(self) -> float:
@@ -62,6 +69,7 @@ class Verification:
         """JSON-safe: non-finite numbers (an infinite or NaN error) become None."""
         return {
             "samples": self.samples,
+            "rows": self.rows,
             "worst_relative_l2": _json_number(self.worst_relative_l2),
             "outputs": [o.to_dict() for o in self.outputs],
         }
@@ -172,8 +180,11 @@ def verify_many(
         sessions.append(sess)
     sums = [{name: _Accumulator() for name in names} for _ in sessions]
     samples = 0
+    rows = 0
     for feed in feeds:
         samples += 1
+        first = np.asarray(next(iter(feed.values()))) if feed else np.zeros(())
+        rows += int(first.shape[0]) if first.ndim else 1
         reference = runtime.run(reference_session, feed)
         for sess, accumulators in zip(sessions, sums):
             outputs = runtime.run(sess, feed)
@@ -189,4 +200,4 @@ def verify_many(
             progress(samples)
     if not samples:
         raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
-    return [Verification(tuple(acc[name].result(name) for name in names), samples) for acc in sums]
+    return [Verification(tuple(acc[name].result(name) for name in names), samples, rows) for acc in sums]

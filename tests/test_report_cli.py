@@ -218,3 +218,14 @@ def test_save_as_external_data_writes_the_weights_beside_the_model(model_path, t
     onnx.checker.check_model(str(out), full_check=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
+
+
+def test_a_batch_is_counted_in_rows_not_as_one_sample(tmp_path, capsys):
+    from conftest import build_cnn
+
+    path = save(build_cnn(input_shape=("batch", 3, 16, 16)), tmp_path / "m.onnx")
+    np.savez(tmp_path / "batch.npz", x=np.random.default_rng(0).random((12, 3, 16, 16)).astype(np.float32))
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.6", "--allow-slower", "--weight-only",
+                 "--inputs", str(tmp_path / "batch.npz")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(12 rows in 1 batch from" in out and "1 samples" not in out
