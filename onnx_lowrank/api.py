@@ -114,7 +114,10 @@ def _prepare(
     calibration: SampleSource = None,
     weight_only: bool = False,
     speed: _Speed = _Speed(),
+    need_shapes: bool = False,
 ) -> _Workspace:
+    """Load the model and settle its samples and input shapes. Shapes that cannot be settled are an error (naming
+    every input that needs one) when verification needs feeds or the metric needs shapes, before any work."""
     proto = load_model(model)
     if weight_only and calibration is not None:
         raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
@@ -130,7 +133,7 @@ def _prepare(
         try:
             resolved = resolve_shapes(proto, overrides)
         except InvalidOptionError:
-            if calibration_samples is None and need_feeds:
+            if calibration_samples is None and (need_feeds or need_shapes):
                 raise
             resolved = calibration_samples.first_shapes() if calibration_samples is not None else None
         if need_feeds and calibration_samples is not None:
@@ -441,9 +444,7 @@ def compress(
     start = time.perf_counter()
     speed = _Speed.of(allow_slower, metric, threads, provider, latency_cache)
     workspace = _prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, weight_only,
-                         speed)
-    if metric != "params" and workspace.input_shapes is None:  # say so now, not after the whole analysis
-        resolve_shapes(workspace.model, parse_shape_specs(input_shapes))
+                         speed, need_shapes=metric != "params")  # flops and latency need shapes: say so now
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
     analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)

@@ -18,6 +18,7 @@ from onnx_lowrank.allocate import allocate
 from onnx_lowrank.analyze import GUARD_RATIO, analyze_layers
 from onnx_lowrank.cost_models import FormTiming, LatencyCost, LayerTiming, interpolate
 from onnx_lowrank.discover import discover
+from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.latency_cache import LatencyCache, variant_key
 from onnx_lowrank.layer_timing import blocked, largest_candidate_rank, measure_layers, rank_grid
 from onnx_lowrank.passes.isolate import ISOLATED_INPUT, isolate_layer
@@ -212,8 +213,6 @@ def test_latency_budget_counts_the_fixed_rest():
 def test_latency_metric_without_measurements_says_what_to_do():
     model = build_cnn()
     analysis = analyze_layers(model, discover(model, shapes=SHAPES), SHAPES, max_groups=1)
-    from onnx_lowrank.errors import InvalidOptionError
-
     with pytest.raises(InvalidOptionError, match="latency metric needs"):
         allocate(analysis, 0.5, metric="latency")
 
