@@ -4,7 +4,7 @@ All three allocators solve the same problem with a different per-candidate score
 the layers, subject to the total cost staying within the budget. The cost is whichever of the analysis' cost models
 the metric names (params, flops, latency; see `cost_models`): the model's total is the cost of its factorizable
 layers as chosen plus the fixed rest (the total minus their dense costs). Keeping a layer dense is always
-an option (score 0); factorizations that are not smaller than the dense layer are never candidates.
+an option (score 0); factorizations saving less than `cost.MIN_SAVING` of the dense layer are never candidates.
 
 For a threshold t, every layer takes its cheapest option whose score is <= t. The total cost falls monotonically
 as t grows, so the smallest feasible t, found by bisection over the sorted distinct scores, is exactly the optimum

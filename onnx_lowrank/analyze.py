@@ -4,7 +4,7 @@ For every candidate group count k (the divisors of the layer's input channels up
 decomposed once (`decomposition`): by the SVD of its weight, or, with calibration statistics, by the output-optimal
 projection on its real inputs (`projection`). Every rank r then gives a candidate (k, r) whose error comes from that
 decomposition and whose costs come from the analysis' cost models (`cost_models`: params, flops, latency). Only
-candidates smaller than the dense layer are kept, and with `rank_multiple` only ranks that are multiples of it.
+candidates saving at least `cost.MIN_SAVING` of the dense layer are kept, and with `rank_multiple` only ranks that are multiples of it.
 With measured latencies, only the ranks the latency model prices are kept (on onnxruntime's channel block where
 the measurement showed that ranks off it are slower), and the never-slower guard keeps only candidates measured
 faster than the dense layer (`GUARD_RATIO`). The decompositions are kept, so apply writes the factors without
@@ -56,7 +56,7 @@ class Candidate:
 class LayerAnalysis:
     layer: Layer
     decompositions: Mapping[int, Decomposition]  # k -> the layer decomposed with k input-channel groups
-    candidates: tuple[Candidate, ...]  # sorted by (k, rank); all smaller than the dense layer
+    candidates: tuple[Candidate, ...]  # sorted by (k, rank); each saves at least cost.MIN_SAVING
     dense: Mapping[str, float]  # cost model name -> the dense layer's cost
 
 
@@ -72,6 +72,7 @@ class Analysis:
     measure: str = WEIGHT_MEASURE  # what the candidates' errors measure
     calibration: str | None = None  # where the calibration statistics came from (None: weight-only)
     calibration_key: tuple = ()  # identifies those samples (`inputs.Samples.key`), to tell in-sample verification
+    notes: tuple[str, ...] = ()  # what was read differently from the file (initializers listed as inputs)
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -193,7 +194,7 @@ def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics |
 
 
 def _offered(layer: Layer, k: int, rank: int, shifted: bool, latency: LatencyCost | None, guard: bool) -> bool:
-    """Smaller than dense; priced by the latency model when there is one; and, guarded, measured faster."""
+    """Saves at least cost.MIN_SAVING; priced by the latency model when there is one; and, guarded, measured faster."""
     if not cost.is_smaller(layer, k, rank, shifted):
         return False
     if latency is None:

@@ -29,6 +29,7 @@ from .layer_timing import measure_layers, realized_fraction
 from .load import load_model
 from .parallel import single_threaded_blas
 from .passes import factorize_layers
+from .passes.constant_inputs import constant_initializer_inputs
 from .plan import Plan
 from .projection import DEFAULT_SHRINKAGE
 from .refit import refit_factors
@@ -86,6 +87,7 @@ class _Workspace:
     calibration: Samples | None = None  # None: weight-only
     in_sample: bool = False  # verification and calibration use the same samples
     speed: _Speed = _Speed()
+    notes: tuple[str, ...] = ()  # what was read differently from the file, in one line each
 
     def timing_feed(self) -> dict[str, np.ndarray] | None:
         """One sample to time whole models on: the first verification or calibration sample, else random."""
@@ -118,7 +120,7 @@ def _prepare(
 ) -> _Workspace:
     """Load the model and settle its samples and input shapes. Shapes that cannot be settled are an error (naming
     every input that needs one) when verification needs feeds or the metric needs shapes, before any work."""
-    proto = load_model(model)
+    proto, constant_inputs = constant_initializer_inputs(load_model(model))
     if weight_only and calibration is not None:
         raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
     overrides = parse_shape_specs(input_shapes)
@@ -141,7 +143,15 @@ def _prepare(
         elif need_feeds:
             feeds = Samples.given(random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0), "random")
     return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
-                      in_sample=in_sample, speed=speed)
+                      in_sample=in_sample, speed=speed, notes=_constant_inputs_note(constant_inputs))
+
+
+def _constant_inputs_note(names: Sequence[str]) -> tuple[str, ...]:
+    if not names:
+        return ()
+    return (f"{len(names)} weight{'s are' if len(names) > 1 else ' is'} also listed as graph input"
+            f"{'s' if len(names) > 1 else ''} (an old exporter convention, e.g. {names[0]!r}): read as constants, as "
+            "onnxruntime does, and written as initializers only.",)
 
 
 def analyze(
@@ -201,7 +211,7 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, progress)
     total = len(discovery.layers)
     counter = iter(range(1, total + 1))
-    return analyze_layers(
+    analysis = analyze_layers(
         workspace.model,
         discovery,
         shapes,
@@ -215,6 +225,7 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         latency=latency,
         guard=workspace.speed.guard and latency is not None,
     )
+    return replace(analysis, notes=workspace.notes)
 
 
 def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,
@@ -374,6 +385,7 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         guarded=analysis.guarded,
         speed_note=_speed_note(workspace, analysis),
         units={name: cost_model.unit for name, cost_model in analysis.costs.items()},
+        notes=workspace.notes,
     )
     return compressed, report
 

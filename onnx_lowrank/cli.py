@@ -362,6 +362,7 @@ def _analysis_dict(analysis) -> dict:
         "never_slower_guard": analysis.guarded,
         "layer_error_measure": analysis.measure,
         "calibrated_on": analysis.calibration,
+        "notes": list(analysis.notes),
         "layers": [
             {
                 "name": a.layer.name,

@@ -3,7 +3,7 @@
 Every layer is cut out of the model (`passes.isolate_layer`: its node alone on an input of its real shape) and its
 factorized forms are written from that by the real rewrite passes, for every group count k and a grid of ranks:
 
-- ranks up to the largest one smaller than the dense layer (larger ones are never candidates);
+- ranks up to the largest candidate (one saving at least `cost.MIN_SAVING`; larger ones are never candidates);
 - for a 2-D Conv, which onnxruntime runs in its blocked NCHWc layout (channel block: 16 with AVX-512 or on ARM64,
   else 8), only forms that keep that layout at full efficiency: ranks on multiples of the block (a rank off it is
   padded up to the next multiple, so it costs as much and keeps less) and, for k > 1, input channels per group on
@@ -93,7 +93,7 @@ def blocked(layer: Layer, block: int) -> bool:
 
 
 def largest_candidate_rank(layer: Layer, k: int) -> int:
-    """The largest rank at which the factorized layer is still smaller than the dense one (0 if none is). Without a
+    """The largest rank at which the factorized layer is a candidate (`cost.is_smaller`; 0 if none is). Without a
     bias correction, which only lowers it: one grid serves weight-only and data-aware analyses alike."""
     top = min(layer.out_channels, layer.matrix.shape[1] // k)
     for rank in range(top, 0, -1):

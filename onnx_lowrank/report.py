@@ -79,6 +79,7 @@ class Report:
     guarded: bool = False  # only layers measured faster than dense were candidates
     speed_note: str | None = None  # why latency was not measured, when it was asked for
     units: Mapping[str, str] = field(default_factory=dict)  # cost model name -> unit ("" for counts, "ms")
+    notes: tuple[str, ...] = ()  # how the model was read, when not as written (initializers listed as inputs)
 
     def ratio(self, metric: str) -> float | None:
         """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
@@ -157,6 +158,7 @@ class Report:
                 "refit": self.refit,
                 "verification_in_sample": self.in_sample,
                 "message": self.message,
+                "notes": list(self.notes),
                 "speed_note": self.speed_note,
             },
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
@@ -233,6 +235,8 @@ def render(report: Report, console: Console) -> None:
     if report.guarded:
         console.print("Never slower: only factorizations measured faster than their dense layer were considered "
                       "(--allow-slower lifts this).")
+    for note in report.notes:
+        console.print(note)
     if report.speed_note:
         console.print(f"[yellow]{report.speed_note}[/yellow]")
     if report.calibrated_on is not None:
@@ -313,6 +317,8 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
     console.print(table)
     totals = ", ".join(f"{_label(name, units)} {_value(model.total, model.unit)}" for name, model in analysis.costs.items())
     console.print(f"{len(analysis.layers)} factorizable layers, {len(analysis.skipped)} skipped; model {totals}")
+    for note in analysis.notes:
+        console.print(note)
     for count, op, reason, _ in skip_summary(analysis.skipped):
         console.print(f"  {count} {op} skipped: {reason}")
 

@@ -2,7 +2,7 @@
 
 Both models run on the same samples; each output is compared over all samples at once: relative L2 error
 ||a - b|| / ||a|| (the headline number, the same measure the budget is planned in), the largest absolute
-difference, the cosine similarity, and — for outputs that are score vectors — how often the top-1 class agrees,
+difference, the cosine similarity, and — for outputs that are class scores — how often the top-1 class agrees,
 which is what a classifier's user notices first. Errors from all samples are pooled rather than averaged per sample,
 so a sample with a large output weighs in proportion to its size.
 """
@@ -19,7 +19,7 @@ import onnx
 from . import runtime
 from .errors import InputDataError, InvalidModelError
 
-__all__ = ["OutputComparison", "Verification", "verify", "verify_many", "is_score_output"]
+__all__ = ["OutputComparison", "Verification", "verify", "verify_many", "is_score_output", "class_score_outputs"]
 
 _PROBABILITY_ATOL = 1e-3
 
@@ -81,16 +81,39 @@ def _json_number(value: object) -> object:
     return value
 
 
-def is_score_output(value: np.ndarray) -> bool:
+_SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
+_PASS_THROUGH = frozenset({"Identity", "Cast"})
+_SCORE_WORDS = ("logit", "prob", "score", "class", "cls")
+
+
+def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Graph outputs that are class scores by the way they are computed or named: the output of a Softmax or
+    LogSoftmax (through Identity or Cast), or an output whose name says logits, probabilities, scores or classes.
+    A regression head's (N, 3) output is neither, so top-1 agreement is not shown for it."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found = set()
+    for value in model.graph.output:
+        node = producers.get(value.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type in _SCORE_PRODUCERS:
+            found.add(value.name)
+        elif any(word in value.name.lower() for word in _SCORE_WORDS):
+            found.add(value.name)
+    return frozenset(found)
+
+
+def is_score_output(value: np.ndarray, class_scores: bool = False) -> bool:
     """Whether top-1 agreement means something for this output.
 
-    Rank 2 (N, C) with C > 1 is taken as logits or scores per item. Higher ranks count only when the last axis is a
-    probability distribution (non-negative, sums to 1 within 1e-3), e.g. per-time-step softmax of a text recogniser;
-    a detector's (N, 84, anchors) map or a segmentation mask is not.
+    An output the graph marks as class scores (`class_score_outputs`) counts when it has a class axis (last axis of
+    length > 1, rank >= 2). Any other output counts only when its last axis is a probability distribution
+    (non-negative, sums to 1 within 1e-3), e.g. a softmax the exporter fused away. A detector's (N, 84, anchors)
+    map, a segmentation mask or three regression scores are not class scores.
     """
     if value.ndim < 2 or value.shape[-1] < 2 or value.size == 0:
         return False
-    if value.ndim == 2:
+    if class_scores:
         return True
     if value.dtype.kind != "f":
         return False
@@ -103,7 +126,8 @@ def is_score_output(value: np.ndarray) -> bool:
 class _Accumulator:
     """Running sums for one output, so samples never have to be held together in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, class_scores: bool = False) -> None:
+        self.class_scores = class_scores  # the graph computes or names this output as class scores
         self.diff_sq = 0.0
         self.ref_sq = 0.0
         self.cmp_sq = 0.0
@@ -123,7 +147,7 @@ class _Accumulator:
         self.dot += float(a @ b)
         if diff.size:
             self.max_abs = float(np.max([self.max_abs, np.max(np.abs(diff))]))  # np.max keeps a NaN
-        self.scores = self.scores and is_score_output(np.asarray(reference))
+        self.scores = self.scores and is_score_output(np.asarray(reference), self.class_scores)
         if self.scores:
             self.agree += int(np.sum(np.argmax(reference, axis=-1) == np.argmax(compressed, axis=-1)))
             self.positions += int(np.prod(reference.shape[:-1]))
@@ -178,7 +202,8 @@ def verify_many(
                 "a rewrite must keep every graph output"
             )
         sessions.append(sess)
-    sums = [{name: _Accumulator() for name in names} for _ in sessions]
+    scores = class_score_outputs(original)
+    sums = [{name: _Accumulator(name in scores) for name in names} for _ in sessions]
     samples = 0
     rows = 0
     for feed in feeds:

@@ -229,3 +229,92 @@ def test_a_batch_is_counted_in_rows_not_as_one_sample(tmp_path, capsys):
                  "--inputs", str(tmp_path / "batch.npz")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(12 rows in 1 batch from" in out and "1 samples" not in out
+
+
+def _old_pytorch_export():
+    """IR version 3, as old PyTorch exports wrote it: every initializer is listed as a graph input too."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"conv.w": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+              "conv.b": rng.standard_normal(16).astype(np.float32),
+              "fc.w": rng.standard_normal((10, 16 * 8 * 8)).astype(np.float32),
+              "fc.b": np.zeros(10, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1, name="fc")]
+    initializers = [numpy_helper.from_array(array, name) for name, array in arrays.items()]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8])]
+    inputs += [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, array.shape) for name, array in arrays.items()]
+    graph = helper.make_graph(nodes, "old", inputs,
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_initializers_listed_as_inputs_are_read_as_constants(tmp_path, capsys):
+    """Finding 3: an old PyTorch export got zero compression and no hint."""
+    import onnx
+
+    from conftest import sha256
+
+    path = save(_old_pytorch_export(), tmp_path / "old.onnx")
+    digest = sha256(path)
+    out, report = tmp_path / "c.onnx", tmp_path / "r.json"
+    assert main(["compress", str(path), str(out), "--budget", "0.6", "--allow-slower", "--report", str(report)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "4 weights are also listed as graph inputs (an old exporter convention, e.g. 'conv.w')" in text
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["layers_factorized"] == 2 and summary["layers_skipped"] == 0
+    assert summary["notes"][0].startswith("4 weights are also listed as graph inputs")
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert [value.name for value in written.graph.input] == ["x"] and written.ir_version == 4
+    assert sha256(path) == digest  # the input file is untouched
+
+    assert main(["analyze", str(path)]) == 0
+    assert "4 weights are also listed as graph inputs" in " ".join(capsys.readouterr().out.split())
+
+
+def test_initializer_inputs_at_full_rank_change_nothing():
+    from conftest import run
+
+    from onnx_lowrank import api
+
+    model = _old_pytorch_export()
+    analysis = api.analyze(model, allow_slower=True)
+    from onnx_lowrank.passes import factorize_layers
+
+    rewrites = [(entry.layer, entry.decompositions[1].factors(min(entry.layer.matrix.shape)))
+                for entry in analysis.layers]
+    compressed, count = factorize_layers(api._prepare(model, None, None, False).model, rewrites)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)}
+    assert count == 2
+    np.testing.assert_allclose(run(compressed, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_no_layer_is_factorized_for_a_small_saving(tmp_path):
+    """Finding 8: a layer factorized for a 1% saving at error 0.25. A candidate saves at least cost.MIN_SAVING."""
+    from conftest import build_cnn, build_gemm
+
+    from onnx_lowrank import api
+    from onnx_lowrank.cost import MIN_SAVING
+
+    for model in (build_gemm(out=10, inp=12, bias_shape=(10,)), build_cnn()):
+        for calibrated in (False, True):
+            samples = [{"x": np.random.default_rng(0).standard_normal(
+                [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}]
+            analysis = api.analyze(model, allow_slower=True, calibration=samples if calibrated else None)
+            assert analysis.layers
+            for entry in analysis.layers:
+                for candidate in entry.candidates:
+                    assert candidate.costs["params"] <= (1 - MIN_SAVING) * entry.dense["params"] + 1e-9
+    report_path = tmp_path / "r.json"
+    path = save(build_gemm(out=10, inp=12, bias_shape=(10,)), tmp_path / "g.onnx")
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.99", "--allow-slower", "-q",
+                 "--report", str(report_path)]) == 0
+    layers = json.loads(report_path.read_text())["layers"]
+    assert all(row["params_after"] <= 0.9 * row["params_before"] for row in layers if row["rank"] is not None)

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank import runtime
 from onnx_lowrank.errors import InputDataError, InvalidModelError
-from onnx_lowrank.verify import OutputComparison, Verification, is_score_output, verify
+from onnx_lowrank.verify import OutputComparison, Verification, class_score_outputs, is_score_output, verify
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((6, 5)).astype(np.float32)
@@ -111,22 +111,55 @@ def test_varying_sample_shapes_are_pooled():
 
 
 @pytest.mark.parametrize(
-    "array, expected",
+    "array, class_scores, expected",
     [
-        (np.array([[0.1, 2.0, -3.0]]), True),  # (N, C) logits
-        (np.array([[1.0]]), False),  # one class: nothing to agree on
-        (np.array([1.0, 2.0, 3.0]), False),  # rank 1
-        (np.full((1, 40, 10), 0.1), True),  # per-step probabilities (OCR)
-        (np.full((2, 3, 4, 5), 0.2), True),  # rank 4, distribution on the last axis
-        (np.full((1, 84, 2100), 0.5), False),  # detector map: not a distribution
-        (np.array([[[1.5, -0.5]]]), False),  # sums to 1 but negative
-        (np.array([[[0.5, 0.5]], [[0.9, 0.3]]]), False),  # one row off
-        (np.zeros((1, 0, 5)), False),  # empty
-        (np.array([[[math.nan, 1.0]]]), False),
+        (np.array([[0.1, 2.0, -3.0]]), True, True),  # (N, C) logits the graph marks as class scores
+        (np.array([[0.1, 2.0, -3.0]]), False, False),  # (N, 3) and nothing says scores: a regression head
+        (np.array([[1.0]]), True, False),  # one class: nothing to agree on
+        (np.array([1.0, 2.0, 3.0]), True, False),  # rank 1
+        (np.full((1, 40, 10), 0.1), False, True),  # per-step probabilities (OCR)
+        (np.full((2, 3, 4, 5), 0.2), False, True),  # rank 4, distribution on the last axis
+        (np.full((1, 84, 2100), 0.5), False, False),  # detector map: not a distribution
+        (np.array([[[1.5, -0.5]]]), False, False),  # sums to 1 but negative
+        (np.array([[[0.5, 0.5]], [[0.9, 0.3]]]), False, False),  # one row off
+        (np.zeros((1, 0, 5)), True, False),  # empty
+        (np.array([[[math.nan, 1.0]]]), False, False),
     ],
 )
-def test_is_score_output(array, expected):
-    assert is_score_output(array) is expected
+def test_is_score_output(array, class_scores, expected):
+    assert is_score_output(array, class_scores) is expected
+
+
+def _head(nodes, outputs, width=3):
+    """x [N, 4] through `nodes` to `outputs`, each [N, width]."""
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", width]) for name in outputs],
+        [numpy_helper.from_array(np.ones((4, width), np.float32), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_class_score_outputs_by_producer_and_by_name():
+    model = _head(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Softmax", ["y"], ["s"]),
+         helper.make_node("Identity", ["s"], ["probabilities_out"]), helper.make_node("LogSoftmax", ["y"], ["t"]),
+         helper.make_node("Cast", ["t"], ["out2"], to=TensorProto.FLOAT), helper.make_node("Relu", ["y"], ["box"]),
+         helper.make_node("Relu", ["y"], ["Class_Logits"])],
+        ["probabilities_out", "out2", "box", "Class_Logits", "y"],
+    )
+    assert class_score_outputs(model) == {"probabilities_out", "out2", "Class_Logits"}
+
+
+def test_regression_scores_get_no_top1():
+    """Finding 8 of issue 8: three regression scores showed 'top-1 agreement 0.0000'."""
+    model = _head([helper.make_node("MatMul", ["x", "w"], ["y"])], ["y"])
+    changed = _head([helper.make_node("MatMul", ["x", "w"], ["y"])], ["y"])
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.eye(4, 3, dtype=np.float32), "w"))
+    feeds = [{"x": np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)}]
+    result = verify(model, changed, feeds)
+    assert result.outputs[0].relative_l2 > 0.1
+    assert result.outputs[0].top1_agreement is None
 
 
 def test_non_score_output_has_no_top1():
