@@ -200,11 +200,12 @@ class OutputDecomposition:
 
     def dropped_energy(self, ranks: np.ndarray) -> np.ndarray:
         """Fraction err2(r) / trace(W Sigma_s W^T) of the output variance each rank drops (0 when the output does
-        not vary beyond round-off: the bias correction then reproduces it)."""
+        not vary beyond round-off: the bias correction then reproduces it). Above 1 is possible with k > 1: groups
+        truncated apart can lose correlated parts that cancelled in the dense output."""
         err2 = self.squared_errors(ranks)
         if self._weight_energy <= _ROUND_OFF * self._energy:
             return np.zeros(err2.shape)
-        return np.minimum(err2 / self._weight_energy, 1.0)
+        return err2 / self._weight_energy
 
     def factors(self, rank: int) -> Factors:
         """D_g = U_g,r, E_g = U_g,r^T W_g, shift = sum_g (I - P_g) W_g mu_g."""

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +16,7 @@ from .latency import LatencyComparison
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary"]
+__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary", "shorten"]
 
 _MEASURES = {
     "spectral": "relative spectral error of the weight, ||W - W_hat||_2 / ||W||_2",
@@ -32,6 +33,8 @@ _MOVEMENT = (
 )
 """Worst relative output error -> what it means for a user (upper limits, first match)."""
 LARGE_ERROR = 0.2
+_MIN_NAME_WIDTH = 16
+_WIDE_CONSOLE = 120  # columns below which the layer table drops weight shapes and costs the budget did not count
 
 
 @dataclass(frozen=True)
@@ -179,33 +182,41 @@ def _row_dict(row: LayerRow) -> dict:
 
 
 def render(report: Report, console: Console) -> None:
-    """Per-layer table, totals, verification and timings."""
-    table = Table(title="Layers", title_justify="left", show_lines=False)
-    metrics = list(report.before)
-    columns = [("layer", "left"), ("op", "left"), ("weight", "left"), ("k", "right"), ("rank", "right")]
+    """Per-layer table, totals, verification and timings. Long names are shortened to fit the console; below
+    `_WIDE_CONSOLE` columns the layer table shows only the budget's cost (and params) and no weight shapes. The JSON
+    report keeps everything."""
+    fit = _shortener(console, [row.name for row in report.layers] + [s.name for s in report.skipped])
+    narrow = console.width < _WIDE_CONSOLE
+    metrics = [name for name in report.before if not narrow or name in ("params", report.plan.metric)]
+    table = Table(title="Layers", title_justify="left", show_lines=False, box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD)
+    columns = [("layer", "left"), ("op", "left")] + ([] if narrow else [("weight", "left")])
+    columns += [("k", "right"), ("rank", "right")]
     columns += [(_label(name, report.units), "right") for name in metrics] + [("error", "right")]
     for column, justify in columns:
-        table.add_column(column, justify=justify, overflow="fold")
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "layer")
     for row in report.layers:
         dense = row.rank is None
         table.add_row(
-            row.name,
+            fit(row.name),
             row.op,
-            "x".join(map(str, row.weight_shape)),
+            *([] if narrow else ["x".join(map(str, row.weight_shape))]),
             "-" if dense else str(row.k),
             "dense" if dense else str(row.rank),
             *(_before_after(*row.costs[name], dense, report.units.get(name, "")) for name in metrics),
             "-" if row.error is None else f"{row.error:.4f}",
             style="dim" if dense else None,
         )
+    if narrow and report.layers:
+        table.caption = "weight shapes and the other costs: in a wider terminal, or in the JSON report (--report)"
+        table.caption_justify = "left"
     if report.layers:  # an empty table says nothing; the skipped table and the message say why
         console.print(table)
     if report.skipped:
         skipped = Table(title="Skipped (every layer is listed in the JSON report)", title_justify="left")
         for column, justify in (("layers", "right"), ("op", "left"), ("reason", "left"), ("for example", "left")):
-            skipped.add_column(column, justify=justify, overflow="fold")
+            skipped.add_column(column, justify=justify, overflow="fold", no_wrap=column == "for example")
         for count, op, reason, example in skip_summary(report.skipped):
-            skipped.add_row(str(count), op, reason, example)
+            skipped.add_row(str(count), op, reason, fit(example))
         console.print(skipped)
 
     totals = Table(title="Model", title_justify="left")
@@ -260,10 +271,11 @@ def render(report: Report, console: Console) -> None:
         title = f"Verification in onnxruntime ({report.verification.describe()} from {source})"
         check = Table(title=title, title_justify="left")
         for column in ("output", "relative L2", "max abs", "cosine", "top-1 agreement"):
-            check.add_column(column, justify="left" if column == "output" else "right")
+            check.add_column(column, justify="left" if column == "output" else "right", no_wrap=column == "output")
+        fit_output = _shortener(console, [out.name for out in report.verification.outputs])
         for out in report.verification.outputs:
             check.add_row(
-                out.name,
+                fit_output(out.name),
                 _float(out.relative_l2),
                 _float(out.max_abs),
                 _float(out.cosine, digits=6),
@@ -296,8 +308,9 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
         "relative spectral error of the weight, no data")
     table = Table(title=f"Compressibility (fraction of params kept at a given {measure})", title_justify="left")
     units = {name: model.unit for name, model in analysis.costs.items()}
+    fit = _shortener(console, [entry.layer.name for entry in analysis.layers])
     for column in ("layer", "op", "weight"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column == "layer")
     for name in analysis.costs:
         table.add_column(_label(name, units), justify="right")
     for level in error_levels:
@@ -308,7 +321,7 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
             fitting = [c.costs["params"] for c in entry.candidates if c.error <= level]
             cells.append(f"{min(fitting) / entry.dense['params']:.2f}" if fitting else "1.00")
         table.add_row(
-            entry.layer.name,
+            fit(entry.layer.name),
             entry.layer.op,
             "x".join(map(str, entry.layer.weight_shape)),
             *(_value(entry.dense[name], units[name]) for name in analysis.costs),
@@ -364,6 +377,25 @@ def skip_summary(skipped: Sequence[Skipped]) -> list[tuple[int, str, str, str]]:
     return [(len(names), op, reason, names[0]) for (op, reason), names in ordered]
 
 
+def shorten(name: str, width: int) -> str:
+    """`name` cut to its last `width` characters: exported names are paths, and their tail is the most specific part
+    ("…2/cv3.2/cv3.2.2/Conv")."""
+    if len(name) <= width:
+        return name
+    return "…" + name[len(name) - width + 1:]
+
+
+def _shortener(console: Console, names: Sequence[str]):
+    """Shortening for a table of `names`: a quarter of the console wide, wider where two names would look alike.
+    The JSON report keeps every name whole."""
+    width = max(_MIN_NAME_WIDTH, console.width // 4)
+    distinct = set(names)
+    longest = max(map(len, distinct), default=0)
+    while width < longest and len({shorten(name, width) for name in distinct}) < len(distinct):
+        width += 2
+    return lambda name: shorten(name, width)
+
+
 def _label(name: str, units: Mapping[str, str]) -> str:
     unit = units.get(name, "")
     return f"{name} {unit}" if unit else name
@@ -378,7 +410,7 @@ def _value(value: float | None, unit: str) -> str:
 def _before_after(before: float | None, after: float | None, dense: bool, unit: str = "") -> str:
     if before is None:
         return "-"
-    return _value(before, unit) if dense else f"{_value(before, unit)} -> {_value(after, unit)}"
+    return _value(before, unit) if dense else f"{_value(before, unit)}→{_value(after, unit)}"
 
 
 def _count(value: int | None) -> str:

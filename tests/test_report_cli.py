@@ -318,3 +318,51 @@ def test_no_layer_is_factorized_for_a_small_saving(tmp_path):
                  "--report", str(report_path)]) == 0
     layers = json.loads(report_path.read_text())["layers"]
     assert all(row["params_after"] <= 0.9 * row["params_before"] for row in layers if row["rank"] is not None)
+
+
+def _long_named_cnn():
+    """build_cnn with 90-character layer names that differ only near their end, as deep exporters write them."""
+    model = build_cnn()
+    for index, node in enumerate(model.graph.node):
+        node.name = "/backbone" + "/stage.0/block.1/branch.2" * 3 + f"/conv.{index}/Conv"
+    return model
+
+
+def test_long_names_fit_the_terminal_and_stay_whole_in_the_json(tmp_path, capsys):
+    """Finding 9: long layer names wrapped to eight lines in an 80-column terminal."""
+    import io
+
+    from rich.console import Console
+
+    from onnx_lowrank import api
+    from onnx_lowrank.report import render
+
+    path = save(_long_named_cnn(), tmp_path / "m.onnx")
+    report_path = tmp_path / "r.json"
+    assert main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.6", "--allow-slower",
+                 "--report", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 160 for line in out.splitlines())
+    names = [row["name"] for row in json.loads(report_path.read_text())["layers"]]
+    assert names and all(len(name) > 80 for name in names)  # the JSON keeps them whole
+    shown = [line for line in out.splitlines() if "…" in line and "Conv" in line]
+    assert len(shown) >= len(names)
+
+    _, report = api.compress(path, 0.6, allow_slower=True, threads=1)
+    for width in (80, 100, 200):
+        stream = io.StringIO()
+        render(report, Console(file=stream, width=width))
+        lines = stream.getvalue().splitlines()
+        assert all(len(line) <= width for line in lines)
+        rows = [line for line in lines if "/Conv" in line]
+        shortened = [line.strip("│ ").split()[0] for line in rows]
+        assert len(set(shortened)) == len(shortened)  # still tells the layers apart
+        assert all(len([line for line in lines if name in line]) <= 1 for name in shortened)  # one line per layer
+
+
+def test_shorten_keeps_the_tail():
+    from onnx_lowrank.report import shorten
+
+    assert shorten("/model.22/cv3.2/cv3.2.0/conv/Conv", 20) == "…2/cv3.2.0/conv/Conv"
+    assert shorten("short", 20) == "short"
+    assert len(shorten("x" * 100, 16)) == 16
