@@ -29,7 +29,7 @@ import numpy as np
 
 from .analyze import Analysis, Candidate, LayerAnalysis
 from .cost_models import METRICS, unavailable_reason
-from .errors import BudgetError, InvalidOptionError
+from .errors import BudgetError, InvalidOptionError, invalid
 from .plan import Plan
 
 __all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget"]
@@ -118,11 +118,11 @@ ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energ
 
 def _validated_total(analysis: Analysis, budget: float, metric: str, allocator: str) -> float:
     if metric not in METRICS:
-        raise InvalidOptionError(f"The metric must be one of {', '.join(METRICS)}. Got {metric!r} instead.")
+        raise invalid("The 'metric' parameter of allocate", f"one of {', '.join(METRICS)}", metric)
     if allocator not in ALLOCATORS:
-        raise InvalidOptionError(f"The allocator must be one of {', '.join(ALLOCATORS)}. Got {allocator!r} instead.")
+        raise invalid("The 'allocator' parameter of allocate", f"one of {', '.join(ALLOCATORS)}", allocator)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise InvalidOptionError(f"The budget must be a fraction in the range (0, 1]. Got {budget!r} instead.")
+        raise invalid("The 'budget' parameter of allocate", "a fraction in (0, 1]", budget)
     total = analysis.total(metric)
     if total is None or any(a.dense.get(metric) is None for a in analysis.layers):
         raise InvalidOptionError(unavailable_reason(metric))

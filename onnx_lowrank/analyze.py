@@ -144,12 +144,6 @@ def analyze_layers(
     on its calibration inputs and errors are relative output errors; without, weight-only. With `latency` (measured
     by `layer_timing`) candidates are priced in milliseconds too, and `guard` drops those not faster than dense.
     """
-    if not isinstance(max_groups, int) or max_groups < 1:
-        raise InvalidOptionError(f"max_groups must be a whole number >= 1. Got {max_groups!r} instead.")
-    if not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise InvalidOptionError(f"rank_multiple must be a whole number >= 1. Got {rank_multiple!r} instead.")
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage < float("inf"):
-        raise InvalidOptionError(f"shrinkage must be a finite number >= 0. Got {shrinkage!r} instead.")
     if guard and latency is None:
         raise InvalidOptionError("The never-slower guard needs measured latencies.")
     costs = build_cost_models(

@@ -18,19 +18,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .allocate import ALLOCATORS
-from .cost_models import METRICS
-from .projection import DEFAULT_SHRINKAGE
-from .runtime import DEFAULT_PROVIDER
-from .errors import InvalidOptionError, LowRankError
+from .errors import LowRankError
 from .load import check_output_path, save_model
 from .plan import Plan
 from .plot import plot_frontier
+from .options import add_flags, check, keywords_for
 from .report import Report, render, render_analysis, render_sweep
-from .sweep import parse_budgets, sweep
+from .sweep import sweep
 
 EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
-ALLOCATOR_CHOICES = ("auto", *ALLOCATORS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +49,13 @@ def _console(quiet: bool) -> Console:
     return console if console.is_terminal else Console(quiet=quiet, width=160)
 
 
+_ANALYSIS = ("inputs", "input_shapes", "calibration", "weight_only", "shrinkage", "threads", "provider", "allow_slower",
+             "exclude", "max_groups", "rank_multiple", "report")
+_WRITING = ("save_as_external_data", "verify", "max_error", "quiet")
+
+
 def _parser() -> argparse.ArgumentParser:
+    """Subcommands with their flags, all from the declarations in `options`."""
     parser = argparse.ArgumentParser(
         prog="onnx-lowrank",
         description="Compress the Conv/Gemm/MatMul layers of an ONNX model by grouped low-rank factorization.",
@@ -64,169 +66,50 @@ def _parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="analyze, plan, rewrite and verify in one go")
     compress.add_argument("input", help="the model to compress (never modified)")
     compress.add_argument("output", help="where to write the compressed model (.onnx)")
-    goal = compress.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--budget", type=float, help="fraction of the model's params (or FLOPs, or latency) to keep, "
-                                                    "in (0, 1]")
-    goal.add_argument("--target-error", type=float, metavar="X",
-                      help="instead of a budget: the smallest model whose output error on the samples stays <= X")
-    compress.add_argument("--metric", choices=METRICS, default="params",
-                          help="what the budget counts: params, flops, or latency (the model's time in onnxruntime, "
-                               "measured per layer); default params")
-    compress.add_argument("--allocator", choices=ALLOCATOR_CHOICES, default=None,
-                          help="auto (default with calibration data): the best of alds/uniform/energy end to end on "
-                               "the calibration samples; alds (default without): min-max error over (k, rank); "
-                               "uniform/energy: classic k=1 baselines")
-    compress.add_argument("--refit", action="store_true",
-                          help="refit every decoder and bias on the calibration samples, in topological order")
-    compress.add_argument("--plan-out", metavar="P.json", help="also write the chosen plan as JSON")
-    _analysis_options(compress)
-    _verify_options(compress)
+    add_flags(compress.add_mutually_exclusive_group(required=True), ("budget", "target_error"))
+    add_flags(compress, ("metric", "allocator", "refit", "plan_out", *_ANALYSIS, *_WRITING))
     compress.set_defaults(run=_run_compress)
 
     analyze = commands.add_parser("analyze", help="per-layer compressibility table; no rewrite")
     analyze.add_argument("input", help="the model to analyze")
-    _analysis_options(analyze)
-    analyze.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_flags(analyze, (*_ANALYSIS, "quiet"))
     analyze.set_defaults(run=_run_analyze)
 
     apply = commands.add_parser("apply", help="rewrite a model with a plan written by --plan-out (or by hand)")
     apply.add_argument("input", help="the model to rewrite (never modified)")
     apply.add_argument("output", help="where to write the rewritten model (.onnx)")
-    apply.add_argument("--plan", required=True, metavar="P.json", help="the plan to apply")
-    apply.add_argument("--report", metavar="R.json", help="also write the report as JSON")
-    apply.add_argument("--refit", action="store_true", help="refit every decoder and bias on the calibration samples")
-    _input_options(apply)
-    _runtime_options(apply)
-    _calibration_options(apply, shrinkage=False)
-    _verify_options(apply)
+    add_flags(apply, ("plan",), required=True)
+    add_flags(apply, ("report", "refit", "inputs", "input_shapes", "threads", "provider", "calibration", "weight_only",
+                      *_WRITING))
     apply.set_defaults(run=_run_apply)
 
     sweep = commands.add_parser("sweep", help="compress at several budgets; table of size, speed and output error")
     sweep.add_argument("input", help="the model to sweep (never modified)")
-    sweep.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5", help="fractions to keep (default 0.9,...,0.5)")
-    sweep.add_argument("--metric", choices=METRICS, default="params", help="what the budget counts (default params)")
-    sweep.add_argument("--allocator", default=None, metavar="NAMES",
-                       help=f"one or more of {','.join(ALLOCATOR_CHOICES)}, comma-separated "
-                            "(default: auto with calibration data, alds without)")
-    sweep.add_argument("--plot", metavar="FRONTIER.png", help="draw output error and latency against size")
-    sweep.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
-    _analysis_options(sweep)
-    sweep.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add_flags(sweep, ("budgets", "metric", "allocators", "plot", "latency", *_ANALYSIS, "quiet"))
     sweep.set_defaults(run=_run_sweep)
     return parser
 
 
-def _input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inputs", metavar="PATH",
-                        help=".npz keyed by input name (one batch), or a folder of .npz files (one sample each)")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
-                        help="concrete shape for an input with dynamic dimensions (repeatable; NAME:1,3,224,224 "
-                             "works too)")
-    parser.add_argument("--input-shapes", dest="input_shape", action="extend", nargs="+", metavar="NAME:1,3,224,224",
-                        help="several shapes after one flag, as onnxslim takes them (put it after the model paths)")
-
-
-def _calibration_options(parser: argparse.ArgumentParser, shrinkage: bool = True) -> None:
-    parser.add_argument("--calibration", metavar="PATH",
-                        help="samples to calibrate on (same formats as --inputs): layers are decomposed and ranked "
-                             "by their output error on these real activations (default: the --inputs samples)")
-    parser.add_argument("--weight-only", action="store_true",
-                        help="ignore sample data for the decomposition: plain SVD of the weights")
-    if shrinkage:
-        parser.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, metavar="A",
-                            help="regularisation of the calibration statistics: A x their mean eigenvalue is added "
-                                 f"to every direction (default {DEFAULT_SHRINKAGE:g}; raise it with few samples)")
-
-
-def _runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="onnxruntime intra-op threads to time with, as deployed (default: onnxruntime's, one per "
-                             "core)")
-    parser.add_argument("--provider", default=DEFAULT_PROVIDER, metavar="NAME",
-                        help=f"onnxruntime execution provider to time with (default {DEFAULT_PROVIDER})")
-
-
-def _analysis_options(parser: argparse.ArgumentParser) -> None:
-    _input_options(parser)
-    _calibration_options(parser)
-    _runtime_options(parser)
-    parser.add_argument("--allow-slower", action="store_true",
-                        help="skip timing layers: factorize layers even where the factorized form is not measured "
-                             "faster than the dense layer")
-    parser.add_argument("--exclude", metavar="REGEX", help="leave layers whose name matches this pattern dense")
-    parser.add_argument("--max-groups", type=int, default=8, metavar="K",
-                        help="largest number of input-channel groups k to consider (default 8; 1 = plain SVD)")
-    parser.add_argument("--rank-multiple", type=int, default=1, metavar="N",
-                        help="only ranks that are multiples of N (8 or 16 suit onnxruntime's blocked conv kernels)")
-    parser.add_argument("--report", metavar="R.json", help="also write the report as JSON")
-
-
-def _verify_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save-as-external-data", action="store_true",
-                        help="write the weights to OUTPUT.data beside the model (automatic above 1.8 GB)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip running both models in onnxruntime")
-    parser.add_argument("--max-error", type=float, metavar="X",
-                        help="exit 1 and write no model when an output's relative L2 error exceeds X")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-
-
 def _run_compress(args: argparse.Namespace, console: Console) -> int:
-    _check_inputs(args)
+    check(vars(args))
     check_output_path(args.output, (args.input,))
     with _progress(console) as advance:
-        model, report = api.compress(
-            args.input,
-            args.budget,
-            target_error=args.target_error,
-            metric=args.metric,
-            allocator=args.allocator,
-            calibration=args.calibration,
-            weight_only=args.weight_only,
-            refit=args.refit,
-            shrinkage=args.shrinkage,
-            rank_multiple=args.rank_multiple,
-            max_groups=args.max_groups,
-            exclude=args.exclude,
-            inputs=args.inputs,
-            input_shapes=args.input_shape,
-            verify=args.verify,
-            allow_slower=args.allow_slower,
-            threads=args.threads,
-            provider=args.provider,
-            progress=advance,
-        )
+        model, report = api.compress(args.input, **keywords_for(api.compress, vars(args)), progress=advance)
     return _finish(args, console, model, report)
 
 
 def _run_apply(args: argparse.Namespace, console: Console) -> int:
-    _check_inputs(args)
+    check(vars(args))
     check_output_path(args.output, (args.input,))
-    plan = Plan.load(args.plan)
-    model, report = api.apply(args.input, plan, inputs=args.inputs, input_shapes=args.input_shape, verify=args.verify,
-                              calibration=args.calibration, weight_only=args.weight_only, refit=args.refit,
-                              threads=args.threads, provider=args.provider)
+    keywords = {**keywords_for(api.apply, vars(args)), "plan": Plan.load(args.plan)}
+    model, report = api.apply(args.input, **keywords)
     return _finish(args, console, model, report)
 
 
 def _run_analyze(args: argparse.Namespace, console: Console) -> int:
-    _check_inputs(args)
+    check(vars(args))
     with _progress(console) as advance:
-        analysis = api.analyze(
-            args.input,
-            input_shapes=args.input_shape,
-            inputs=args.inputs,
-            calibration=args.calibration,
-            weight_only=args.weight_only,
-            shrinkage=args.shrinkage,
-            exclude=args.exclude,
-            max_groups=args.max_groups,
-            rank_multiple=args.rank_multiple,
-            allow_slower=args.allow_slower,
-            threads=args.threads,
-            provider=args.provider,
-            progress=advance,
-        )
+        analysis = api.analyze(args.input, **keywords_for(api.analyze, vars(args)), progress=advance)
     render_analysis(analysis, console)
     if args.report:
         _write_text(args.report, json.dumps(_analysis_dict(analysis), indent=2) + "\n")
@@ -234,36 +117,10 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_sweep(args: argparse.Namespace, console: Console) -> int:
-    _check_inputs(args)
-    budgets = parse_budgets(args.budgets)
-    allocators = None
-    if args.allocator is not None:
-        allocators = [name.strip() for name in args.allocator.split(",") if name.strip()]
-        unknown = [name for name in allocators if name not in ALLOCATOR_CHOICES]
-        if unknown or not allocators:
-            raise InvalidOptionError(
-                f"--allocator takes names from {', '.join(ALLOCATOR_CHOICES)}. Got {args.allocator!r}."
-            )
+    check(vars(args))
     with Console(stderr=True, quiet=args.quiet).status("sweeping") as status:
-        result = sweep(
-            args.input,
-            budgets,
-            allocators=allocators,
-            metric=args.metric,
-            inputs=args.inputs,
-            calibration=args.calibration,
-            weight_only=args.weight_only,
-            shrinkage=args.shrinkage,
-            input_shapes=args.input_shape,
-            rank_multiple=args.rank_multiple,
-            max_groups=args.max_groups,
-            exclude=args.exclude,
-            latency=args.latency,
-            allow_slower=args.allow_slower,
-            threads=args.threads,
-            provider=args.provider,
-            progress=lambda cell: status.update(f"sweeping: {cell}"),
-        )
+        result = sweep(args.input, **keywords_for(sweep, vars(args)),
+                       progress=lambda cell: status.update(f"sweeping: {cell}"))
     render_sweep(result, console)
     if args.report:
         _write_text(args.report, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -290,31 +147,6 @@ def _finish(args: argparse.Namespace, console: Console, model, report: Report) -
         _write_text(args.plan_out, report.plan.to_json())
     console.print(f"wrote {args.output}")
     return EXIT_OK
-
-
-def _check_inputs(args: argparse.Namespace) -> None:
-    """Option checks that need no model, so mistakes cost nothing."""
-    if getattr(args, "budget", None) is not None and not 0 < args.budget <= 1:
-        raise InvalidOptionError(f"--budget must be a fraction in (0, 1]. Got {args.budget:g} instead.")
-    if getattr(args, "max_error", None) is not None and not args.max_error >= 0:
-        raise InvalidOptionError(f"--max-error must be >= 0. Got {args.max_error:g} instead.")
-    if getattr(args, "max_error", None) is not None and getattr(args, "verify", True) is False:
-        raise InvalidOptionError("--max-error needs verification, which --no-verify turns off; drop one of them.")
-    if getattr(args, "target_error", None) is not None and not args.target_error >= 0:
-        raise InvalidOptionError(f"--target-error must be >= 0. Got {args.target_error:g} instead.")
-    if getattr(args, "calibration", None) and getattr(args, "weight_only", False):
-        raise InvalidOptionError("--calibration and --weight-only contradict each other; give one or the other.")
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise InvalidOptionError(f"--threads must be a whole number >= 1. Got {args.threads} instead.")
-    if getattr(args, "shrinkage", None) is not None and not 0 <= args.shrinkage < float("inf"):
-        raise InvalidOptionError(f"--shrinkage must be a finite number >= 0. Got {args.shrinkage:g} instead.")
-    for option in ("report", "plan_out", "plot"):
-        value = getattr(args, option, None)
-        flag = "--" + option.replace("_", "-")
-        if value and Path(value).is_dir():
-            raise InvalidOptionError(f"{flag} {value!r} is a folder; give a file name.")
-        if value and not Path(value).parent.is_dir():
-            raise InvalidOptionError(f"folder of {flag} {value!r} does not exist; create it first.")
 
 
 def _write_text(path: str, text: str) -> None:

@@ -7,7 +7,7 @@ error: it is skipped, with a reason, in the report.
 
 from __future__ import annotations
 
-__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "InputDataError"]
+__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "InputDataError", "invalid"]
 
 
 class LowRankError(Exception):
@@ -28,3 +28,9 @@ class BudgetError(LowRankError):
 
 class InputDataError(LowRankError):
     """Input or calibration data does not match the model (missing names, wrong shapes or dtypes)."""
+
+
+def invalid(label: str, requirement: str, value: object) -> InvalidOptionError:
+    """The one message for a value out of range, in scikit-learn's words: '<label> must be <requirement>. Got
+    <value> instead.', where the label is a flag (--budget) or "The 'budget' parameter of compress"."""
+    return InvalidOptionError(f"{label} must be {requirement}. Got {value!r} instead.")

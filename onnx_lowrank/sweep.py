@@ -17,6 +17,7 @@ import onnx
 
 from . import api
 from .errors import BudgetError, InvalidOptionError
+from .options import checked
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .projection import DEFAULT_SHRINKAGE
 from .latency import measure_latency_ratio
@@ -24,7 +25,7 @@ from .load import load_model
 from .runtime import DEFAULT_PROVIDER, RuntimeSettings
 from .verify import verify
 
-__all__ = ["SweepPoint", "Sweep", "sweep", "parse_budgets"]
+__all__ = ["SweepPoint", "Sweep", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,10 @@ class Sweep:
         }
 
 
-def parse_budgets(text: str) -> list[float]:
-    """'0.9,0.8,0.7' -> [0.9, 0.8, 0.7], each in (0, 1]."""
-    try:
-        budgets = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InvalidOptionError(f"--budgets takes fractions separated by commas, like 0.9,0.7,0.5. Got {text!r}.") from None
-    if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise InvalidOptionError(f"--budgets takes fractions in (0, 1] separated by commas. Got {text!r}.")
-    return budgets
-
-
+@checked
 def sweep(
     model: str | os.PathLike | onnx.ModelProto,
-    budgets: Sequence[float],
+    budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5),
     *,
     allocators: Sequence[str] | None = None,
     metric: str = "params",
