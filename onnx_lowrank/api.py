@@ -33,7 +33,7 @@ from .passes.constant_inputs import constant_initializer_inputs
 from .plan import Plan
 from .projection import DEFAULT_SHRINKAGE
 from .refit import refit_factors
-from .report import LayerRow, Report, SearchStep
+from .report import LayerRow, Report, SearchStep, nothing_to_compress
 from .runtime import DEFAULT_PROVIDER, RuntimeSettings
 from .select import choose_plan
 from .shapes import tensor_shapes
@@ -570,7 +570,5 @@ def _row(entry, analysis: Analysis, choice: tuple[int, int] | None = None, error
 
 def _nothing_to_do(analysis: Analysis, plan: Plan) -> str:
     if not analysis.layers:
-        reasons = sorted({s.reason for s in analysis.skipped})
-        detail = f": every candidate was skipped ({'; '.join(reasons)})" if reasons else ": it has no Conv, Gemm or MatMul"
-        return f"Nothing to compress in this model{detail}. The model is unchanged."
+        return nothing_to_compress(analysis.skipped)
     return "The plan factorizes no layer (the budget keeps every layer dense). The model is unchanged."

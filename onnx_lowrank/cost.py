@@ -64,14 +64,18 @@ def _factor_elements(layer: Layer, k: int, rank: int) -> int:
 
 
 def model_params(model: onnx.ModelProto) -> int:
-    """Elements of every floating-point initializer and Constant-node tensor: the model's weight parameters."""
-    tensors = _constant_tensors(model).values()
+    """Elements of every floating-point initializer and Constant-node tensor, in subgraphs too: the model's weight
+    parameters."""
+    tensors = list(_all_constant_tensors(model.graph))
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in float_types))
 
 
 def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """FLOPs of one inference over every Conv/ConvTranspose/Gemm/MatMul node; None if a needed shape is unknown."""
+    """FLOPs of one inference over every Conv/ConvTranspose/Gemm/MatMul node; None if a needed shape is unknown, or
+    if such nodes live in If/Loop/Scan bodies (how often a body runs is not known before run time)."""
+    if _counted_nodes_in_subgraphs(model.graph):
+        return None
     known = {**{name: tuple(t.dims) for name, t in _constant_tensors(model).items()}, **shapes}
     total = 0
     for node in model.graph.node:
@@ -82,6 +86,26 @@ def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -
             return None
         total += 2 * _NODE_MACS[node.op_type](node, *(known[name] for name in needed))
     return int(total)
+
+
+def _counted_nodes_in_subgraphs(graph: onnx.GraphProto) -> bool:
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                if any(inner.op_type in _NODE_MACS for inner in sub.node) or _counted_nodes_in_subgraphs(sub):
+                    return True
+    return False
+
+
+def _all_constant_tensors(graph: onnx.GraphProto):
+    """Every initializer and Constant-node tensor of `graph` and of the If/Loop/Scan bodies inside it."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if node.op_type == "Constant" and a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                yield from _all_constant_tensors(sub)
 
 
 def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

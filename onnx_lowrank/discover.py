@@ -121,7 +121,24 @@ def discover(
             skipped.append(Skipped(name=name, op=node.op_type, reason=reason))
         else:
             layers.append(layer)
+    skipped.extend(_subgraph_layers(graph))
     return Discovery(layers=tuple(layers), skipped=tuple(skipped))
+
+
+def _subgraph_layers(graph: onnx.GraphProto) -> list[Skipped]:
+    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies, which are not rewritten: listed so that a model whose
+    layers all live there is not reported as having none."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                for inner in sub.node:
+                    if inner.op_type in ("Conv", "Gemm", "MatMul") and inner.domain in ("", "ai.onnx"):
+                        article = "an" if node.op_type[0] in "AEIOU" else "a"
+                        reason = f"in {article} {node.op_type} body: subgraphs are not rewritten"
+                        found.append(Skipped(name=inner.name or inner.output[0], op=inner.op_type, reason=reason))
+                found.extend(_subgraph_layers(sub))
+    return found
 
 
 class _Skip(Exception):

@@ -16,7 +16,8 @@ from .latency import LatencyComparison
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary", "shorten"]
+__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary", "shorten",
+           "nothing_to_compress"]
 
 _MEASURES = {
     "spectral": "relative spectral error of the weight, ||W - W_hat||_2 / ||W||_2",
@@ -250,10 +251,10 @@ def render(report: Report, console: Console) -> None:
         console.print(note)
     if report.speed_note:
         console.print(f"[yellow]{report.speed_note}[/yellow]")
-    if report.calibrated_on is not None:
+    if report.calibrated_on is not None and report.layers:
         refit = "; decoders refit on them" if report.refit else ""
         console.print(f"Calibrated on {report.calibrated_on}: layer errors are relative output errors on those samples{refit}.")
-    else:
+    elif report.layers:
         console.print("Weight-only (no calibration data): layer errors are relative spectral errors of the weights.")
     for note in report.plan.notes:
         console.print(note)
@@ -355,6 +356,8 @@ def render_sweep(result, console: Console) -> None:
             f"{p.tool_seconds:.1f}",
         )
     console.print(table)
+    if result.message:
+        console.print(result.message)
     for allocator, budget, why in result.unreachable:
         console.print(f"[yellow]{allocator} at {budget:g}: {why}[/yellow]")
     console.print(
@@ -365,6 +368,15 @@ def render_sweep(result, console: Console) -> None:
         + "; n: layers factorized; "
         "s: tool seconds (analyze + plan + apply)."
     )
+
+
+def nothing_to_compress(skipped: Sequence[Skipped]) -> str:
+    """Why a model with no factorizable layer has nothing to compress, naming the commonest skip reasons."""
+    if not skipped:
+        return "Nothing to compress in this model: it has no Conv, Gemm or MatMul. The model is unchanged."
+    reasons = "; ".join(f"{count} {op}: {reason}" for count, op, reason, _ in skip_summary(skipped)[:2])
+    return (f"Nothing to compress in this model: all {len(skipped)} of its Conv, Gemm and MatMul layers were skipped "
+            f"({reasons}). The model is unchanged.")
 
 
 def skip_summary(skipped: Sequence[Skipped]) -> list[tuple[int, str, str, str]]:

@@ -18,6 +18,7 @@ import onnx
 from . import api
 from .errors import BudgetError, InvalidOptionError
 from .options import checked
+from .report import nothing_to_compress
 from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .projection import DEFAULT_SHRINKAGE
 from .latency import measure_latency_ratio
@@ -55,6 +56,7 @@ class Sweep:
     samples: str  # where the samples came from: an --inputs path or "random"
     calibration: str | None = None  # where the calibration samples came from; None: weight-only
     measure: str = "spectral"  # what layer errors measure
+    message: str | None = None  # why nothing could be compressed, when nothing could
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +66,7 @@ class Sweep:
             "samples": self.samples,
             "calibration": self.calibration,
             "measure": self.measure,
+            "message": self.message,
         }
 
 
@@ -157,4 +160,5 @@ def sweep(
                 )
             )
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,
-                 samples=feeds.source, calibration=analysis.calibration, measure=analysis.measure)
+                 samples=feeds.source, calibration=analysis.calibration, measure=analysis.measure,
+                 message=None if analysis.layers else nothing_to_compress(analysis.skipped))

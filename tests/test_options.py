@@ -102,3 +102,17 @@ def test_report_in_a_missing_folder_is_refused_before_any_work(tmp_path, capsys)
     path = save(build_cnn(), tmp_path / "m.onnx")
     assert main(["analyze", str(path), "--report", str(tmp_path / "nowhere" / "r.json")]) == 2
     assert "--report must be a file name in an existing folder" in capsys.readouterr().err
+
+
+def test_the_readme_documents_every_flag_and_only_declared_ones():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| option | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = set(re.findall(r"`(--?[a-z][a-z-]*)", table))
+    declared = {option.cli_flag for option in OPTIONS.values()}
+    declared |= {flag for option in OPTIONS.values() for flag, _ in option.more_flags}
+    declared |= {option.short for option in OPTIONS.values() if option.short}
+    assert documented <= declared, documented - declared
+    assert declared <= documented, f"undocumented in the README's option table: {sorted(declared - documented)}"

@@ -68,3 +68,27 @@ def test_compress_real_model(tmp_path, name, metric, budget):
     feed = {original.graph.input[0].name: np.random.default_rng(1).random(shape, dtype=np.float32)}
     outputs = runtime.run(runtime.session(model), feed)
     assert all(np.isfinite(v).all() for v in outputs.values())
+
+
+@pytest.mark.slow
+def test_a_real_model_with_nothing_to_compress_says_why(tmp_path, capsys):
+    """Silero VAD keeps every layer inside the branches of one If: the tool says so, counts its parameters, writes
+    the model unchanged and spends no time timing or verifying it (issue 8's "nothing to compress" case)."""
+    source = _fetch("silero-vad")
+    before = source.read_bytes()
+    output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["compress", str(source), str(output), "--budget", "0.7", "--input-shapes", "input:1,512",
+                 "state:2,1,128", "--report", str(report_path)])
+    assert code == 0 and source.read_bytes() == before
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Nothing to compress in this model: all 12 of its Conv, Gemm and MatMul layers were skipped" in text
+    assert "12 Conv: in an If body: subgraphs are not rewritten" in text
+    report = json.loads(report_path.read_text())
+    summary = report["summary"]
+    assert summary["params_before"] > 300_000 and summary["params_ratio"] == 1.0
+    assert "flops_before" not in summary  # layers in a body: how often they run is not known, so not counted
+    assert report["verification"] is None and "time" not in report["seconds"]
+    assert onnx.load(str(output)).SerializeToString() == onnx.load(str(source)).SerializeToString()
+
+    assert main(["sweep", str(source), "--budgets", "0.9,0.5", "--input-shapes", "input:1,512", "state:2,1,128"]) == 0
+    assert "Nothing to compress in this model: all 12" in " ".join(capsys.readouterr().out.split())
