@@ -223,7 +223,7 @@ def render(report: Report, console: Console) -> None:
     totals = Table(title="Model", title_justify="left")
     for column in ("", "before", "after", "ratio"):
         totals.add_column(column, justify="right" if column else "left")
-    for name in metrics:
+    for name in report.before:  # every cost, however narrow the console: this table is small
         unit = report.units.get(name, "")
         label = _label(name, report.units) + (" (predicted)" if unit == "ms" else "")
         ratio = report.ratio(name)

@@ -407,3 +407,18 @@ def test_shorten_keeps_the_tail():
     assert shorten("/model.22/cv3.2/cv3.2.0/conv/Conv", 20) == "…2/cv3.2.0/conv/Conv"
     assert shorten("short", 20) == "short"
     assert len(shorten("x" * 100, 16)) == 16
+
+
+def test_a_narrow_console_keeps_every_model_total():
+    import io
+
+    from rich.console import Console
+
+    from onnx_lowrank import api
+    from onnx_lowrank.report import render
+
+    _, report = api.compress(build_cnn(), 0.6, allow_slower=True, threads=1)
+    stream = io.StringIO()
+    render(report, Console(file=stream, width=80))
+    text = stream.getvalue()
+    assert "│ params " in text and "│ flops " in text  # the layer table may drop flops; the totals never do
