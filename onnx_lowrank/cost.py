@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .discover import Layer
+from .graphs import nested_nodes, subgraphs
 
 __all__ = ["dense_params", "factorized_params", "is_smaller", "dense_flops", "factorized_flops", "model_params",
            "model_flops", "MIN_SAVING"]
@@ -89,23 +90,17 @@ def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -
 
 
 def _counted_nodes_in_subgraphs(graph: onnx.GraphProto) -> bool:
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                if any(inner.op_type in _NODE_MACS for inner in sub.node) or _counted_nodes_in_subgraphs(sub):
-                    return True
-    return False
+    return any(inner.op_type in _NODE_MACS for inner, _ in nested_nodes(graph))
 
 
 def _all_constant_tensors(graph: onnx.GraphProto):
     """Every initializer and Constant-node tensor of `graph` and of the If/Loop/Scan bodies inside it."""
     yield from graph.initializer
     for node in graph.node:
-        for a in node.attribute:
-            if node.op_type == "Constant" and a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                yield from _all_constant_tensors(sub)
+        if node.op_type == "Constant":
+            yield from (a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+        for sub in subgraphs(node):
+            yield from _all_constant_tensors(sub)
 
 
 def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from .graphs import consumed_names, nested_nodes, subgraphs
 from .patches import ConvGeometry
 
 __all__ = ["Layer", "Skipped", "Discovery", "discover"]
@@ -129,15 +130,11 @@ def _subgraph_layers(graph: onnx.GraphProto) -> list[Skipped]:
     """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies, which are not rewritten: listed so that a model whose
     layers all live there is not reported as having none."""
     found = []
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                for inner in sub.node:
-                    if inner.op_type in ("Conv", "Gemm", "MatMul") and inner.domain in ("", "ai.onnx"):
-                        article = "an" if node.op_type[0] in "AEIOU" else "a"
-                        reason = f"in {article} {node.op_type} body: subgraphs are not rewritten"
-                        found.append(Skipped(name=inner.name or inner.output[0], op=inner.op_type, reason=reason))
-                found.extend(_subgraph_layers(sub))
+    for inner, holder in nested_nodes(graph):
+        if inner.op_type in ("Conv", "Gemm", "MatMul") and inner.domain in ("", "ai.onnx"):
+            article = "an" if holder.op_type[0] in "AEIOU" else "a"
+            reason = f"in {article} {holder.op_type} body: subgraphs are not rewritten"
+            found.append(Skipped(name=inner.name or inner.output[0], op=inner.op_type, reason=reason))
     return found
 
 
@@ -180,13 +177,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    reads: set[str] = set()
-    for attr in node.attribute:
-        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-            for inner in sub.node:
-                reads.update(inner.input)
-                reads.update(_subgraph_reads(inner))
-    return reads
+    return set().union(*(consumed_names(graph) for graph in subgraphs(node)))
 
 
 def _unique_layer_names(graph: onnx.GraphProto) -> dict[int, str]:

@@ -8,13 +8,15 @@ exactly what a rewrite orphaned. We use `onnx` directly rather than onnx-graphsu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["GraphEditor", "default_opset", "subgraphs", "all_names", "consumed_names"]
+from onnx_lowrank.graphs import consumed_names, subgraphs
+
+__all__ = ["GraphEditor", "default_opset", "all_names"]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -23,15 +25,6 @@ def default_opset(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     raise ValueError("the model imports no default-domain opset, so it has no Conv/Gemm/MatMul to rewrite")
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The graphs held in a node's attributes (If/Loop/Scan bodies)."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
@@ -47,17 +40,6 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.output)
         for sub in subgraphs(node):
             names |= all_names(sub)
-    names.discard("")
-    return names
-
-
-def consumed_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensor names read by some node of `graph` or of its subgraphs (which may read outer-scope tensors)."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for sub in subgraphs(node):
-            names |= consumed_names(sub)
     names.discard("")
     return names
 
