@@ -116,13 +116,16 @@ def _energy_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
 ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
 
 
-def _validated_total(analysis: Analysis, budget: float, metric: str, allocator: str) -> float:
+def _check_arguments(budget: float, metric: str, allocator: str) -> None:
     if metric not in METRICS:
         raise invalid("The 'metric' parameter of allocate", f"one of {', '.join(METRICS)}", metric)
     if allocator not in ALLOCATORS:
         raise invalid("The 'allocator' parameter of allocate", f"one of {', '.join(ALLOCATORS)}", allocator)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise invalid("The 'budget' parameter of allocate", "a fraction in (0, 1]", budget)
+
+
+def _counted_total(analysis: Analysis, metric: str) -> float:
     total = analysis.total(metric)
     if total is None or any(a.dense.get(metric) is None for a in analysis.layers):
         raise InvalidOptionError(unavailable_reason(metric))
@@ -140,7 +143,10 @@ def _options(analysis: Analysis, metric: str, allocator: str) -> list[list[Optio
 
 def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
     """The smallest budget `allocate` can meet: every layer at its cheapest candidate."""
-    total = _validated_total(analysis, 1.0, metric, allocator)
+    _check_arguments(1.0, metric, allocator)
+    if not analysis.layers:
+        return 1.0
+    total = _counted_total(analysis, metric)
     options = _options(analysis, metric, allocator)
     fixed = total - sum(o[0].cost for o in options)
     smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
@@ -154,9 +160,10 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
     """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
-    total = _validated_total(analysis, budget, metric, allocator)
-    if not analysis.layers:  # nothing to factorize: the empty plan, and the report says why
+    _check_arguments(budget, metric, allocator)
+    if not analysis.layers:  # nothing to factorize, whatever can be counted: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
+    total = _counted_total(analysis, metric)
 
     options = _options(analysis, metric, allocator)
     fixed = total - sum(o[0].cost for o in options)

@@ -22,7 +22,7 @@ from .cost_models import LatencyCost
 from .discover import Layer, discover
 from .errors import InvalidOptionError
 from .options import checked
-from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from .inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .latency import measure_latency_ratio
 from .latency_cache import LatencyCache, default_cache_path, model_key
 from .layer_timing import measure_layers, realized_fraction
@@ -129,21 +129,27 @@ def _prepare(
     in_sample = False
     if calibration_samples is None and feeds is not None and not weight_only:
         calibration_samples, in_sample = feeds, True  # samples the user handed over should help, not only judge
+    notes = _constant_inputs_note(constant_inputs)
     if feeds is not None:
         resolved = feeds.first_shapes()  # the first sample fixes the shapes FLOPs are counted at
     else:
         try:
             resolved = resolve_shapes(proto, overrides)
         except InvalidOptionError:
-            if calibration_samples is None and (need_feeds or need_shapes):
+            # the sizes are needed only if something can be compressed: a model with nothing to compress is
+            # written unchanged without them
+            if calibration_samples is None and (need_feeds or need_shapes) and discover(proto).layers:
                 raise
             resolved = calibration_samples.first_shapes() if calibration_samples is not None else None
+        else:
+            if calibration_samples is None:
+                notes += tuple(filter(None, [assumed_sizes_note(proto, overrides)]))
         if need_feeds and calibration_samples is not None:
             feeds, in_sample = calibration_samples, True  # real samples judge better than random ones
-        elif need_feeds:
+        elif need_feeds and resolved is not None:
             feeds = Samples.given(random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0), "random")
     return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
-                      in_sample=in_sample, speed=speed, notes=_constant_inputs_note(constant_inputs))
+                      in_sample=in_sample, speed=speed, notes=notes)
 
 
 def _constant_inputs_note(names: Sequence[str]) -> tuple[str, ...]:

@@ -170,6 +170,18 @@ def resolve_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]
     return shapes
 
 
+def assumed_sizes_note(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]]) -> str | None:
+    """One line naming the inputs whose dynamic first (batch) dimension `resolve_shapes` set to 1, and how to set
+    it; None when nothing was assumed."""
+    assumed = [spec for spec in model_inputs(model)
+               if spec.name not in overrides and spec.shape and spec.shape[0] is None]
+    if not assumed:
+        return None
+    shapes = " ".join(f"{spec.name}:{_format_dims(['N', *(str(d) for d in spec.shape[1:])])}" for spec in assumed)
+    return (f"Assumed batch size 1 for the dynamic first dimension of {', '.join(repr(s.name) for s in assumed)} "
+            f"(FLOPs, timing and random verification use it); set it with --input-shapes {shapes}, N your batch size.")
+
+
 def _missing_shapes_message(missing: list[tuple[InputSpec, list[int]]]) -> str:
     """One message naming every input that needs a size, with a line ready to paste."""
     if len(missing) == 1 and missing[0][0].shape is None:

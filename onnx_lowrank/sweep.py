@@ -99,26 +99,26 @@ def sweep(
     benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
     the default allocators are `auto`; otherwise `alds`."""
     proto = load_model(model)
-    if inputs is None:
-        shapes = resolve_shapes(proto, parse_shape_specs(input_shapes))
-        feeds = Samples.given(random_feeds(proto, shapes, count=2, seed=0), "random")
-    else:
-        feeds = samples_from(inputs, proto)
-    first_shapes = feeds.first_shapes()
+    feeds = samples_from(inputs, proto) if inputs is not None else None
     if calibration is not None and weight_only:
         raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
-    if calibration is None and inputs is not None and not weight_only:
+    if calibration is None and feeds is not None and not weight_only:
         calibration = feeds
     calibration_samples = None if calibration is None else samples_from(calibration, proto)
+    shapes = feeds.first_shapes() if feeds is not None else input_shapes
 
     start = time.perf_counter()
-    analysis = api.analyze(proto, input_shapes=first_shapes, calibration=calibration_samples, weight_only=weight_only,
+    analysis = api.analyze(proto, input_shapes=shapes, calibration=calibration_samples, weight_only=weight_only,
                            shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple,
                            allow_slower=allow_slower and metric != "latency", threads=threads, provider=provider,
                            latency_cache=latency_cache)
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
         allocators = ("auto",) if calibration_samples is not None else ("alds",)
+    if feeds is None and analysis.layers:  # random samples, made only when some cell can change the model
+        random_shapes = resolve_shapes(proto, parse_shape_specs(input_shapes))
+        feeds = Samples.given(random_feeds(proto, random_shapes, count=2, seed=0), "random")
+        shapes = feeds.first_shapes()
 
     points, unreachable = [], []
     for allocator in allocators:
@@ -132,7 +132,7 @@ def sweep(
             except BudgetError as exc:
                 unreachable.append((allocator, float(budget), str(exc)))
                 continue
-            compressed, report = api.apply(proto, plan, input_shapes=first_shapes, verify=False, analysis=analysis,
+            compressed, report = api.apply(proto, plan, input_shapes=shapes, verify=False, analysis=analysis,
                                            calibration=calibration_samples, refit=refit)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
@@ -160,5 +160,6 @@ def sweep(
                 )
             )
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,
-                 samples=feeds.source, calibration=analysis.calibration, measure=analysis.measure,
+                 samples="random" if feeds is None else feeds.source, calibration=analysis.calibration,
+                 measure=analysis.measure,
                  message=None if analysis.layers else nothing_to_compress(analysis.skipped))
