@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -20,13 +21,13 @@ from .analyze import OUTPUT_MEASURE, Analysis, analyze_layers, factors_of
 from .calibrate import collect_statistics
 from .cost_models import LatencyCost
 from .discover import Layer, discover
-from .errors import InvalidOptionError
+from .errors import InvalidModelError, InvalidOptionError
 from .options import checked
 from .inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .latency import measure_latency_ratio
 from .latency_cache import LatencyCache, default_cache_path, model_key
 from .layer_timing import measure_layers, realized_fraction
-from .load import load_model
+from .load import check_model, load_model
 from .parallel import single_threaded_blas
 from .passes import factorize_layers
 from .passes.constant_inputs import constant_initializer_inputs
@@ -88,6 +89,16 @@ class _Workspace:
     in_sample: bool = False  # verification and calibration use the same samples
     speed: _Speed = _Speed()
     notes: tuple[str, ...] = ()  # what was read differently from the file, in one line each
+    random_verification: bool = False  # verify on random inputs at `input_shapes`, made when first needed
+    needs_shapes: bool = False  # the metric counts FLOPs or time: tensor shapes must be measurable
+
+    @cached_property
+    def samples_to_verify(self) -> Samples:
+        """The samples verification runs on: given ones, or random ones made now (a model that nothing changed
+        never needs them: its inputs may be of a dtype no random data can be made for)."""
+        if self.feeds is not None or not self.random_verification:
+            return self.feeds
+        return Samples.given(random_feeds(self.model, self.input_shapes, count=_RANDOM_SAMPLES, seed=0), "random")
 
     def timing_feed(self) -> dict[str, np.ndarray] | None:
         """One sample to time whole models on: the first verification or calibration sample, else random."""
@@ -105,7 +116,12 @@ class _Workspace:
         names = {t for n in model.graph.node if n.op_type in _COUNTED_OPS for t in list(n.input[:2]) + list(n.output[:1])}
         constants = {t.name for t in model.graph.initializer}
         constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-        return tensor_shapes(model, self.input_shapes, sorted(names - constants - {""}))
+        try:
+            return tensor_shapes(model, self.input_shapes, sorted(names - constants - {""}))
+        except InvalidModelError:  # onnxruntime cannot run the model (a custom op): FLOPs and times stay unknown
+            if self.needs_shapes:
+                raise
+            return None
 
 
 def _prepare(
@@ -146,10 +162,10 @@ def _prepare(
                 notes += tuple(filter(None, [assumed_sizes_note(proto, overrides)]))
         if need_feeds and calibration_samples is not None:
             feeds, in_sample = calibration_samples, True  # real samples judge better than random ones
-        elif need_feeds and resolved is not None:
-            feeds = Samples.given(random_feeds(proto, resolved, count=_RANDOM_SAMPLES, seed=0), "random")
+    random_verification = need_feeds and feeds is None and resolved is not None
     return _Workspace(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
-                      in_sample=in_sample, speed=speed, notes=notes)
+                      in_sample=in_sample, speed=speed, notes=notes, random_verification=random_verification,
+                      needs_shapes=need_shapes)
 
 
 def _constant_inputs_note(names: Sequence[str]) -> tuple[str, ...]:
@@ -212,7 +228,8 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
             progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
         )
     latency = None
-    timeable = shapes is not None and all(layer.input_name in shapes for layer in discovery.layers)
+    timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
+                                          for view in layer.views())
     if workspace.speed.measure and timeable and discovery.layers:
         latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, progress)
     total = len(discovery.layers)
@@ -356,9 +373,10 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     verification = timing = None
     if run_verify and rewrites:
         start = time.perf_counter()
-        onnx.checker.check_model(compressed, full_check=True)
-        verification = verify(model, compressed, workspace.feeds, None if progress is None else
-                              lambda done: progress("verifying", done, workspace.feeds.count))
+        check_model(compressed, full_check=True)  # by path when too large for one message or lazily loaded
+        samples = workspace.samples_to_verify
+        verification = verify(model, compressed, samples, None if progress is None else
+                              lambda done: progress("verifying", done, samples.count))
         seconds["verify"] = time.perf_counter() - start
         if time_models:
             start = time.perf_counter()
@@ -379,7 +397,7 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         after=after,
         plan=plan,
         verification=verification,
-        verified_on=workspace.feeds.source if verification is not None else None,
+        verified_on=workspace.samples_to_verify.source if verification is not None else None,
         seconds=seconds,
         message=None if rewrites else _nothing_to_do(analysis, plan),
         measure=analysis.measure,

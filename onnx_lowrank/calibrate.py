@@ -5,7 +5,8 @@ layer's input is turned into rows (`patches`: a Conv's im2col patches with its o
 auto_pad; a Gemm/MatMul's input vectors), at most `max_rows` positions of a big feature map drawn at random with a
 fixed seed, and added into that layer's running sums (`statistics`). Samples are read one at a time and dropped
 after use, so peak memory is one sample's activations plus d x d sums per layer, whatever the number of samples.
-Layers that read the same tensor with the same geometry (detection heads) share one set of sums.
+Layers that read the same tensor with the same geometry (detection heads) share one set of sums. A weight shared by
+several nodes gets the sums of all their inputs pooled: its factors serve every one of them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import runtime
 from .discover import Layer
 from .errors import InputDataError
 from .patches import input_rows
-from .statistics import InputStatistics, StatisticsAccumulator
+from .statistics import InputStatistics, StatisticsAccumulator, pooled
 
 __all__ = ["DEFAULT_MAX_ROWS", "collect_statistics", "sample_seed"]
 
@@ -42,10 +43,11 @@ def collect_statistics(
     if not layers:
         return {}
     graph_inputs = {value.name for value in model.graph.input}
-    keys = {layer.name: (layer.input_name, layer.geometry) for layer in layers}
-    captured = [name for name in dict.fromkeys(layer.input_name for layer in layers) if name not in graph_inputs]
+    views = [view for layer in layers for view in layer.views()]  # a shared weight: every node that reads it
+    keys = {view.name: (view.input_name, view.geometry) for view in views}
+    captured = [name for name in dict.fromkeys(view.input_name for view in views) if name not in graph_inputs]
     sess = runtime.session(runtime.with_outputs(model, captured), threads)
-    unique = _unique(layers, keys)
+    unique = _unique(views, keys)
     accumulators: dict[tuple, StatisticsAccumulator] = {}
     samples = 0
     for index, feed in enumerate(feeds):
@@ -70,7 +72,7 @@ def collect_statistics(
     if samples == 0:
         raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
     results = {key: accumulator.result() for key, accumulator in accumulators.items()}
-    return {layer.name: results[keys[layer.name]] for layer in layers}
+    return {layer.name: pooled([results[keys[view.name]] for view in layer.views()]) for layer in layers}
 
 
 def sample_seed(tensor: str, index: int) -> int:

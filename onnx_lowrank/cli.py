@@ -1,7 +1,8 @@
 """`onnx-lowrank` on the command line: a thin layer over the Python API.
 
 Exit codes: 0 success (also when there is nothing to compress), 1 verification error above --max-error (the model
-is then not written), 2 bad input or usage, with one line on stderr and no output file written.
+is then not written), 2 bad input or usage, with one line on stderr and no output file written, 3 a bug of ours
+(one line asking for a report; nothing written).
 """
 
 from __future__ import annotations
@@ -26,21 +27,45 @@ from .options import add_flags, check, keywords_for
 from .report import Report, render, render_analysis, render_sweep
 from .sweep import sweep
 
-EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     console = _console(args.quiet)
     try:
         return args.run(args, console)
     except LowRankError as exc:
-        print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
+        print(f"onnx-lowrank: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("onnx-lowrank: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: one line, not a traceback (outputs are only ever renamed into place)
+        print(f"onnx-lowrank: internal error: {type(exc).__name__}: {_one_line(exc)}; please report it",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _UsageError(Exception):
+    """An argparse usage error, raised instead of argparse's usage block and exit."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`onnx-lowrank: error: ...`, exit 2) instead of a usage block."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _console(quiet: bool) -> Console:
@@ -56,12 +81,12 @@ _WRITING = ("save_as_external_data", "verify", "max_error", "quiet")
 
 def _parser() -> argparse.ArgumentParser:
     """Subcommands with their flags, all from the declarations in `options`."""
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="onnx-lowrank",
         description="Compress the Conv/Gemm/MatMul layers of an ONNX model by grouped low-rank factorization.",
     )
     parser.add_argument("--version", action="version", version=f"onnx-lowrank {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_ArgumentParser)
 
     compress = commands.add_parser("compress", help="analyze, plan, rewrite and verify in one go")
     compress.add_argument("input", help="the model to compress (never modified)")

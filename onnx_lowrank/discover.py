@@ -2,15 +2,16 @@
 
 A weight counts as constant when it is an initializer or the output of a `Constant` node (PaddlePaddle exports store
 every weight that way). A Conv whose only consumer is an inference-mode BatchNormalization is seen with the BN
-folded in, so its error is measured on what the pair really computes. Everything else is listed as skipped, with the
-reason, and left untouched.
+folded in, so its error is measured on what the pair really computes. A weight read by several nodes of one op in the
+same way (an unrolled recurrent net's Gemm at every step) is one layer, whose nodes all get the same factors.
+Everything else is listed as skipped, with the reason, and left untouched.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -18,8 +19,9 @@ import onnx.numpy_helper
 
 from .graphs import consumed_names, nested_nodes, subgraphs
 from .patches import ConvGeometry
+from .runtime import tensor_array
 
-__all__ = ["Layer", "Skipped", "Discovery", "discover"]
+__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +51,7 @@ class Layer:
     bias_size: int = 0  # elements of the node's own constant bias (Conv B, Gemm C) that a bias correction replaces
     output_positions: int | None = None  # output positions per inference (N*H*W, or MatMul rows); None if unknown
     activation_rank: int | None = None  # rank of the activation input (needed to build a grouped MatMul)
+    shared: tuple[Consumer, ...] = ()  # the other nodes reading this weight the same way (one set of factors)
 
     @property
     def out_channels(self) -> int:
@@ -63,6 +66,31 @@ class Layer:
     def output(self) -> str:
         """The tensor the (possibly fused) layer produces: the BatchNormalization output when one is folded in."""
         return self.batchnorm_output or self.node_output
+
+    def views(self) -> tuple[Layer, ...]:
+        """The layer as seen from each node that reads its weight, this one first: what a rewrite, a timing or an
+        input statistic is made of node by node. A shared weight's `output_positions` sums over its nodes (each
+        runs), a view's are its node's own."""
+        if not self.shared:
+            return (self,)
+        others = sum(c.output_positions for c in self.shared) if self.output_positions is not None else None
+        first = replace(self, shared=(), output_positions=None if others is None else self.output_positions - others)
+        return (first, *(replace(self, name=c.name, node_output=c.node_output, input_name=c.input_name,
+                                 output_positions=c.output_positions, activation_rank=c.activation_rank,
+                                 geometry=c.geometry, shared=()) for c in self.shared))
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Another node reading a shared weight the same way as its layer's first node (same op, attributes, bias): it
+    is rewritten to the same factors, and only what differs per node is kept."""
+
+    name: str
+    node_output: str
+    input_name: str
+    output_positions: int | None
+    activation_rank: int | None
+    geometry: ConvGeometry | None
 
 
 @dataclass(frozen=True)
@@ -80,7 +108,17 @@ class Discovery:
     skipped: tuple[Skipped, ...]
 
 
-_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+"""Weight dtypes we rewrite: factorized in float64, the factors written back in the weight's own dtype."""
+
+_NOT_REWRITTEN = {
+    "QLinearConv": "quantized layer (QLinearConv): its integer weight cannot be factorized without dequantizing",
+    "QLinearMatMul": "quantized layer (QLinearMatMul): its integer weight cannot be factorized without dequantizing",
+    "ConvInteger": "quantized layer (ConvInteger): its integer weight cannot be factorized without dequantizing",
+    "MatMulInteger": "quantized layer (MatMulInteger): its integer weight cannot be factorized without dequantizing",
+    "ConvTranspose": "transposed convolution (ConvTranspose) is not supported",
+}
+"""Default-domain layers with a weight that we list as skipped, so the report names them instead of ignoring them."""
 
 
 def discover(
@@ -105,19 +143,41 @@ def discover(
 
     layers: list[Layer] = []
     skipped: list[Skipped] = []
+    shared_reasons: dict[str, str | None] = {}  # shared weight -> why its first reader was skipped (None: a layer)
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _NOT_REWRITTEN:
+            skipped.append(Skipped(name=names[id(node)], op=node.op_type, reason=_NOT_REWRITTEN[node.op_type]))
+            continue
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         name = names[id(node)]
         weight_index = 1
         reason = _weight_problem(node, weight_index, constants, consumers, producers, boundary)
-        if reason is None and pattern is not None and pattern.search(name):
-            reason = f"excluded by the pattern {exclude!r}"
+        readers = consumers.get(node.input[weight_index], []) if reason is None else []
+        if len(readers) > 1 and readers[0] is not node:  # a later reader of a shared weight: its first reader decided
+            if shared_reasons[node.input[weight_index]] is not None:
+                skipped.append(Skipped(name=name, op=node.op_type, reason=shared_reasons[node.input[weight_index]]))
+            continue
+        if reason is None and pattern is not None:
+            excluded = [names[id(n)] for n in readers or [node] if pattern.search(names[id(n)])]
+            if excluded and len(readers) > 1:
+                reason = f"excluded by the pattern {exclude!r} (it matches {excluded[0]!r}, which shares the weight)"
+            elif excluded:
+                reason = f"excluded by the pattern {exclude!r}"
         if reason is None:
             try:
                 layer = _LAYER_BUILDERS[node.op_type](node, name, constants, consumers, boundary, shapes, ranks)
+                if len(readers) > 1:
+                    layer = _shared_layer(layer, readers, names, constants, consumers, shapes, ranks)
             except _Skip as skip:
                 reason = str(skip)
+            if reason is None and not (np.isfinite(layer.matrix).all() and (layer.bias is None
+                                                                            or np.isfinite(layer.bias).all())):
+                reason = "weight or bias has NaN or infinite values (a damaged file?); it cannot be factorized"
+        if len(readers) > 1:
+            shared_reasons[node.input[weight_index]] = reason
         if reason is not None:
             skipped.append(Skipped(name=name, op=node.op_type, reason=reason))
         else:
@@ -127,11 +187,11 @@ def discover(
 
 
 def _subgraph_layers(graph: onnx.GraphProto) -> list[Skipped]:
-    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies, which are not rewritten: listed so that a model whose
-    layers all live there is not reported as having none."""
+    """Layers with a weight (Conv/Gemm/MatMul and the ones in `_NOT_REWRITTEN`) inside If/Loop/Scan bodies, which
+    are not rewritten: listed so that a model whose layers all live there is not reported as having none."""
     found = []
     for inner, holder in nested_nodes(graph):
-        if inner.op_type in ("Conv", "Gemm", "MatMul") and inner.domain in ("", "ai.onnx"):
+        if inner.op_type in ("Conv", "Gemm", "MatMul", *_NOT_REWRITTEN) and inner.domain in ("", "ai.onnx"):
             article = "an" if holder.op_type[0] in "AEIOU" else "a"
             reason = f"in {article} {holder.op_type} body: subgraphs are not rewritten"
             found.append(Skipped(name=inner.name or inner.output[0], op=inner.op_type, reason=reason))
@@ -143,7 +203,8 @@ class _Skip(Exception):
 
 
 class _ConstantTable:
-    """Initializers and Constant-node outputs by name; arrays are decoded only when asked for."""
+    """Initializers and Constant-node outputs by name; arrays are decoded only when asked for, and a weight stored
+    as external data is read from its file only then (the model keeps only its header)."""
 
     def __init__(self, graph: onnx.GraphProto):
         self._tensors: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
@@ -163,7 +224,7 @@ class _ConstantTable:
         return tuple(self._tensors[name].dims)
 
     def array(self, name: str) -> np.ndarray:
-        return onnx.numpy_helper.to_array(self._tensors[name])
+        return tensor_array(self._tensors[name])
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -210,12 +271,68 @@ def _weight_problem(node, index, constants, consumers, producers, boundary) -> s
         return "weight is not a constant (it is a graph input)"
     if weight in boundary:
         return "weight is also a graph input or output, so it can change at run time"
-    if len(consumers.get(weight, [])) > 1 or list(node.input).count(weight) > 1:
-        return "weight is shared by several nodes"
+    if list(node.input).count(weight) > 1:
+        return "weight is read twice by the same node"
+    if len(consumers.get(weight, [])) > 1:
+        reason = _sharing_problem(weight, consumers[weight], constants, consumers, boundary)
+        if reason is not None:
+            return reason
     dtype = constants.dtype(weight)
+    if dtype.name == "bfloat16":
+        return "bfloat16 weights: onnxruntime's CPU provider cannot run them, so the result could not be verified"
     if dtype not in _SUPPORTED_DTYPES:
-        return f"unsupported weight dtype {dtype.name} (float32 and float64 are supported)"
+        return f"unsupported weight dtype {dtype.name} (float16, float32 and float64 are supported)"
     return None
+
+
+def _sharing_problem(weight, readers, constants, consumers, boundary) -> str | None:
+    """Why the nodes reading a shared weight cannot all be rewritten to one set of factors, or None when they can:
+    they must be Conv/Gemm/MatMul nodes of one op, reading it as their weight only, with the same bias and the same
+    attributes that shape the product (all of a Gemm's; a Conv's group and kernel_shape, its geometry may differ)."""
+    first = readers[0]
+    described = ", ".join(f"{n.op_type} {n.name or n.output[0]!r}" for n in readers[:3])
+    if any(n.op_type != first.op_type or n.domain not in ("", "ai.onnx") for n in readers):
+        return f"weight is shared by nodes of different ops ({described}, ...); only nodes of one op can share factors"
+    if any(list(n.input).count(weight) != 1 or n.input[1] != weight for n in readers):
+        return f"shared weight is read as another input than the weight by one of its readers ({described}, ...)"
+    if any(list(n.input[2:3]) != list(first.input[2:3]) for n in readers):
+        return "shared weight is read with different biases, which one set of factors and bias correction cannot serve"
+    kept = {"Conv": ("group", "kernel_shape"), "MatMul": ()}.get(first.op_type)
+    if any(_attribute_key(n, kept) != _attribute_key(first, kept) for n in readers):
+        return f"shared weight is read with different attributes by its {first.op_type} nodes ({described}, ...)"
+    if first.op_type == "Conv" and any(_following_batchnorm(n, constants, consumers, boundary) for n in readers):
+        return ("shared weight feeds a BatchNormalization after one of its Convs; folding it would give each Conv "
+                "a different weight")
+    return None
+
+
+def _attribute_key(node: onnx.NodeProto, names: tuple[str, ...] | None) -> dict:
+    """The node's attributes that must agree between the readers of a shared weight (all of them when None)."""
+    return {k: v for k, v in _attributes(node).items() if names is None or k in names}
+
+
+def _shared_layer(layer: Layer, readers, names, constants, consumers, shapes, ranks) -> Layer:
+    """`layer` (built from the first reader) extended to every reader of its weight: one matrix and one set of
+    factors, FLOPs counted for every node (each runs), and the bias, read by these nodes alone, replaced once."""
+    others = []
+    for node in readers[1:]:
+        if node.op_type == "MatMul" and ranks.get(node.input[0]) is not None and ranks[node.input[0]] < 2:
+            _raise(f"shared weight is also read by {names[id(node)]!r}, whose activation is a vector (rank 1)")
+        channel_axis = 1 if node.op_type == "Conv" else -1
+        geometry = None
+        if node.op_type == "Conv":
+            geometry = ConvGeometry.from_attributes(_attributes(node), layer.kernel_shape)
+        others.append(Consumer(name=names[id(node)], node_output=node.output[0], input_name=node.input[0],
+                               output_positions=_positions(shapes, node.output[0], channel_axis),
+                               activation_rank=ranks.get(node.input[0]), geometry=geometry))
+    positions = [layer.output_positions] + [c.output_positions for c in others]
+    bias_size = layer.bias_size
+    bias = readers[0].input[2] if len(readers[0].input) > 2 else ""
+    only_ours = {id(n) for n in consumers.get(bias, [])} == {id(n) for n in readers}
+    if layer.bias is not None and bias in constants and only_ours:
+        bias_size = int(np.prod(constants.shape(bias), dtype=np.int64))
+    return replace(layer, shared=tuple(others), bias_size=bias_size,
+                   output_positions=None if None in positions else sum(positions))
 
 
 def _attributes(node: onnx.NodeProto) -> dict:

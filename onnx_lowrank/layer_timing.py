@@ -168,8 +168,11 @@ def measure_layers(
     block = block_size()
     timings = {}
     for index, layer in enumerate(layers, 1):
-        timings[layer.name] = _measure_layer(model, layer, tuple(shapes[layer.input_name]), settings, cache,
-                                             _forms(layer, max_groups, block))
+        forms = _forms(layer, max_groups, block)
+        # A shared weight: every node reading it is timed (each at its own input shape; equal ones come from the
+        # cache) and the times add up, since every node runs.
+        timings[layer.name] = _summed([_measure_layer(model, view, tuple(shapes[view.input_name]), settings, cache,
+                                                      forms) for view in layer.views()])
         if progress is not None:
             progress(index, len(layers))
     return timings
@@ -199,6 +202,16 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms) -> LayerTi
     result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
               for k, (grid, align) in forms.items()}
     return LayerTiming(dense_ms=measured[None], forms=result)
+
+
+def _summed(parts: Sequence[LayerTiming]) -> LayerTiming:
+    """The timing of several nodes that all run, with the same forms and grids (the nodes reading one weight)."""
+    if len(parts) == 1:
+        return parts[0]
+    forms = {k: FormTiming(points=tuple((rank, sum(p.forms[k].points[i][1] for p in parts))
+                                        for i, (rank, _) in enumerate(form.points)), aligned_to=form.aligned_to)
+             for k, form in parts[0].forms.items()}
+    return LayerTiming(dense_ms=sum(p.dense_ms for p in parts), forms=forms)
 
 
 MIN_REALIZED, MAX_REALIZED = 0.1, 1.5

@@ -44,7 +44,8 @@ def refit_factors(
     """`rewrites` (in model order) with every decoder and bias correction refit; encoders are kept."""
     current = list(rewrites)
     graph_inputs = {value.name for value in model.graph.input}
-    names = [n for n in dict.fromkeys(layer.input_name for layer, _ in current) if n not in graph_inputs]
+    names = [n for n in dict.fromkeys(view.input_name for layer, _ in current for view in layer.views())
+             if n not in graph_inputs]
     original = runtime.session(runtime.with_outputs(model, names))
     bounds = np.linspace(0, len(current), min(stages, len(current)) + 1).round().astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -54,12 +55,13 @@ def refit_factors(
         for index, feed in enumerate(samples):
             before, after = runtime.run(original, feed), runtime.run(session, feed)
             for item in sums:
-                name = item.layer.input_name
-                x = feed[name] if name in graph_inputs else before[name]
-                x_tilde = feed[name] if name in graph_inputs else after[name]
-                seed = sample_seed(name, index)
-                geometry = item.layer.geometry
-                item.add(input_rows(x, geometry, max_rows, seed), input_rows(x_tilde, geometry, max_rows, seed))
+                for view in item.layer.views():  # a shared weight serves every node reading it
+                    name = view.input_name
+                    x = feed[name] if name in graph_inputs else before[name]
+                    x_tilde = feed[name] if name in graph_inputs else after[name]
+                    seed = sample_seed(name, index)
+                    rows, rows_tilde = (input_rows(v, view.geometry, max_rows, seed) for v in (x, x_tilde))
+                    item.add(rows, rows_tilde)
         for offset, item in enumerate(sums):
             current[start + offset] = (item.layer, item.solve(ridge))
     return current

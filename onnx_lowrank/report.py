@@ -34,6 +34,8 @@ _MOVEMENT = (
 )
 """Worst relative output error -> what it means for a user (upper limits, first match)."""
 LARGE_ERROR = 0.2
+_NOT_FINITE = ("the outputs hold NaN or infinite values, so how far they moved is unknown; check the original model's "
+               "outputs on real samples (--inputs).")
 _MIN_NAME_WIDTH = 16
 _WIDE_CONSOLE = 120  # columns below which the layer table drops weight shapes and costs the budget did not count
 
@@ -132,7 +134,7 @@ class Report:
                          f"other operators{' or skipped layers (' + where + ')' if where else ''}.")
         if self.verification is not None:
             error = self.verification.worst_relative_l2
-            words = next(text for limit, text in _MOVEMENT if error < limit)
+            words = next((text for limit, text in _MOVEMENT if error < limit), _NOT_FINITE)
             lines.append(f"Outputs moved by {error:.3g} (worst relative L2): {words}")
         return tuple(lines)
 
@@ -295,7 +297,7 @@ def render(report: Report, console: Console) -> None:
             )
     if report.message:
         console.print(report.message)
-    large = report.verification is not None and report.verification.worst_relative_l2 >= LARGE_ERROR
+    large = report.verification is not None and not report.verification.worst_relative_l2 < LARGE_ERROR
     for line in report.verdict:
         style = "bold yellow" if large and line.startswith("Outputs") else "bold"
         console.print(f"[{style}]{line}[/{style}]")
@@ -375,7 +377,7 @@ def nothing_to_compress(skipped: Sequence[Skipped]) -> str:
     if not skipped:
         return "Nothing to compress in this model: it has no Conv, Gemm or MatMul. The model is unchanged."
     reasons = "; ".join(f"{count} {op}: {reason}" for count, op, reason, _ in skip_summary(skipped)[:2])
-    return (f"Nothing to compress in this model: all {len(skipped)} of its Conv, Gemm and MatMul layers were skipped "
+    return (f"Nothing to compress in this model: all {len(skipped)} of its layers with a weight were skipped "
             f"({reasons}). The model is unchanged.")
 
 

@@ -2,15 +2,23 @@
 
 Every check this project makes (shapes it cannot infer, verification, latency) ends in onnxruntime on the CPU, so
 session creation lives in one place: a model is handed over as bytes, or, when it is too large for one protobuf
-message (2 GB hard limit; we switch at ~1.8 GB to leave headroom), written with external data to a temporary
-directory and loaded from there. ORT errors are turned into this project's one-line error types.
+message (2 GB hard limit; we switch at ~1.8 GB to leave headroom, counting weights still in the source model's
+external data file), written with external data to a temporary directory and loaded from there. ORT errors
+are turned into this project's one-line error types.
+
+Weights stay lazy: a model loaded from a file with external data keeps its tensors as headers whose `location` is
+the absolute, validated path of the data file (`load.load_model` sets it), and `tensor_array` reads one tensor's
+bytes when it is asked for. A session for such a model gets the headers and the folder of the data file, and ORT
+reads the weights from there as it does for a model opened by path; the writer (`save_with_external_data`) streams
+each tensor into the new data file one at a time, so no step ever holds every weight at once.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +29,7 @@ import onnxruntime as ort
 from .errors import InputDataError, InvalidModelError, InvalidOptionError
 
 __all__ = ["PROTOBUF_LIMIT", "RuntimeSettings", "session", "run", "model_size", "save_with_external_data",
-           "with_outputs"]
+           "with_outputs", "tensor_array", "external_tensors", "external_length", "external_location", "inline_copy", "is_external"]
 
 PROTOBUF_LIMIT = 1_800_000_000
 """Bytes above which a model is passed to ORT (and shape inference) through a file with external data."""
@@ -74,31 +82,227 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes; models protobuf cannot even measure count as infinitely large."""
+    """Serialized size in bytes with every weight inline (external tensors count their stored length); models
+    protobuf cannot even measure count as infinitely large."""
     try:
-        return model.ByteSize()
+        inline = model.ByteSize()
     except Exception:  # protobuf refuses to size messages past 2 GB on some builds
         return 1 << 62
+    return inline + sum(external_length(tensor) for tensor in external_tensors(model))
 
 
-def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name: str = "model.onnx") -> Path:
-    """Write a copy of `model` to `directory` with its large tensors in one side file; return the model path.
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
 
-    `onnx.save_model(..., save_as_external_data=True)` rewrites the tensors it moves out, so it gets a copy: the
-    caller's model is never touched.
-    """
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of `model` (initializers and attribute tensors, subgraphs included) stored as external data."""
+    return (tensor for tensor in _all_tensors(model.graph) if is_external(tensor))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """The tensors held in a node's attributes, those of its If/Loop/Scan bodies included."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.TENSOR:
+            yield attribute.t
+        elif attribute.type == onnx.AttributeProto.TENSORS:
+            yield from attribute.tensors
+        elif attribute.type == onnx.AttributeProto.GRAPH:
+            yield from _all_tensors(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            for inner in attribute.graphs:
+                yield from _all_tensors(inner)
+
+
+def tensor_size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_location(tensor: onnx.TensorProto) -> str:
+    return _external_info(tensor).get("location", "")
+
+
+def external_length(tensor: onnx.TensorProto) -> int:
+    """Bytes an external tensor occupies in its data file."""
+    info = _external_info(tensor)
+    if "length" in info:
+        return int(info["length"])
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _external_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The stored bytes of an external tensor whose location is absolute (as `load.load_model` leaves it)."""
+    info = _external_info(tensor)
+    with open(info["location"], "rb") as stream:
+        stream.seek(int(info.get("offset", 0)))
+        data = stream.read(external_length(tensor))
+    if len(data) != external_length(tensor):
+        raise InvalidModelError(f"the external data of tensor {tensor.name!r} is cut short in {info['location']}; "
+                                "the data file is damaged.")
+    return data
+
+
+def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every tensor is inline, else a copy with the external tensors read in (for a model
+    small enough to be one protobuf message)."""
+    if not any(external_tensors(model)):
+        return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    for tensor in list(external_tensors(copy)):
+        tensor.raw_data = _external_bytes(tensor)
+        tensor.ClearField("external_data")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return copy
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of `tensor`, reading its bytes from the data file when it is stored as external data; the tensor
+    itself is left as it is (a header), so the model never holds the weight."""
+    if not is_external(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    inline.ClearField("external_data")
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = _external_bytes(tensor)
+    return onnx.numpy_helper.to_array(inline)
+
+
+_INLINE_BYTES = 1024  # tensors smaller than this stay inside the .onnx file
+_ALIGNMENT = 4096  # external tensors start on page boundaries, so onnxruntime can map them
+_CHUNK = 64 << 20  # bytes copied at a time from a source data file
+
+
+def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name: str = "model.onnx",
+                            durable: bool = False) -> Path:
+    """Write `model` to `directory`/`name` with every tensor of 1 KiB or more in one side file '<name>.data';
+    return the model path. The caller's model is never touched. `durable` flushes both files to the disk before
+    returning (for files the user keeps; a temporary copy for onnxruntime need not wait for the disk).
+
+    The main graph's initializers are written one at a time (a tensor still in the source model's data file is
+    copied from it in chunks), so memory holds at most one weight beyond what the model already holds. Attribute
+    tensors (Constant nodes) and subgraph initializers are externalized in a copy of the rest of the model. The
+    output is a function of the model alone: the same model gives the same bytes.
+    """
     path = Path(directory) / name
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=name + ".data",
-        size_threshold=1024,
-    )
+    data_name = name + ".data"
+    header = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(header, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(header.graph, field, value)
+    with open(Path(directory) / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            header.graph.initializer.append(_stored(tensor, data, data_name))
+        for node in header.graph.node:
+            for tensor in _node_tensors(node):
+                _externalize_in_place(tensor, data, data_name)
+        _finish(data, durable)
+    with open(path, "wb") as stream:
+        stream.write(header.SerializeToString())
+        _finish(stream, durable)
     return path
+
+
+def _finish(stream, durable: bool) -> None:
+    stream.flush()
+    if durable:
+        os.fsync(stream.fileno())
+
+
+def _copy_field(target, field, value) -> None:
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _stored(tensor: onnx.TensorProto, data, data_name: str) -> onnx.TensorProto:
+    """The header of `tensor` as written: its bytes appended to `data`; a small inline tensor is kept as it is."""
+    if not is_external(tensor) and (tensor.ByteSize() < _INLINE_BYTES or tensor.data_type == onnx.TensorProto.STRING):
+        return tensor
+    header = onnx.TensorProto()
+    for field, value in tensor.ListFields():
+        if field.name not in _DATA_FIELDS:
+            _copy_field(header, field, value)
+    offset = _pad(data)
+    if is_external(tensor):
+        _copy_external(tensor, data)
+    elif tensor.HasField("raw_data"):
+        data.write(tensor.raw_data)
+    else:  # typed fields (float_data, ...): written as the raw little-endian bytes onnx expects
+        data.write(onnx.numpy_helper.to_array(tensor).astype(_little_endian(tensor)).tobytes())
+    _point_to(header, data_name, offset, data.tell() - offset)
+    return header
+
+
+_DATA_FIELDS = ("raw_data", "external_data", "data_location", "float_data", "int32_data", "string_data", "int64_data",
+                "double_data", "uint64_data")
+
+
+def _externalize_in_place(tensor: onnx.TensorProto, data, data_name: str) -> None:
+    """Move a copied attribute tensor's bytes into `data` (it belongs to the header copy, so it may change)."""
+    if is_external(tensor):
+        offset = _pad(data)
+        _copy_external(tensor, data)
+    elif tensor.ByteSize() >= _INLINE_BYTES and tensor.data_type != onnx.TensorProto.STRING:
+        offset = _pad(data)
+        data.write(tensor.raw_data if tensor.HasField("raw_data")
+                   else onnx.numpy_helper.to_array(tensor).astype(_little_endian(tensor)).tobytes())
+        for field in _DATA_FIELDS:
+            tensor.ClearField(field)
+    else:
+        return
+    tensor.ClearField("external_data")
+    _point_to(tensor, data_name, offset, data.tell() - offset)
+
+
+def _little_endian(tensor: onnx.TensorProto) -> np.dtype:
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+
+
+def _pad(data) -> int:
+    offset = data.tell()
+    if offset % _ALIGNMENT:
+        data.write(b"\0" * (_ALIGNMENT - offset % _ALIGNMENT))
+    return data.tell()
+
+
+def _copy_external(tensor: onnx.TensorProto, data) -> None:
+    info = _external_info(tensor)
+    remaining = external_length(tensor)
+    with open(info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        while remaining:
+            chunk = source.read(min(remaining, _CHUNK))
+            if not chunk:
+                raise InvalidModelError(f"the external data of tensor {tensor.name!r} is cut short in "
+                                        f"{info['location']}; the data file is damaged.")
+            data.write(chunk)
+            remaining -= len(chunk)
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def with_outputs(model: onnx.ModelProto, names, elem_types: Mapping[str, int] | None = None) -> onnx.ModelProto:
@@ -156,8 +360,12 @@ def session(
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     providers = [settings.provider] if settings.provider == DEFAULT_PROVIDER else [settings.provider, DEFAULT_PROVIDER]
     try:
+        if any(external_tensors(model)) and model.ByteSize() <= PROTOBUF_LIMIT:
+            sess = _session_from_folder(model, options, providers)
+            if sess is not None:
+                return sess
         if model_size(model) <= PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            return ort.InferenceSession(inline_copy(model).SerializeToString(), options, providers=providers)
         # ORT reads external data while the session is created, so the directory may go right after.
         with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:
             path = save_with_external_data(model, directory)
@@ -166,6 +374,24 @@ def session(
         raise InvalidModelError(
             f"onnxruntime cannot load the model: {_one_line(error)}; check that the model runs in onnxruntime"
         ) from error
+
+
+def _session_from_folder(model: onnx.ModelProto, options: ort.SessionOptions, providers):
+    """A session for a model whose external weights all live in one folder (the input model's): ORT is given the
+    serialized headers with locations relative to that folder and reads the weights from there itself, as it does
+    for a model loaded by path. None when the weights are spread over several folders."""
+    locations = [_external_info(tensor)["location"] for tensor in external_tensors(model)]
+    folder = os.path.dirname(locations[0])
+    if any(os.path.dirname(location) != folder for location in locations):
+        return None
+    header = onnx.ModelProto()
+    header.CopyFrom(model)
+    for tensor in external_tensors(header):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = os.path.basename(entry.value)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return ort.InferenceSession(header.SerializeToString(), options, providers=providers)
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

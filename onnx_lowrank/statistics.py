@@ -8,12 +8,13 @@ samples, and adding chunks in any split gives the same result as adding all rows
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg.blas
 
-__all__ = ["InputStatistics", "StatisticsAccumulator"]
+__all__ = ["InputStatistics", "StatisticsAccumulator", "pooled"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,3 +66,11 @@ class StatisticsAccumulator:
     def result(self) -> InputStatistics:
         gram = np.triu(self._gram) + np.triu(self._gram, 1).T  # only the upper triangle was accumulated
         return InputStatistics(gram=gram, total=self._total.copy(), count=self._count)
+
+
+def pooled(parts: Sequence[InputStatistics]) -> InputStatistics:
+    """The statistics of all the parts' rows together (sums add): the input of a weight that several nodes read."""
+    if len(parts) == 1:
+        return parts[0]
+    return InputStatistics(gram=sum(p.gram for p in parts), total=sum(p.total for p in parts),
+                           count=sum(p.count for p in parts))

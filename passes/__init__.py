@@ -30,16 +30,21 @@ REWRITERS: dict[str, Callable[[GraphEditor, Layer, Factors], None]] = {
 
 def factorize_layers(model: onnx.ModelProto, rewrites: Sequence[tuple[Layer, Factors]]) -> tuple[onnx.ModelProto, int]:
     """Return a NEW model (the input is never mutated: deep-copy it) in which every listed layer is replaced by its
-    factorized form, and the number of layers rewritten."""
+    factorized form, and the number of layers rewritten (a shared weight is one layer, however many nodes read it;
+    its factors are added once)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
+    if not rewrites:  # nothing to do, and a model without a default-domain opset has no opset to read
+        return result, 0
     editor = GraphEditor(result.graph, default_opset(result))
     count = 0
     for layer, factors in rewrites:
         if layer.op not in REWRITERS:
             raise ValueError(f"layer {layer.name!r}: cannot rewrite a {layer.op!r}, only {sorted(REWRITERS)}")
         _check_factors(layer, factors)
-        REWRITERS[layer.op](editor, layer, factors)
+        with editor.sharing():  # a shared weight: every node reading it is rewritten to the same factors
+            for view in layer.views():
+                REWRITERS[layer.op](editor, view, factors)
         count += 1
     return result, count
 

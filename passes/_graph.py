@@ -8,13 +8,15 @@ exactly what a rewrite orphaned. We use `onnx` directly rather than onnx-graphsu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnx_lowrank.graphs import consumed_names, subgraphs
+from onnx_lowrank.runtime import tensor_array
 
 __all__ = ["GraphEditor", "default_opset", "all_names"]
 
@@ -51,6 +53,7 @@ class GraphEditor:
         self.graph = graph
         self.opset = opset
         self._taken = all_names(graph)
+        self._reusable: dict[str, list[tuple[np.ndarray, str]]] | None = None  # see `sharing`
 
     def fresh(self, base: str) -> str:
         """`base`, or `base_1`, `base_2`, ... when that name is already used anywhere in the graph."""
@@ -61,30 +64,39 @@ class GraphEditor:
         self._taken.add(name)
         return name
 
-    def node(self, output: str, op_type: str) -> onnx.NodeProto:
-        """The top-level node whose first output is `output`; it must be an `op_type`."""
+    def node(self, output: str) -> onnx.NodeProto:
+        """The top-level node whose first output is `output`.
+
+        Discovery matched that node (its op, weight, attributes, a folded BatchNormalization) and the passes trust
+        it; a missing node means a layer from another model was passed in, a programmer error.
+        """
         for node in self.graph.node:
             if node.output and node.output[0] == output:
-                if node.op_type != op_type or node.domain not in ("", "ai.onnx"):
-                    raise ValueError(f"node producing {output!r} is a {node.op_type}, expected {op_type}")
                 return node
-        raise ValueError(f"no node produces {output!r}")
-
-    def only_consumer(self, tensor: str) -> onnx.NodeProto:
-        """The single top-level node reading `tensor`; raise if anything else (a graph output, a subgraph) reads it."""
-        readers = [node for node in self.graph.node if tensor in node.input]
-        in_subgraphs = any(tensor in consumed_names(sub) for node in self.graph.node for sub in subgraphs(node))
-        is_output = any(v.name == tensor for v in self.graph.output)
-        if len(readers) != 1 or in_subgraphs or is_output:
-            raise ValueError(f"tensor {tensor!r} must have exactly one consumer")
-        return readers[0]
+        raise ValueError(f"no node produces {output!r}: the layer does not come from this model")
 
     def add_initializer(self, base: str, array: np.ndarray, dtype: np.dtype | type) -> str:
         """Append `array` cast to `dtype` as a new initializer; returns its (collision-free) name."""
-        name = self.fresh(base)
         values = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype)))
+        if self._reusable is not None:
+            for earlier, name in self._reusable.get(base, []):
+                if earlier.shape == values.shape and earlier.dtype == values.dtype and np.array_equal(earlier, values):
+                    return name
+        name = self.fresh(base)
         self.graph.initializer.append(numpy_helper.from_array(values, name))
+        if self._reusable is not None:
+            self._reusable.setdefault(base, []).append((values, name))
         return name
+
+    @contextmanager
+    def sharing(self) -> Iterator[None]:
+        """While open, an initializer equal to one already added under the same base name is not added again: the
+        nodes that read one shared weight are rewritten one by one and all read the same factors."""
+        self._reusable = {}
+        try:
+            yield
+        finally:
+            self._reusable = None
 
     def make_node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
                   **attrs: object) -> onnx.NodeProto:
@@ -106,7 +118,7 @@ class GraphEditor:
         """The value of an initializer or Constant-node output `name` of this graph; None when it is computed."""
         for tensor in self.graph.initializer:
             if tensor.name == name:
-                return numpy_helper.to_array(tensor)
+                return tensor_array(tensor)  # a lazily loaded model keeps external weights on disk
         for node in self.graph.node:
             if node.op_type == "Constant" and list(node.output) == [name]:
                 for attr in node.attribute:

@@ -28,9 +28,7 @@ def _plus(bias, shift):
 
 def rewrite_conv(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
     """Replace the Conv producing `layer.node_output` (and its BatchNormalization, if folded) in place."""
-    conv = editor.node(layer.node_output, "Conv")
-    if conv.input[1] != layer.weight_name:
-        raise ValueError(f"Conv {layer.name!r} reads its weight from {conv.input[1]!r}, not {layer.weight_name!r}")
+    conv = editor.node(layer.node_output)
     k, r = factors.k, factors.rank
     c, kernel = layer.in_channels, tuple(layer.kernel_shape)
     old_nodes = [conv]
@@ -40,13 +38,7 @@ def rewrite_conv(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
     output = layer.output
     extra: list = []
     if layer.batchnorm_output:
-        bn = editor.only_consumer(conv.output[0])
-        reads_conv = list(bn.input[:1]) == [conv.output[0]]
-        if bn.op_type != "BatchNormalization" or not reads_conv or list(bn.output) != [layer.batchnorm_output]:
-            raise ValueError(f"Conv {layer.name!r} is not followed by an inference BatchNormalization "
-                             f"producing {layer.batchnorm_output!r}")
-        if layer.bias is None:
-            raise ValueError(f"layer {layer.name!r} folds a BatchNormalization but carries no folded bias")
+        bn = editor.node(layer.batchnorm_output)  # discovery matched it: the Conv output's only reader
         old_nodes.append(bn)
         orphan_candidates += list(bn.input[1:])
         bias = [editor.add_initializer(f"{layer.weight_name}_lowrank_bias", _plus(layer.bias, shift), layer.dtype)]

@@ -45,9 +45,7 @@ def linear_encoder(editor: GraphEditor, layer: Layer, factors: Factors, x: str,
 
 def rewrite_matmul(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
     """Replace the MatMul producing `layer.node_output` in place: Y = (X @ E) @ decoder.T (+ shift)."""
-    matmul = editor.node(layer.node_output, "MatMul")
-    if matmul.input[1] != layer.weight_name:
-        raise ValueError(f"MatMul {layer.name!r} must read its weight {layer.weight_name!r} as the second input")
+    matmul = editor.node(layer.node_output)
     hidden, nodes = linear_encoder(editor, layer, factors, matmul.input[0], layer.activation_rank)
     decoder = editor.add_initializer(f"{layer.weight_name}_lowrank_decoder", factors.decoder.T, layer.dtype)
     output = layer.node_output if factors.shift is None else editor.fresh(f"{layer.node_output}_lowrank_unshifted")

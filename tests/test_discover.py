@@ -307,7 +307,7 @@ def test_weight_computed_by_a_node_is_skipped():
     assert "not a constant" in reason and "Transpose" in reason
 
 
-def test_weight_shared_by_several_nodes_is_skipped():
+def test_weight_shared_by_several_nodes_is_one_layer():
     rng = _rng()
     nodes = [
         helper.make_node("Gemm", ["x", "w"], ["h"], name="fc_a", transB=1),
@@ -316,10 +316,20 @@ def test_weight_shared_by_several_nodes_is_skipped():
     model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y", [2, 8])],
                        {"w": rng.standard_normal((8, 8)).astype(np.float32)})
     discovery = discover(model)
-    assert discovery.layers == ()
-    skipped = _skipped(discovery)
-    assert set(skipped) == {"fc_a", "fc_b"}
-    assert all("shared" in r for r in skipped.values())
+    assert [layer.name for layer in discovery.layers] == ["fc_a"] and discovery.skipped == ()
+    assert [consumer.name for consumer in discovery.layers[0].shared] == ["fc_b"]
+
+
+def test_weight_shared_with_other_attributes_is_skipped():
+    rng = _rng()
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"], name="fc_a", transB=1),
+        helper.make_node("Gemm", ["h", "w"], ["y"], name="fc_b", transB=1, alpha=2.0),
+    ]
+    model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y", [2, 8])],
+                       {"w": rng.standard_normal((8, 8)).astype(np.float32)})
+    skipped = _skipped(discover(model))
+    assert set(skipped) == {"fc_a", "fc_b"} and all("different attributes" in r for r in skipped.values())
 
 
 def test_weight_shared_with_a_non_layer_node_is_skipped():
@@ -342,13 +352,22 @@ def test_grouped_conv_is_skipped():
     assert "group" in reason
 
 
-def test_float16_weight_is_skipped():
+def test_float16_weight_is_discovered_in_its_dtype():
     rng = _rng()
     node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)
     model = make_model([node], [tensor("x", [2, 8], TensorProto.FLOAT16)], [tensor("y", [2, 4], TensorProto.FLOAT16)],
                        {"w": rng.standard_normal((4, 8)).astype(np.float16)})
+    (layer,) = discover(model).layers
+    assert layer.dtype == np.float16 and layer.matrix.dtype == np.float64  # factorized in float64, written in float16
+
+
+def test_int8_weight_is_skipped_with_the_dtype():
+    rng = _rng()
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = make_model([node], [tensor("x", [2, 8], TensorProto.INT8)], [tensor("y", [2, 4], TensorProto.INT8)],
+                       {"w": rng.integers(-5, 5, (8, 4)).astype(np.int8)})
     reason = _only_skip_reason(model)
-    assert "dtype" in reason and "float16" in reason
+    assert "dtype int8" in reason and "float16, float32 and float64" in reason
 
 
 def test_float64_weight_is_supported():
