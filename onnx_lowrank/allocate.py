@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analyze import Analysis, Candidate, LayerAnalysis
+from .cost import MIN_SAVING
 from .cost_models import METRICS, unavailable_reason
 from .errors import BudgetError, InvalidOptionError, invalid
 from .plan import Plan
@@ -170,11 +171,17 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
     smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
     capacity = budget * total - fixed
     if budget * total < smallest:
+        guard = (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)"
+                 if analysis.guarded else "")
+        if smallest >= total:
+            raise BudgetError(
+                f"A budget of {budget:g} of the {metric} cannot be reached: none of the {len(options)} factorizable "
+                f"layers has a factorization saving at least {MIN_SAVING:.0%} of it{guard}, so the model can only "
+                "stay as it is."
+            )
         raise BudgetError(
             f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
-            f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}"
-            + (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)."
-               if analysis.guarded else ".")
+            f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}{guard}."
         )
     chosen, threshold = minmax_select(options, capacity)
     layers = {a.layer.name: o.choice for a, o in zip(analysis.layers, chosen) if o.choice is not None}

@@ -202,3 +202,11 @@ def test_flops_metric_uses_flop_costs():
     )
     assert plan.metric == "flops" and plan.layers
     assert 0.45 * analysis.total("flops") <= kept <= 0.5 * analysis.total("flops")
+
+
+def test_a_budget_no_candidate_can_serve_says_so():
+    """Layers exist but none has a candidate: not 'can keep from 1.000 to 1.0', but why."""
+    analysis = _analysis()
+    bare = dataclasses.replace(analysis, layers=tuple(dataclasses.replace(a, candidates=()) for a in analysis.layers))
+    with pytest.raises(BudgetError, match=r"none of the 3 factorizable layers has a factorization saving at least 10%"):
+        allocate(bare, 0.5)

@@ -52,7 +52,7 @@ def test_latency_metric_plans_within_the_predicted_budget(model_path):
     try:
         _, report = api.compress(model_path, 0.95, metric="latency", allow_slower=True, threads=1, verify=False)
     except BudgetError as error:  # no form of these toy layers may be faster: then the budget is unreachable
-        assert "can keep from" in str(error)
+        assert "can keep from" in str(error) or "can only stay as it is" in str(error)
         return
     assert report.after["latency"] <= 0.95 * report.before["latency"] + 1e-9
     predicted = report.before["latency"] + sum(after - before for before, after in
@@ -79,7 +79,7 @@ def test_speed_options_are_checked(model_path, tmp_path, capsys, options, messag
     code = main(argv + options + ["--threads", "1"] * ("--threads" not in options))
     err = capsys.readouterr().err
     if message is None:  # a valid latency run: it either meets the budget or says which range it can
-        assert code == 0 or "can keep from" in err
+        assert code == 0 or "can keep from" in err or "can only stay as it is" in err
         return
     assert code == 2 and message in err
     assert not (tmp_path / "c.onnx").exists()
