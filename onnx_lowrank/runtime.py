@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputDataError, InvalidModelError, InvalidOptionError
+from .graphs import subgraphs
 
 __all__ = ["PROTOBUF_LIMIT", "RuntimeSettings", "session", "run", "model_size", "save_with_external_data",
            "with_outputs", "tensor_array", "external_tensors", "external_length", "external_location", "inline_copy", "is_external"]
@@ -113,11 +114,8 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield attribute.t
         elif attribute.type == onnx.AttributeProto.TENSORS:
             yield from attribute.tensors
-        elif attribute.type == onnx.AttributeProto.GRAPH:
-            yield from _all_tensors(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            for inner in attribute.graphs:
-                yield from _all_tensors(inner)
+    for body in subgraphs(node):
+        yield from _all_tensors(body)
 
 
 def tensor_size(tensor: onnx.TensorProto) -> int:

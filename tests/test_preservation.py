@@ -6,18 +6,15 @@ PP-OCRv4 recogniser, whose character dictionary lives in metadata_props.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import build_cnn, save
+from conftest import build_cnn, fetch_model, save
 from onnx import helper
 
 from onnx_lowrank.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 REWRITTEN_OPS = ("Conv", "Gemm", "MatMul", "BatchNormalization")
 
 
@@ -82,16 +79,9 @@ def test_compression_keeps_everything_it_does_not_rewrite(tmp_path):
     _assert_kept(written, model)
 
 
-def _fetch(name: str) -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "models" / "fetch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fetch(name)
-
-
 @pytest.mark.slow
 def test_real_recogniser_keeps_its_character_dictionary(tmp_path):
-    source = _fetch("ppocrv4-rec")
+    source = fetch_model("ppocrv4-rec")
     model = onnx.load(source)
     (dictionary,) = [p.value for p in model.metadata_props if p.key == "character"]
     assert len(dictionary.splitlines()) > 1000  # the recogniser's characters, one per line

