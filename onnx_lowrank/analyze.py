@@ -106,7 +106,7 @@ def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]],
 
     def one(job) -> tuple[Layer, Factors, float]:
         layer, decomposition, rank = job
-        return layer, decomposition.factors(rank), decomposition.measured_error(rank)
+        return (layer, *decomposition.written(rank))
 
     chosen = []
     with single_threaded_blas():

@@ -11,7 +11,6 @@ ranks at once, and apply asks it for the `factors` of the chosen rank, so nothin
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -43,12 +42,15 @@ class Decomposition(Protocol):
     def measured_error(self, rank: int) -> float:
         """The error of the written factors, in the same measure as `errors` (reported per layer)."""
 
+    def written(self, rank: int) -> tuple[Factors, float]:
+        """`factors(rank)` and `measured_error(rank)` together (a decomposition may share work between them)."""
+
 
 class WeightDecomposition:
     """Grouped truncated SVD of the weight alone (see `svd` and `error`).
 
-    Singular values come first and cheaply (planning needs only them); the singular vectors are computed on the
-    first call to `factors` and kept, so every later rank reuses them.
+    Singular values come first and cheaply (planning needs only them); the singular vectors are computed when the
+    factors are written (`written`) and not kept.
     """
 
     measure = "relative spectral error of the weight"
@@ -79,12 +81,14 @@ class WeightDecomposition:
         dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # dropped[r] = sum of energy[r:]
         return dropped[np.asarray(ranks)] / total if total else np.zeros(len(np.atleast_1d(ranks)))
 
-    @cached_property
-    def _svds(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return group_svds(self.matrix, self.k)
-
     def factors(self, rank: int) -> Factors:
-        return truncate(self._svds, rank)
+        return self.written(rank)[0]
 
     def measured_error(self, rank: int) -> float:
-        return truncation_error(self._svds, rank, self.reference_norm)
+        return self.written(rank)[1]
+
+    def written(self, rank: int) -> tuple[Factors, float]:
+        """The factors at `rank` and their measured error, from one SVD that is not kept: singular vectors of every
+        layer at once would hold about twice the model's weights in memory."""
+        svds = group_svds(self.matrix, self.k)
+        return truncate(svds, rank), truncation_error(svds, rank, self.reference_norm)

@@ -224,6 +224,9 @@ class OutputDecomposition:
         """The error of `factors(rank)`: `errors` is exact, so the same number."""
         return float(self.errors(np.array([self._check_rank(rank)]))[0])
 
+    def written(self, rank: int) -> tuple[Factors, float]:
+        return self.factors(rank), self.measured_error(rank)
+
     def _check_rank(self, rank) -> int:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= self._n:
             raise ValueError(f"rank must be a whole number in [1, {self._n}], got {rank!r}")
