@@ -63,15 +63,15 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     folder = path.resolve().parent
     for tensor in runtime.external_tensors(proto):
         _locate(tensor, folder, where)
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:
-        raise InvalidModelError(f"{where} fails the ONNX checker: {_first_line(exc)}") from None
     try:  # with shape inference: declared shapes that contradict the operators would only fail on our output
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
+    except Exception as full:
+        try:  # which kind of failure: the plain checker runs only now, to name it
+            onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise InvalidModelError(f"{where} fails the ONNX checker: {_first_line(exc)}") from None
         raise InvalidModelError(f"{where}: its declared shapes or types contradict its operators "
-                                f"({_first_line(exc)}); export it again or fix its value_info.") from None
+                                f"({_first_line(full)}); export it again or fix its value_info.") from None
     return proto
 
 

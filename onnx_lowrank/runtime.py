@@ -159,10 +159,16 @@ def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in list(external_tensors(copy)):
-        tensor.raw_data = _external_bytes(tensor)
-        tensor.ClearField("external_data")
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        _read_in(tensor)
     return copy
+
+
+def _read_in(tensor: onnx.TensorProto) -> None:
+    """Turn an external tensor into an inline one holding its bytes."""
+    data = _external_bytes(tensor)
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = data
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -172,9 +178,7 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         return onnx.numpy_helper.to_array(tensor)
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)
-    inline.ClearField("external_data")
-    inline.data_location = onnx.TensorProto.DEFAULT
-    inline.raw_data = _external_bytes(tensor)
+    _read_in(inline)
     return onnx.numpy_helper.to_array(inline)
 
 
