@@ -13,7 +13,7 @@ decomposing again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,10 +87,12 @@ class Analysis:
 
 
 def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]],
-               progress: Callable[[int, int], None] | None = None) -> list[tuple[Layer, Factors, float]]:
+               progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[Layer, Factors, float]]:
     """(layer, factors, measured error) of every layer `choices` names (layer -> (k, rank)), in model order, from
-    the analysis' decompositions: nothing is decomposed again. Layers are computed in parallel (`parallel`);
-    `progress(done, total)` follows them."""
+    the analysis' decompositions: nothing is decomposed again. The choices are checked now; the factors come one
+    layer at a time as they are iterated (computed a few layers ahead in parallel, `parallel`), so a caller that
+    writes each into the model and lets it go never holds every layer's factors. `progress(done, total)` follows
+    them."""
     jobs = []
     for entry in analysis.layers:
         choice = choices.get(entry.layer.name)
@@ -103,18 +105,19 @@ def factors_of(analysis: Analysis, choices: Mapping[str, tuple[int, int]],
                 f"not consider (its k: {sorted(entry.decompositions)}); analyse with a larger max_groups."
             )
         jobs.append((entry.layer, decomposition, choice[1]))
+    return _written(jobs, progress)
 
+
+def _written(jobs, progress) -> Iterator[tuple[Layer, Factors, float]]:
     def one(job) -> tuple[Layer, Factors, float]:
         layer, decomposition, rank = job
         return (layer, *decomposition.written(rank))
 
-    chosen = []
     with single_threaded_blas():
-        for result in map_in_order(one, jobs):
-            chosen.append(result)
+        for done, result in enumerate(map_in_order(one, jobs), start=1):
             if progress is not None:
-                progress(len(chosen), len(jobs))
-    return chosen
+                progress(done, len(jobs))
+            yield result
 
 
 def group_counts(layer: Layer, max_groups: int) -> list[int]:
@@ -176,13 +179,15 @@ def analyze_layers(
 
 def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics | None, shrinkage: float):
     counts = group_counts(layer, max_groups)
+    matrix = layer.read_matrix()  # read once for every k; the decompositions keep what they need, not the matrix
     if statistics is None:
-        first = WeightDecomposition(layer.matrix, 1)  # k = 1 first: its largest singular value is ||W||_2
+        reread = layer.read_matrix
+        first = WeightDecomposition(matrix, 1, reread=reread)  # k = 1 first: its largest singular value is ||W||_2
         norm = first.reference_norm
-        return {k: first if k == 1 else WeightDecomposition(layer.matrix, k, norm) for k in counts}
+        return {k: first if k == 1 else WeightDecomposition(matrix, k, norm, reread=reread) for k in counts}
     covariance = shrunk_covariance(statistics, shrinkage)  # once per layer, shared by every k
     return {
-        k: OutputDecomposition(layer.matrix, statistics, k, bias=layer.bias, shrinkage=shrinkage, covariance=covariance)
+        k: OutputDecomposition(matrix, statistics, k, bias=layer.bias, shrinkage=shrinkage, covariance=covariance)
         for k in counts
     }
 

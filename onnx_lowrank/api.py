@@ -359,21 +359,28 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     _check_plan(plan, layers, analysis)
     chosen = factors_of(analysis, plan.layers,
                         None if progress is None else lambda done, total: progress("applying", done, total))
-    rewrites = [(layer, factors) for layer, factors, _ in chosen]
-    errors = {layer.name: error for layer, _, error in chosen}
-    if refit and rewrites:
+    errors: dict[str, float] = {}
+
+    def written():  # each layer's factors go into the model as they come, and are not kept
+        for layer, factors, error in chosen:
+            errors[layer.name] = error
+            yield layer, factors
+
+    rewrites = written()
+    if refit and plan.layers:
         if workspace.calibration is None:
             raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
-        rewrites = refit_factors(model, rewrites, workspace.calibration)
-    compressed, _ = factorize_layers(model, rewrites) if rewrites else (model, 0)
+        rewrites = refit_factors(model, list(rewrites), workspace.calibration)  # needs every layer's factors
+    changed = bool(plan.layers)
+    compressed = factorize_layers(model, rewrites)[0] if changed else model
     seconds["apply"] = time.perf_counter() - start
     rows = [_row(entry, analysis, plan.layers.get(entry.layer.name), errors.get(entry.layer.name))
             for entry in analysis.layers]
 
     verification = timing = None
-    if run_verify and rewrites:
+    if run_verify and changed:
         start = time.perf_counter()
-        check_model(compressed, full_check=True)  # by path when too large for one message or lazily loaded
+        check_model(compressed, full_check=True)  # by path (weights not read) when large or lazily loaded
         samples = workspace.samples_to_verify
         verification = verify(model, compressed, samples, None if progress is None else
                               lambda done: progress("verifying", done, samples.count))
@@ -384,11 +391,11 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
                                            settings=workspace.speed.settings)
             seconds["time"] = time.perf_counter() - start
 
-    after_shapes = workspace.shapes_of(compressed) if rewrites else None
+    after_shapes = workspace.shapes_of(compressed) if changed else None
     before = {name: cost_model.total for name, cost_model in analysis.costs.items()}
     after = {}
     for name, cost_model in analysis.costs.items():
-        counted = cost_model.count(compressed, after_shapes) if rewrites else before[name]
+        counted = cost_model.count(compressed, after_shapes) if changed else before[name]
         after[name] = counted if counted is not None else _predicted(before[name], [row.costs[name] for row in rows])
     report = Report(
         layers=tuple(rows),
@@ -399,11 +406,11 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         verification=verification,
         verified_on=workspace.samples_to_verify.source if verification is not None else None,
         seconds=seconds,
-        message=None if rewrites else _nothing_to_do(analysis, plan),
+        message=None if changed else _nothing_to_do(analysis, plan),
         measure=analysis.measure,
         calibrated_on=analysis.calibration,
         in_sample=workspace.in_sample and verification is not None,
-        refit=refit and bool(rewrites),
+        refit=refit and changed,
         latency=timing,
         guarded=analysis.guarded,
         speed_note=_speed_note(workspace, analysis),
@@ -566,7 +573,7 @@ def _check_plan(plan: Plan, layers: Mapping[str, object], analysis: Analysis) ->
             raise InvalidOptionError(
                 f"Layer {name!r} can only take k=1: the rank of its input is unknown (give --input-shape)."
             )
-        largest = min(layer.out_channels, layer.matrix.shape[1] // k)
+        largest = min(layer.out_channels, layer.columns // k)
         if not 1 <= rank <= largest:
             raise InvalidOptionError(f"The plan gives layer {name!r} rank {rank}; with k={k} it must be 1 to {largest}.")
 

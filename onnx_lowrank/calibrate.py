@@ -57,10 +57,10 @@ def collect_statistics(
             value = feed[name] if name in graph_inputs else outputs[name]
             seed = sample_seed(name, index)
             rows = input_rows(value, geometry, max_rows, seed)
-            if rows.shape[1] != layer.matrix.shape[1]:
+            if rows.shape[1] != layer.columns:
                 raise InputDataError(
                     f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these samples, "
-                    f"but its weight expects {layer.matrix.shape[1]}; give samples the model accepts"
+                    f"but its weight expects {layer.columns}; give samples the model accepts"
                 )
             if key not in accumulators:
                 accumulators[key] = StatisticsAccumulator(rows.shape[1])

@@ -30,7 +30,7 @@ that set this found a layer factorized for a 1% saving at error 0.25."""
 
 
 def dense_params(layer: Layer) -> int:
-    return int(layer.matrix.size) + layer.folded_params
+    return layer.weight_size + layer.folded_params
 
 
 def factorized_params(layer: Layer, k: int, rank: int, bias_correction: bool = False) -> int:
@@ -42,7 +42,7 @@ def factorized_params(layer: Layer, k: int, rank: int, bias_correction: bool = F
 
 
 def dense_flops(layer: Layer) -> int | None:
-    return None if layer.output_positions is None else 2 * layer.output_positions * int(layer.matrix.size)
+    return None if layer.output_positions is None else 2 * layer.output_positions * layer.weight_size
 
 
 def factorized_flops(layer: Layer, k: int, rank: int) -> int | None:
@@ -55,13 +55,13 @@ def is_smaller(layer: Layer, k: int, rank: int, bias_correction: bool = False) -
     """A factorization is a candidate only if it keeps at most 1 - MIN_SAVING of the dense layer's parameters and
     of its FLOPs (FLOPs scale with the weight elements: both forms run at the layer's output positions)."""
     keep = 1.0 - MIN_SAVING
-    return (_factor_elements(layer, k, rank) <= keep * layer.matrix.size
+    return (_factor_elements(layer, k, rank) <= keep * layer.weight_size
             and factorized_params(layer, k, rank, bias_correction) <= keep * dense_params(layer))
 
 
 def _factor_elements(layer: Layer, k: int, rank: int) -> int:
     """Weights of the grouped encoder (k*r x in/k*taps) plus the decoder (out x k*r)."""
-    return int(rank * (k * layer.out_channels + layer.matrix.shape[1]))
+    return int(rank * (k * layer.out_channels + layer.columns))
 
 
 def model_params(model: onnx.ModelProto) -> int:

@@ -11,6 +11,7 @@ ranks at once, and apply asks it for the `factors` of the chosen rank, so nothin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -50,13 +51,17 @@ class WeightDecomposition:
     """Grouped truncated SVD of the weight alone (see `svd` and `error`).
 
     Singular values come first and cheaply (planning needs only them); the singular vectors are computed when the
-    factors are written (`written`) and not kept.
+    factors are written (`written`) and not kept. With `reread` (a function returning the matrix again, such as
+    `Layer.read_matrix`) the matrix is not kept either: the factors read it anew, so analysing every layer of a
+    large model never holds more than a layer or two of its weights.
     """
 
     measure = "relative spectral error of the weight"
 
-    def __init__(self, matrix: np.ndarray, k: int, reference_norm: float | None = None) -> None:
-        self.matrix = matrix
+    def __init__(self, matrix: np.ndarray, k: int, reference_norm: float | None = None,
+                 reread: Callable[[], np.ndarray] | None = None) -> None:
+        self._matrix = None if reread is not None else matrix
+        self._reread = reread
         self.k = k
         values = group_singular_values(matrix, k)
         norm = float(values[0, 0]) if reference_norm is None and k == 1 else reference_norm
@@ -88,7 +93,19 @@ class WeightDecomposition:
         return self.written(rank)[1]
 
     def written(self, rank: int) -> tuple[Factors, float]:
-        """The factors at `rank` and their measured error, from one SVD that is not kept: singular vectors of every
-        layer at once would hold about twice the model's weights in memory."""
-        svds = group_svds(self.matrix, self.k)
-        return truncate(svds, rank), truncation_error(svds, rank, self.reference_norm)
+        """The factors at `rank` and their measured error, from one SVD per group that is not kept (singular vectors
+        of every layer at once would hold about twice the model's weights), taken one group at a time so that only
+        one group's right singular vectors exist beside the factors."""
+        matrix = self._matrix if self._reread is None else self._reread()
+        k, cols = self.k, matrix.shape[1] // self.k
+        encoder = np.empty((k, rank, cols))
+        decoder = np.empty((matrix.shape[0], k * rank))
+        spectra = []  # (u, s) of every group, for the error; each group's vt is dropped once its factors are taken
+        for g in range(k):
+            ((u, s, vt),) = group_svds(matrix[:, g * cols : (g + 1) * cols], 1)
+            part = truncate([(u, s, vt)], rank)
+            encoder[g], decoder[:, g * rank : (g + 1) * rank] = part.encoder[0], part.decoder
+            spectra.append((u, s, None))
+            del vt, part
+        return Factors(k=k, rank=rank, encoder=encoder, decoder=decoder), truncation_error(spectra, rank,
+                                                                                          self.reference_norm)

@@ -10,7 +10,7 @@ Everything else is listed as skipped, with the reason, and left untouched.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,17 +21,18 @@ from .graphs import consumed_names, nested_nodes, subgraphs
 from .patches import ConvGeometry
 from .runtime import tensor_array
 
-__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover"]
+__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover", "ConstantTable", "readers_of"]
 
 
 @dataclass(frozen=True, eq=False)
 class Layer:
     """One factorizable layer, seen as a matrix.
 
-    `matrix` is the effective weight, shape (out, in_channels * prod(kernel_shape)): a Conv weight (out, c, *kernel)
-    reshaped in C order with any following BatchNormalization folded in; a Gemm weight as (out, in) whatever transB
-    says; a MatMul weight (in, out) transposed. Splitting its columns into k contiguous equal blocks splits the input
-    channels into k contiguous groups.
+    The matrix (`read_matrix()`) is the effective weight, shape (out, in_channels * prod(kernel_shape)): a Conv
+    weight (out, c, *kernel) reshaped in C order with any following BatchNormalization folded in; a Gemm weight as
+    (out, in) whatever transB says; a MatMul weight (in, out) transposed. Splitting its columns into k contiguous
+    equal blocks splits the input channels into k contiguous groups. It is read from the model each time it is asked
+    for, and not kept: a large model's weights stay on disk until their layer is worked on, one or two at a time.
     """
 
     name: str  # node name, or the node's first output when the node is unnamed; unique in the model
@@ -40,7 +41,8 @@ class Layer:
     input_name: str  # the activation the node reads (its input rows are what calibration statistics describe)
     weight_name: str  # the weight tensor as the node reads it
     weight_shape: tuple[int, ...]  # as stored in the model
-    matrix: np.ndarray  # (out, in_channels * prod(kernel_shape)), float64
+    matrix_shape: tuple[int, int]  # (out, in_channels * prod(kernel_shape))
+    source: Callable[[], np.ndarray]  # reads the matrix, float64 (see `read_matrix`)
     in_channels: int
     kernel_shape: tuple[int, ...]  # () for Gemm/MatMul
     dtype: np.dtype  # the weight's stored dtype; new weights are written in it
@@ -53,14 +55,28 @@ class Layer:
     activation_rank: int | None = None  # rank of the activation input (needed to build a grouped MatMul)
     shared: tuple[Consumer, ...] = ()  # the other nodes reading this weight the same way (one set of factors)
 
+    def read_matrix(self) -> np.ndarray:
+        """The layer's matrix, float64, read from the model now (a new array each call: keep it only while needed)."""
+        return self.source()
+
     @property
     def out_channels(self) -> int:
-        return self.matrix.shape[0]
+        return self.matrix_shape[0]
+
+    @property
+    def columns(self) -> int:
+        """Columns of the matrix: input channels times kernel positions."""
+        return self.matrix_shape[1]
+
+    @property
+    def weight_size(self) -> int:
+        """Elements of the matrix (the dense layer's weight parameters)."""
+        return self.matrix_shape[0] * self.matrix_shape[1]
 
     @property
     def taps(self) -> int:
         """Kernel positions per input channel (1 for Gemm/MatMul)."""
-        return self.matrix.shape[1] // self.in_channels
+        return self.matrix_shape[1] // self.in_channels
 
     @property
     def output(self) -> str:
@@ -134,8 +150,8 @@ def discover(
     """
     graph = model.graph
     pattern = re.compile(exclude) if exclude else None
-    constants = _ConstantTable(graph)
-    consumers = _consumers(graph)
+    constants = ConstantTable(graph)
+    consumers = readers_of(graph)
     producers = {out: node for node in graph.node for out in node.output if out}
     boundary = {v.name for v in graph.input} | {v.name for v in graph.output}
     ranks = _activation_ranks(model) if shapes is None else {k: len(v) for k, v in shapes.items()}
@@ -173,8 +189,8 @@ def discover(
                     layer = _shared_layer(layer, readers, names, constants, consumers, shapes, ranks)
             except _Skip as skip:
                 reason = str(skip)
-            if reason is None and not (np.isfinite(layer.matrix).all() and (layer.bias is None
-                                                                            or np.isfinite(layer.bias).all())):
+            if reason is None and not (np.isfinite(layer.read_matrix()).all() and (layer.bias is None
+                                                                                  or np.isfinite(layer.bias).all())):
                 reason = "weight or bias has NaN or infinite values (a damaged file?); it cannot be factorized"
         if len(readers) > 1:
             shared_reasons[node.input[weight_index]] = reason
@@ -202,7 +218,7 @@ class _Skip(Exception):
     """Raised inside a layer builder: the message is the skip reason."""
 
 
-class _ConstantTable:
+class ConstantTable:
     """Initializers and Constant-node outputs by name; arrays are decoded only when asked for, and a weight stored
     as external data is read from its file only then (the model keeps only its header)."""
 
@@ -226,8 +242,30 @@ class _ConstantTable:
     def array(self, name: str) -> np.ndarray:
         return tensor_array(self._tensors[name])
 
+    def tensor(self, name: str) -> onnx.TensorProto:
+        return self._tensors[name]
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+
+@dataclass(frozen=True, eq=False)
+class _StoredWeight:
+    """Reads a layer's matrix from its weight tensor in the model (from the data file when the tensor is stored as
+    external data): reshaped to (out, -1), or transposed from (in, out), and scaled by a folded BatchNormalization.
+    Nothing is kept between calls."""
+
+    tensor: onnx.TensorProto
+    transposed: bool = False
+    row_scale: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray:
+        weight = tensor_array(self.tensor)
+        matrix = weight.T if self.transposed else weight.reshape(weight.shape[0], -1)
+        matrix = np.ascontiguousarray(matrix, dtype=np.float64)
+        if self.row_scale is not None:
+            matrix *= self.row_scale[:, None]
+        return matrix
+
+
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Every node reading each tensor, counting reads from inside subgraphs (If/Loop bodies) as their parent's."""
     result: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -343,14 +381,14 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
     attrs = _attributes(node)
     if attrs.get("group", 1) != 1:
         return _raise("grouped or depthwise convolution (group > 1)")
-    weight = constants.array(node.input[1])
-    if weight.ndim < 3:
-        return _raise(f"weight of rank {weight.ndim} is not a convolution kernel")
-    out_channels, in_channels, *kernel = weight.shape
-    matrix = weight.reshape(out_channels, -1).astype(np.float64)
+    weight_shape = constants.shape(node.input[1])
+    if len(weight_shape) < 3:
+        return _raise(f"weight of rank {len(weight_shape)} is not a convolution kernel")
+    out_channels, in_channels, *kernel = weight_shape
     has_bias = len(node.input) > 2 and bool(node.input[2])
     bias = _vector(constants, node.input[2], out_channels) if has_bias else None
     folded_params = 0
+    row_scale = None
     batchnorm = _following_batchnorm(node, constants, consumers, boundary)
     if batchnorm is not None:
         scale, shift = _batchnorm_affine(batchnorm, constants)
@@ -358,7 +396,7 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
             batchnorm = None  # the bias cannot be folded; factorize the Conv alone
         elif scale.shape == (out_channels,):
             conv_bias = constants.array(node.input[2]).astype(np.float64) if has_bias else 0.0
-            matrix = matrix * scale[:, None]
+            row_scale = scale
             bias = conv_bias * scale + shift
             folded = list(batchnorm.input[1:5]) + ([node.input[2]] if has_bias else [])
             folded_params = sum(int(np.prod(constants.shape(name), dtype=np.int64)) for name in folded)
@@ -372,11 +410,12 @@ def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
         node_output=node.output[0],
         input_name=node.input[0],
         weight_name=node.input[1],
-        weight_shape=tuple(weight.shape),
-        matrix=matrix,
+        weight_shape=tuple(weight_shape),
+        matrix_shape=(out_channels, int(np.prod(weight_shape[1:], dtype=np.int64))),
+        source=_StoredWeight(constants.tensor(node.input[1]), row_scale=row_scale),
         in_channels=in_channels,
         kernel_shape=tuple(kernel),
-        dtype=weight.dtype,
+        dtype=constants.dtype(node.input[1]),
         batchnorm_output=batchnorm.output[0] if batchnorm is not None else None,
         bias=bias,
         folded_params=folded_params if batchnorm is not None else 0,
@@ -408,42 +447,47 @@ def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> La
     attrs = _attributes(node)
     if attrs.get("transA", 0) != 0:
         return _raise("transA=1 is not supported")
-    weight = constants.array(node.input[1])
-    if weight.ndim != 2:
-        return _raise(f"weight of rank {weight.ndim} is not a matrix")
-    matrix = weight if attrs.get("transB", 0) else weight.T
+    weight_shape = constants.shape(node.input[1])
+    if len(weight_shape) != 2:
+        return _raise(f"weight of rank {len(weight_shape)} is not a matrix")
+    transposed = not attrs.get("transB", 0)  # the stored weight is (in, out)
+    out_channels = weight_shape[1] if transposed else weight_shape[0]
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     bias, bias_size = None, 0
     if len(node.input) > 2 and node.input[2] and alpha != 0:
-        c = _vector(constants, node.input[2], matrix.shape[0])
+        c = _vector(constants, node.input[2], out_channels)
         if c is not None:
             # Y = alpha (W x + beta / alpha C)
             bias, bias_size = c * (beta / alpha), _own_size(constants, consumers, node.input[2])
-    return _matrix_layer(node, name, "Gemm", weight, matrix, shapes, ranks, bias, bias_size)
+    return _matrix_layer(node, name, "Gemm", constants, transposed, shapes, ranks, bias, bias_size)
 
 
 def _matmul_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
-    weight = constants.array(node.input[1])
-    if weight.ndim != 2:
-        return _raise(f"weight of rank {weight.ndim} is a batch of matrices, not one matrix")
+    weight_shape = constants.shape(node.input[1])
+    if len(weight_shape) != 2:
+        return _raise(f"weight of rank {len(weight_shape)} is a batch of matrices, not one matrix")
     rank = ranks.get(node.input[0])
     if rank is not None and rank < 2:
         return _raise("activation is a vector (rank 1)")
-    return _matrix_layer(node, name, "MatMul", weight, weight.T, shapes, ranks)
+    return _matrix_layer(node, name, "MatMul", constants, True, shapes, ranks)
 
 
-def _matrix_layer(node, name, op, weight, matrix, shapes, ranks, bias=None, bias_size=0) -> Layer:
+def _matrix_layer(node, name, op, constants, transposed, shapes, ranks, bias=None, bias_size=0) -> Layer:
+    """A Gemm or MatMul layer; `transposed`: the stored weight is (in, out), the transpose of the layer's matrix."""
+    weight_shape = constants.shape(node.input[1])
+    matrix_shape = weight_shape[::-1] if transposed else weight_shape
     return Layer(
         name=name,
         op=op,
         node_output=node.output[0],
         input_name=node.input[0],
         weight_name=node.input[1],
-        weight_shape=tuple(weight.shape),
-        matrix=np.ascontiguousarray(matrix, dtype=np.float64),
-        in_channels=matrix.shape[1],
+        weight_shape=weight_shape,
+        matrix_shape=matrix_shape,
+        source=_StoredWeight(constants.tensor(node.input[1]), transposed=transposed),
+        in_channels=matrix_shape[1],
         kernel_shape=(),
-        dtype=weight.dtype,
+        dtype=constants.dtype(node.input[1]),
         bias=bias,
         bias_size=bias_size,
         output_positions=_positions(shapes, node.output[0], channel_axis=-1),
@@ -474,7 +518,7 @@ def _following_batchnorm(node, constants, consumers, boundary) -> onnx.NodeProto
     return bn
 
 
-def _batchnorm_affine(bn: onnx.NodeProto, constants: _ConstantTable) -> tuple[np.ndarray, np.ndarray]:
+def _batchnorm_affine(bn: onnx.NodeProto, constants: ConstantTable) -> tuple[np.ndarray, np.ndarray]:
     """BatchNormalization as y = scale * x + shift per channel."""
     gamma, beta, mean, var = (constants.array(n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
     epsilon = _attributes(bn).get("epsilon", 1e-5)

@@ -61,10 +61,11 @@ def truncation_error(svds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rank
     if len(svds) == 1:
         s = svds[0][1]
         return float(s[rank]) / reference_norm if rank < len(s) else 0.0
-    out = svds[0][0].shape[0]
-    gram = np.zeros((out, out))
-    for u, s, _ in svds:
-        dropped = u[:, rank:]
-        gram += (dropped * s[rank:] ** 2) @ dropped.T
-    largest = float(np.linalg.eigvalsh(gram)[-1]) if out else 0.0
+    # ||sum_g U_g,dropped S_g,dropped^2 U_g,dropped^T||_2 = ||B||_2^2 with B = [U_g,dropped S_g,dropped]_g (out x K):
+    # the largest eigenvalue of the smaller of B B^T and B^T B (a layer with 65536 outputs never forms 65536^2)
+    dropped = np.hstack([u[:, rank:] * s[rank:] for u, s, _ in svds])
+    if dropped.size == 0:
+        return 0.0
+    gram = dropped @ dropped.T if dropped.shape[0] <= dropped.shape[1] else dropped.T @ dropped
+    largest = float(np.linalg.eigvalsh(gram)[-1])
     return float(np.sqrt(max(largest, 0.0))) / reference_norm

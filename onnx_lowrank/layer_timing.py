@@ -95,7 +95,7 @@ def blocked(layer: Layer, block: int) -> bool:
 def largest_candidate_rank(layer: Layer, k: int) -> int:
     """The largest rank at which the factorized layer is a candidate (`cost.is_smaller`; 0 if none is). Without a
     bias correction, which only lowers it: one grid serves weight-only and data-aware analyses alike."""
-    top = min(layer.out_channels, layer.matrix.shape[1] // k)
+    top = min(layer.out_channels, layer.columns // k)
     for rank in range(top, 0, -1):
         if cost.is_smaller(layer, k, rank):
             return rank
@@ -136,7 +136,7 @@ def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray], rounds: in
 
 
 def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -> Factors:
-    cols = layer.matrix.shape[1]
+    cols = layer.columns
     return Factors(k=k, rank=rank, encoder=rng.standard_normal((k, rank, cols // k)),
                    decoder=rng.standard_normal((layer.out_channels, k * rank)))
 

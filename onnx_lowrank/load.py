@@ -3,7 +3,8 @@
 Loading accepts a path or a ModelProto. Weights stored as external data are not read: each such tensor stays a
 header whose `location` is set to the absolute path of its data file, after checking that the file lies inside the
 model's folder (no absolute path, no `..`, no symlink leading out) and holds the bytes the header promises; a weight
-is read when discovery asks for it (`runtime.tensor_array`). The model is checked by path, which onnx can do above
+is read when its layer asks for it (`runtime.tensor_array`). A file over `LAZY_INLINE_BYTES` whose weights are inside
+it is loaded the same way, its weights left in the .onnx file (`inline_weights`). The model is checked by path, which onnx can do above
 the 2 GiB limit of one protobuf message. Anything that is not a well-formed ONNX model is an InvalidModelError with
 one line saying what is wrong.
 
@@ -24,11 +25,16 @@ import onnx.defs
 
 from . import runtime
 from .graphs import subgraphs
+from .inline_weights import load_without_weights
 from .errors import InvalidModelError, InvalidOptionError
 
 __all__ = ["load_model", "save_model", "check_output_path", "check_model"]
 
 _STAGING_PREFIX = ".onnx-lowrank-"
+
+LAZY_INLINE_BYTES = 64 << 20
+"""A model file larger than this, with its weights inside it, is loaded without them (`inline_weights`): parsed
+whole, every copy made of it later (the rewritten model, a session) would copy every weight again."""
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -56,18 +62,27 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{where} is empty (0 bytes); export the model again.")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = load_without_weights(path) if path.stat().st_size > LAZY_INLINE_BYTES else None
+        weights_inside = proto is not None  # its external tensors are the weights left in the file itself
+        if proto is None:
+            proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf and onnx raise many types for a damaged file
         raise InvalidModelError(f"{where} is not a readable ONNX model, or is cut short ({_first_line(exc)}).") from None
     _check_structure(proto, where)
     folder = path.resolve().parent
-    for tensor in runtime.external_tensors(proto):
+    for tensor in runtime.external_tensors(proto) if not weights_inside else ():
         _locate(tensor, folder, where)
+    def checker(full_check: bool) -> None:  # by path; weights left in the .onnx file would all be read by it
+        if weights_inside:
+            check_model(proto, full_check=full_check)
+        else:
+            onnx.checker.check_model(str(path), full_check=full_check)
+
     try:  # with shape inference: declared shapes that contradict the operators would only fail on our output
-        onnx.checker.check_model(str(path), full_check=True)
+        checker(full_check=True)
     except Exception as full:
         try:  # which kind of failure: the plain checker runs only now, to name it
-            onnx.checker.check_model(str(path))
+            checker(full_check=False)
         except Exception as exc:
             raise InvalidModelError(f"{where} fails the ONNX checker: {_first_line(exc)}") from None
         raise InvalidModelError(f"{where}: its declared shapes or types contradict its operators "
@@ -135,10 +150,10 @@ def _locate(tensor: onnx.TensorProto, folder: Path, where: str) -> None:
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
-    """The ONNX checker on `model`, in memory when it fits one protobuf message and holds no external tensors, else
-    on a copy written with external data (onnx checks files of any size by path). Raises onnx's own errors: on a
-    model we wrote, a failure is our bug, not the user's."""
-    if runtime.model_size(model) <= runtime.PROTOBUF_LIMIT and not any(runtime.external_tensors(model)):
+    """The ONNX checker on `model`: in memory when it is small and holds no external tensors, else on a copy written
+    with external data (onnx checks files of any size by path, without reading the weights). Raises onnx's own
+    errors: on a model we wrote, a failure is our bug, not the user's."""
+    if runtime.model_size(model) <= runtime.IN_MEMORY_LIMIT and not any(runtime.external_tensors(model)):
         onnx.checker.check_model(model, full_check=full_check)
         return
     with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:

@@ -3,12 +3,16 @@
 Many small SVDs and eigendecompositions: a second BLAS thread inside one barely helps them, and when onnxruntime
 or another process holds the other core it makes them many times slower (measured: 1.3 s with one thread, 14-59 s
 with two). LAPACK releases the GIL, so layers decomposed on separate Python threads, one BLAS thread each, use the
-cores without that contention. Results come back in input order, so the output does not depend on scheduling.
+cores without that contention. Results come back in input order, so the output does not depend on scheduling, and
+only a few are computed ahead of the one being used: a layer's factors can be as large as its weight, and the
+factors of every layer at once would hold a second copy of the model.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from itertools import islice
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,11 +33,20 @@ def single_threaded_blas() -> Iterator[None]:
 
 
 def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
-    """`function` over `items` on `workers` threads (default: one per core), yielding results in input order."""
+    """`function` over `items` on `workers` threads (default: one per core), yielding results in input order; at
+    most `workers` results wait, finished or running, while the caller holds the last one yielded."""
     items = list(items)
     workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
     if workers <= 1:
         yield from map(function, items)
         return
+    remaining = iter(items)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(function, items)
+        pending = deque(pool.submit(function, item) for item in islice(remaining, workers))
+        while pending:
+            result = pending.popleft().result()
+            for item in remaining:  # one more in flight before the caller gets this one
+                pending.append(pool.submit(function, item))
+                break
+            yield result
+            del result

@@ -120,7 +120,6 @@ class OutputDecomposition:
             if sigma.shape != (d, d):
                 raise ValueError(f"covariance must be of shape {(d, d)}, got {sigma.shape}")
 
-        self.matrix = matrix
         self.k = k
         self.bias = bias
         self.shrinkage = shrinkage

@@ -72,6 +72,7 @@ class _Sums:
 
     def __init__(self, layer: Layer, factors: Factors) -> None:
         self.layer, self.factors = layer, factors
+        self.weight_t = layer.read_matrix().T  # this stage's layers only: read once, dropped with the sums
         width = factors.k * factors.rank
         self.zz = np.zeros((width, width))
         self.zy = np.zeros((width, layer.out_channels))
@@ -83,7 +84,7 @@ class _Sums:
         k = self.factors.k
         groups = np.split(np.asarray(x_tilde, dtype=np.float64), k, axis=1)
         z = np.concatenate([g @ e.T for g, e in zip(groups, self.factors.encoder)], axis=1)
-        y = np.asarray(x, dtype=np.float64) @ self.layer.matrix.T
+        y = np.asarray(x, dtype=np.float64) @ self.weight_t
         self.zz += z.T @ z
         self.zy += z.T @ y
         self.z += z.sum(axis=0)

@@ -29,11 +29,16 @@ import onnxruntime as ort
 from .errors import InputDataError, InvalidModelError, InvalidOptionError
 from .graphs import subgraphs
 
-__all__ = ["PROTOBUF_LIMIT", "RuntimeSettings", "session", "run", "model_size", "save_with_external_data",
+__all__ = ["PROTOBUF_LIMIT", "RuntimeSettings", "session", "run", "model_size", "save_with_external_data", "header_copy",
            "with_outputs", "tensor_array", "external_tensors", "external_length", "external_location", "inline_copy", "is_external"]
 
 PROTOBUF_LIMIT = 1_800_000_000
 """Bytes above which a model is passed to ORT (and shape inference) through a file with external data."""
+
+IN_MEMORY_LIMIT = 64 << 20
+"""Bytes above which a model goes to onnxruntime (and the onnx checker) as a file with external data rather than
+serialized in memory: serializing copies every weight once more and the C++ side parses them into yet another copy,
+while weights in a page-aligned data file are mapped by ORT (and not read at all by the checker)."""
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
@@ -85,11 +90,22 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
 def model_size(model: onnx.ModelProto) -> int:
     """Serialized size in bytes with every weight inline (external tensors count their stored length); models
     protobuf cannot even measure count as infinitely large."""
+    inline = held_size(model)
+    return inline + sum(external_length(tensor) for tensor in external_tensors(model))
+
+
+def held_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes of what the model holds in memory (external weights count as their headers), to
+    within a few bytes per initializer. Measured part by part: protobuf sizes a message by serializing it, which
+    for a whole model would be one more copy of its weights."""
     try:
-        inline = model.ByteSize()
+        rest = _without_initializers(model).ByteSize()
+        return rest + sum(tensor.ByteSize() + _FIELD_OVERHEAD for tensor in model.graph.initializer)
     except Exception:  # protobuf refuses to size messages past 2 GB on some builds
         return 1 << 62
-    return inline + sum(external_length(tensor) for tensor in external_tensors(model))
+
+
+_FIELD_OVERHEAD = 11  # an initializer's tag and length in its graph, at most (1 + a 10-byte varint)
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -200,13 +216,7 @@ def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name:
     """
     path = Path(directory) / name
     data_name = name + ".data"
-    header = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(header, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(header.graph, field, value)
+    header = _without_initializers(model)
     with open(Path(directory) / data_name, "wb") as data:
         for tensor in model.graph.initializer:
             header.graph.initializer.append(_stored(tensor, data, data_name))
@@ -218,6 +228,35 @@ def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name:
         stream.write(header.SerializeToString())
         _finish(stream, durable)
     return path
+
+
+def header_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose main-graph initializers of 1 KiB or more keep their name, type and dims but not their
+    bytes (marked as external data with no file): all that shape inference reads, copied without copying the
+    weights. Not a model to run or save."""
+    header = _without_initializers(model)
+    for tensor in model.graph.initializer:
+        if not is_external(tensor) and (tensor.ByteSize() < _INLINE_BYTES or tensor.data_type == onnx.TensorProto.STRING):
+            header.graph.initializer.append(tensor)
+            continue
+        stub = header.graph.initializer.add()
+        for field, value in tensor.ListFields():
+            if field.name not in _DATA_FIELDS:
+                _copy_field(stub, field, value)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+    return header
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything in `model` but its main graph's initializers."""
+    header = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(header, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(header.graph, field, value)
+    return header
 
 
 def _finish(stream, durable: bool) -> None:
@@ -362,13 +401,14 @@ def session(
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     providers = [settings.provider] if settings.provider == DEFAULT_PROVIDER else [settings.provider, DEFAULT_PROVIDER]
     try:
-        if any(external_tensors(model)) and model.ByteSize() <= PROTOBUF_LIMIT:
+        if any(external_tensors(model)) and held_size(model) <= IN_MEMORY_LIMIT:
             sess = _session_from_folder(model, options, providers)
             if sess is not None:
                 return sess
-        if model_size(model) <= PROTOBUF_LIMIT:
+        if model_size(model) <= IN_MEMORY_LIMIT:
             return ort.InferenceSession(inline_copy(model).SerializeToString(), options, providers=providers)
-        # ORT reads external data while the session is created, so the directory may go right after.
+        # ORT maps or reads the external data while the session is created, so the directory may go right after
+        # (a mapped file outlives its name).
         with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:
             path = save_with_external_data(model, directory)
             return ort.InferenceSession(str(path), options, providers=providers)

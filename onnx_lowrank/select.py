@@ -44,7 +44,7 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     if len(plans) == 1 or not analysis.layers:
         name, only = next(iter(plans.items()))
         return replace(only, allocator=name, notes=(f"auto: {name} (the only distinct plan)",))
-    models = [factorize_layers(model, [(layer, f) for layer, f, _ in factors_of(analysis, p.layers)])[0]
+    models = [factorize_layers(model, ((layer, f) for layer, f, _ in factors_of(analysis, p.layers)))[0]
               for p in plans.values()]
     checks = verify_many(model, models, samples)
     errors = {name: _score(check.worst_relative_l2) for name, check in zip(plans, checks)}

@@ -11,7 +11,6 @@ caller's model is never touched.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -67,8 +66,7 @@ def _inferred(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Fully concrete shapes found by ONNX shape inference (data propagation on), and every known element type."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = runtime.header_copy(model)  # inference reads the weights' dims, not their values
     graph = copy.graph
     # Stale annotations (a static size from export time, a symbolic one) could clash with the pinned inputs.
     graph.ClearField("value_info")
@@ -82,14 +80,9 @@ def _inferred(
             for size in input_shapes[value.name]:
                 shape.dim.add().dim_value = size
     try:
-        if runtime.model_size(copy) <= runtime.PROTOBUF_LIMIT:
-            result = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
-        else:
-            with tempfile.TemporaryDirectory(prefix="onnx_lowrank_") as directory:
-                path = runtime.save_with_external_data(copy, directory)
-                out = path.with_name("inferred.onnx")
-                onnx.shape_inference.infer_shapes_path(str(path), str(out), False, False, True)
-                result = onnx.load(str(out), load_external_data=False)
+        # the copy holds no weights, so it fits one message unless its Constant nodes alone pass 2 GB (then the
+        # shapes are measured instead)
+        result = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # inference is only a shortcut: anything it cannot do is measured in onnxruntime instead
         return {}, {}
     shapes: dict[str, tuple[int, ...]] = {}

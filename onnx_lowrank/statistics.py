@@ -1,7 +1,7 @@
 """Second-moment statistics of a layer's input, accumulated one chunk of rows at a time.
 
 A layer computes y = W x (+ b) for every row x of its input: a Conv's im2col patch (c_in * taps values, in the
-C order of `Layer.matrix` columns), a Gemm/MatMul's input vector. What the data-aware decomposition needs from the
+C order of the layer matrix's columns), a Gemm/MatMul's input vector. What the data-aware decomposition needs from the
 calibration data is the sum of x x^T, the sum of x and the number of rows: memory is d x d whatever the number of
 samples, and adding chunks in any split gives the same result as adding all rows at once.
 """

@@ -7,7 +7,7 @@ is not rewritten byte-identical (metadata_props, opsets, doc strings, value_info
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import onnx
 
@@ -28,17 +28,17 @@ REWRITERS: dict[str, Callable[[GraphEditor, Layer, Factors], None]] = {
 }
 
 
-def factorize_layers(model: onnx.ModelProto, rewrites: Sequence[tuple[Layer, Factors]]) -> tuple[onnx.ModelProto, int]:
+def factorize_layers(model: onnx.ModelProto, rewrites: Iterable[tuple[Layer, Factors]]) -> tuple[onnx.ModelProto, int]:
     """Return a NEW model (the input is never mutated: deep-copy it) in which every listed layer is replaced by its
     factorized form, and the number of layers rewritten (a shared weight is one layer, however many nodes read it;
-    its factors are added once)."""
+    its factors are added once). `rewrites` may be an iterator: each layer's factors are written as they come and
+    not kept (the new weights are kept in the model's own dtype)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    if not rewrites:  # nothing to do, and a model without a default-domain opset has no opset to read
-        return result, 0
-    editor = GraphEditor(result.graph, default_opset(result))
+    editor = None  # made at the first rewrite: a model without a default-domain opset has no opset to read
     count = 0
     for layer, factors in rewrites:
+        editor = editor or GraphEditor(result.graph, default_opset(result))
         if layer.op not in REWRITERS:
             raise ValueError(f"layer {layer.name!r}: cannot rewrite a {layer.op!r}, only {sorted(REWRITERS)}")
         _check_factors(layer, factors)
@@ -52,9 +52,10 @@ def factorize_layers(model: onnx.ModelProto, rewrites: Sequence[tuple[Layer, Fac
 def _check_factors(layer: Layer, factors: Factors) -> None:
     """The factors must come from this layer's matrix: catch a mix-up before it becomes a wrong but valid model."""
     k, r = factors.k, factors.rank
-    out, cols = layer.matrix.shape
+    out, cols = layer.matrix_shape
     if k < 1 or layer.in_channels % k:
         raise ValueError(f"layer {layer.name!r}: k={k} does not divide its {layer.in_channels} input channels")
     if factors.encoder.shape != (k, r, cols // k) or factors.decoder.shape != (out, k * r):
         raise ValueError(f"layer {layer.name!r}: factors of shapes {factors.encoder.shape} and "
                          f"{factors.decoder.shape} do not fit its ({out}, {cols}) matrix with k={k}, rank={r}")
+

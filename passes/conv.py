@@ -2,7 +2,7 @@
 
 The encoder Conv(c -> k*r, group=k) keeps every original attribute (kernel, strides, pads, dilations, auto_pad), so
 it produces the same spatial grid; its weight stacks the groups' encoders, (k*r, c/k, *kernel), which is the C-order
-reshape of `encoder` (k, r, c/k*taps) because `Layer.matrix` flattens (c, *kernel) in C order. The decoder is a
+reshape of `encoder` (k, r, c/k*taps) because a layer's matrix flattens (c, *kernel) in C order. The decoder is a
 1x1 Conv(k*r -> out) with default attributes and the bias, into which the factors' bias correction (`shift`) is
 folded (or, when the bias is computed at run time, added by an Add node after the decoder).
 """

@@ -319,7 +319,7 @@ def test_apply_with_full_rank_reproduces_the_model():
     plan = {}
     for name, layer in layers.items():
         k = 2 if layer.in_channels % 2 == 0 else 1
-        plan[name] = (k, min(layer.out_channels, layer.matrix.shape[1] // k))
+        plan[name] = (k, min(layer.out_channels, layer.matrix_shape[1] // k))
     compressed, report = onnx_lowrank.apply(model, Plan(layers=plan))
     assert report.verification is not None
     assert report.verification.worst_relative_l2 < 1e-4
@@ -342,8 +342,8 @@ def test_reported_error_is_the_measured_error_of_the_written_weights():
             w_hat = _conv_effective_matrix(compressed, layer.output, inputs[row.name])
         else:
             w_hat = _linear_effective_matrix(compressed, inputs[row.name], layer.output, layer.in_channels, rank=2)
-        assert w_hat.shape == layer.matrix.shape
-        measured = _spectral_relative_error(layer.matrix, w_hat)
+        assert w_hat.shape == layer.matrix_shape
+        measured = _spectral_relative_error(layer.read_matrix(), w_hat)
         assert row.error == pytest.approx(measured, abs=1e-5), row.name
         assert row.planned_error is not None
         assert 0 <= row.error <= row.planned_error + 1e-9
@@ -358,7 +358,7 @@ def test_reported_error_of_grouped_layers_is_measured():
     (row,) = report.factorized
     layer = discover(gemm).layers[0]
     w_hat = _linear_effective_matrix(compressed, "x", "y", 32, rank=2)
-    assert row.error == pytest.approx(_spectral_relative_error(layer.matrix, w_hat), abs=1e-5)
+    assert row.error == pytest.approx(_spectral_relative_error(layer.read_matrix(), w_hat), abs=1e-5)
     assert row.planned_error is not None and row.error <= row.planned_error + 1e-9
 
     mm = build_matmul()
@@ -366,7 +366,7 @@ def test_reported_error_of_grouped_layers_is_measured():
     (row,) = report.factorized
     layer = discover(mm).layers[0]
     w_hat = _linear_effective_matrix(compressed, "x", "h", 24, rank=3)
-    assert row.error == pytest.approx(_spectral_relative_error(layer.matrix, w_hat), abs=1e-5)
+    assert row.error == pytest.approx(_spectral_relative_error(layer.read_matrix(), w_hat), abs=1e-5)
     assert report.verification is not None
 
 
@@ -383,7 +383,7 @@ def test_gemm_variants_compress_and_run(trans_b, alpha, beta, bias_shape):
     (y0,) = run(model, {"x": x})
     assert y.shape == y0.shape == (4, 24)
     # the only change is the low-rank weight: error in the output is bounded by the layer's spectral error
-    w = discover(model).layers[0].matrix
+    w = discover(model).layers[0].read_matrix()
     bound = alpha * np.linalg.norm(x, 2) * np.linalg.norm(w, 2) * report.factorized[0].error
     assert np.linalg.norm(y - y0, 2) <= bound * 1.001 + 1e-4
 

@@ -130,7 +130,7 @@ def data_aware_factors(model, layer, k, seed, rank=None, samples=3):
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(samples)]
     stats = collect_statistics(model, [layer], feeds)[layer.name]
-    decomposition = OutputDecomposition(layer.matrix, stats, k, bias=layer.bias)
+    decomposition = OutputDecomposition(layer.read_matrix(), stats, k, bias=layer.bias)
     return decomposition.factors(rank or decomposition.max_rank)
 
 
@@ -274,7 +274,7 @@ def test_cases_are_discovered_as_expected():
 def test_reduced_rank_with_shift_matches_reference(name, k):
     case = cached_case(name)
     layer = only_layer(case.model)
-    decomposition = WeightDecomposition(layer.matrix, k)
+    decomposition = WeightDecomposition(layer.read_matrix(), k)
     rank = max(1, decomposition.max_rank // 2)
     rng = rng_for(zlib.crc32(name.encode()) + k)
     shift = rng.standard_normal(layer.out_channels)
@@ -329,7 +329,7 @@ def test_reduced_rank_data_aware_keeps_the_output_mean(name, k):
     shape = [d.dim_value for d in case.model.graph.input[0].type.tensor_type.shape.dim]
     feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(3)]
     stats = collect_statistics(case.model, [layer], feeds, max_rows=None)[layer.name]
-    factors = OutputDecomposition(layer.matrix, stats, k, bias=layer.bias).factors(1)
+    factors = OutputDecomposition(layer.read_matrix(), stats, k, bias=layer.bias).factors(1)
     written, _ = factorize_layers(case.model, [(layer, factors)])
     onnx.checker.check_model(written, full_check=True)
     axis = 1 if layer.op == "Conv" else -1

@@ -207,7 +207,7 @@ def test_statistics_equal_those_of_the_real_layer_inputs(model, layers):
     init = initializer_arrays(model)
     for layer in layers:
         rows = np.concatenate([reference_rows(model, layer.name, feed, init) for feed in feeds])
-        assert rows.shape[1] == layer.matrix.shape[1]
+        assert rows.shape[1] == layer.matrix_shape[1]
         assert_statistics(stats[layer.name], rows)
     # the Conv counts are batch * output positions: conv_a 6x7, conv_b 3x4 (SAME_UPPER, stride 2), conv_c 3x5
     assert [stats[name].count for name in CONVS] == [2 * 2 * 42, 2 * 2 * 12, 2 * 2 * 15]
@@ -223,7 +223,7 @@ def test_statistics_are_those_of_w_times_x(model, layers):
         y = intermediates(model, [node.output[0]], feeds[0])[node.output[0]].astype(np.float64)
         y = np.moveaxis(y, 1, -1) if layer.op == "Conv" else y
         y = y.reshape(-1, layer.out_channels) - (0.0 if layer.bias is None else layer.bias)
-        w = layer.matrix
+        w = layer.read_matrix()
         np.testing.assert_allclose(w @ stats[layer.name].total, y.sum(axis=0), rtol=1e-4,
                                    atol=1e-4 * np.abs(y).sum(axis=0).max())
         gram = w @ stats[layer.name].gram @ w.T
@@ -254,7 +254,7 @@ def test_group_blocks_are_the_statistics_of_the_grouped_encoder_input(model, lay
     (layer,) = [layer for layer in layers if layer.name == layer_name]
     feeds = feeds_for(3, samples=2)
     stats = collect_statistics(model, [layer], feeds, max_rows=None)[layer_name]
-    m = layer.matrix.shape[1] // k
+    m = layer.matrix_shape[1] // k
     channels = layer.in_channels // k
 
     # 1. the diagonal blocks equal the statistics of each channel group's own patches
@@ -273,7 +273,7 @@ def test_group_blocks_are_the_statistics_of_the_grouped_encoder_input(model, lay
 
     # 2. the grouped encoder the rewrite writes (Conv group=k) outputs E_g x_g: its second moments are E_g G_gg E_g^T
     rank = min(3, layer.out_channels, m)
-    factors = WeightDecomposition(layer.matrix, k).factors(rank)
+    factors = WeightDecomposition(layer.read_matrix(), k).factors(rank)
     rewritten, _ = factorize_layers(model, [(layer, factors)])
     (encoder,) = [n for n in rewritten.graph.node if n.op_type == "Conv" and n.input[0] == node.input[0]]
     assert conv_attrs(encoder)["group"] == k

@@ -588,7 +588,7 @@ def test_statistics_size_does_not_grow_with_the_number_of_samples(cnn_model, cal
     many = collect_statistics(cnn_model, layers, calibration_feeds * 4)  # 64 samples
     assert set(few) == set(many) == set(CNN_LAYERS)
     for layer in layers:
-        d = layer.matrix.shape[1]
+        d = layer.matrix_shape[1]
         small, large = few[layer.name], many[layer.name]
         assert small.gram.shape == large.gram.shape == (d, d)
         assert small.total.shape == large.total.shape == (d,)

@@ -58,9 +58,9 @@ def test_conv_matrix_is_the_weight_reshaped_out_by_in_times_taps():
     for name in ("conv1", "conv2", "conv3"):
         layer = layers[name]
         w = weights[f"{name}.w"]
-        assert layer.matrix.shape == (w.shape[0], w.shape[1] * 9)
-        assert layer.matrix.dtype == np.float64
-        np.testing.assert_array_equal(layer.matrix, w.reshape(w.shape[0], -1).astype(np.float64))
+        assert layer.matrix_shape == (w.shape[0], w.shape[1] * 9)
+        assert layer.read_matrix().dtype == np.float64
+        np.testing.assert_array_equal(layer.read_matrix(), w.reshape(w.shape[0], -1).astype(np.float64))
         assert layer.in_channels == w.shape[1]
         assert layer.kernel_shape == (3, 3)
         assert layer.weight_shape == w.shape
@@ -81,7 +81,7 @@ def test_constant_node_weights_are_discovered_like_initializers():
     assert _names(constant) == _names(plain) == list(CNN_LAYERS)
     assert constant.skipped == ()
     for a, b in zip(plain.layers, constant.layers):
-        np.testing.assert_array_equal(a.matrix, b.matrix)
+        np.testing.assert_array_equal(a.read_matrix(), b.read_matrix())
         if a.bias is None:
             assert b.bias is None
         else:
@@ -112,8 +112,8 @@ def test_conv_attributes_do_not_prevent_discovery(kernel, attrs):
     model = make_model([node], [tensor("x", [1, 4, *spatial])], [tensor("y", [None] * (2 + len(kernel)))], {"w": w})
     (layer,) = discover(model).layers
     assert layer.kernel_shape == kernel
-    assert layer.matrix.shape == (6, 4 * int(np.prod(kernel)))
-    np.testing.assert_array_equal(layer.matrix, w.reshape(6, -1))
+    assert layer.matrix_shape == (6, 4 * int(np.prod(kernel)))
+    np.testing.assert_array_equal(layer.read_matrix(), w.reshape(6, -1))
     assert layer.taps == int(np.prod(kernel))
 
 
@@ -123,8 +123,8 @@ def test_conv_attributes_do_not_prevent_discovery(kernel, attrs):
 def test_gemm_trans_b_0_and_1_give_the_same_out_by_in_matrix():
     a = discover(build_gemm(trans_b=1)).layers[0]
     b = discover(build_gemm(trans_b=0)).layers[0]
-    assert a.matrix.shape == b.matrix.shape == (24, 32)
-    np.testing.assert_array_equal(a.matrix, b.matrix)
+    assert a.matrix_shape == b.matrix_shape == (24, 32)
+    np.testing.assert_array_equal(a.read_matrix(), b.read_matrix())
     assert a.in_channels == b.in_channels == 32
     assert a.out_channels == b.out_channels == 24
     assert a.weight_shape == (24, 32) and b.weight_shape == (32, 24)
@@ -145,8 +145,8 @@ def test_matmul_matrix_is_the_weight_transposed():
     assert list(layers) == ["mm1", "mm2"]
     for name in layers:
         w = weights[f"{name}.w"]  # (in, out)
-        np.testing.assert_array_equal(layers[name].matrix, w.T)
-        assert layers[name].matrix.shape == (w.shape[1], w.shape[0])
+        np.testing.assert_array_equal(layers[name].read_matrix(), w.T)
+        assert layers[name].matrix_shape == (w.shape[1], w.shape[0])
         assert layers[name].in_channels == w.shape[0]
         assert layers[name].op == "MatMul"
     assert layers["mm1"].activation_rank == 3
@@ -186,7 +186,7 @@ def test_conv_batchnorm_is_folded(conv_bias):
     eps = 1e-5
     scale = arrays["bn1.gamma"] / np.sqrt(arrays["bn1.var"] + eps)
     w = arrays["conv1.w"].reshape(16, -1)
-    np.testing.assert_allclose(layer.matrix, w * scale[:, None], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(layer.read_matrix(), w * scale[:, None], rtol=1e-9, atol=1e-12)
     b = arrays["conv1.b"] if conv_bias else 0.0
     expected_bias = (b - arrays["bn1.mean"]) * scale + arrays["bn1.beta"]
     assert layer.bias is not None
@@ -204,7 +204,7 @@ def test_batchnorm_epsilon_attribute_is_used():
     arrays = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     layer = discover(model).layers[0]
     scale = arrays["bn1.gamma"] / np.sqrt(arrays["bn1.var"] + 0.25)
-    np.testing.assert_allclose(layer.matrix, arrays["conv1.w"].reshape(16, -1) * scale[:, None], rtol=1e-6)
+    np.testing.assert_allclose(layer.read_matrix(), arrays["conv1.w"].reshape(16, -1) * scale[:, None], rtol=1e-6)
 
 
 def test_batchnorm_is_not_folded_when_the_conv_output_has_another_reader():
@@ -218,7 +218,7 @@ def test_batchnorm_is_not_folded_when_the_conv_output_has_another_reader():
     layer = discover(model).layers[0]
     assert layer.batchnorm_output is None
     np.testing.assert_array_equal(layer.bias, arrays["conv1.b"].astype(np.float64))  # its own bias, not BN's
-    np.testing.assert_array_equal(layer.matrix, arrays["conv1.w"].reshape(16, -1))
+    np.testing.assert_array_equal(layer.read_matrix(), arrays["conv1.w"].reshape(16, -1))
 
 
 # ---------------------------------------------------------------------------------------------------------- names
@@ -358,7 +358,7 @@ def test_float16_weight_is_discovered_in_its_dtype():
     model = make_model([node], [tensor("x", [2, 8], TensorProto.FLOAT16)], [tensor("y", [2, 4], TensorProto.FLOAT16)],
                        {"w": rng.standard_normal((4, 8)).astype(np.float16)})
     (layer,) = discover(model).layers
-    assert layer.dtype == np.float16 and layer.matrix.dtype == np.float64  # factorized in float64, written in float16
+    assert layer.dtype == np.float16 and layer.read_matrix().dtype == np.float64  # factorized in float64, written in float16
 
 
 def test_int8_weight_is_skipped_with_the_dtype():

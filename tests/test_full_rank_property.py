@@ -127,10 +127,10 @@ def check_property(graph: tuple[onnx.ModelProto, np.ndarray, int], data: st.Data
     has_bn = any(node.op_type == "BatchNormalization" for node in model.graph.node)
     assert (layer.batchnorm_output is not None) == has_bn
     k = data.draw(st.sampled_from([d for d in range(1, width + 1) if width % d == 0]), label="k")
-    full = max_rank(*layer.matrix.shape, k)
+    full = max_rank(*layer.matrix_shape, k)
     event("grouped (k > 1)" if k > 1 else "k = 1")
 
-    rewritten, count = factorize_layers(model, [(layer, factorize(layer.matrix, k, full))])
+    rewritten, count = factorize_layers(model, [(layer, factorize(layer.read_matrix(), k, full))])
     assert count == 1
     onnx.checker.check_model(rewritten, full_check=True)
     want = run(model, x)
@@ -139,7 +139,7 @@ def check_property(graph: tuple[onnx.ModelProto, np.ndarray, int], data: st.Data
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
 
     rank = data.draw(st.integers(1, full), label="reduced rank")
-    reduced, _ = factorize_layers(model, [(layer, factorize(layer.matrix, k, rank))])
+    reduced, _ = factorize_layers(model, [(layer, factorize(layer.read_matrix(), k, rank))])
     onnx.checker.check_model(reduced, full_check=True)
     assert run(reduced, x).shape == want.shape
 

@@ -195,7 +195,7 @@ def full_rank_plan(model: onnx.ModelProto, draw) -> Plan:
         if layer.op == "MatMul" and layer.activation_rank is None:
             choices = [1]
         k = draw(st.sampled_from(choices))
-        layers[layer.name] = (k, min(layer.matrix.shape[0], layer.matrix.shape[1] // k))
+        layers[layer.name] = (k, min(layer.matrix_shape[0], layer.matrix_shape[1] // k))
     return Plan(layers=layers)
 
 

@@ -63,7 +63,7 @@ def test_external_weights_are_not_read_when_the_model_is_loaded(tmp_path):
         stream.seek(offset)
         stream.write(replaced.tobytes())
     layer = next(layer for layer in discover(loaded).layers if layer.weight_name == header.name)
-    np.testing.assert_array_equal(layer.matrix, replaced.T.astype(np.float64))
+    np.testing.assert_array_equal(layer.read_matrix(), replaced.T.astype(np.float64))
 
 
 def test_a_lazily_loaded_model_runs_and_saves_like_the_original(tmp_path):
@@ -226,3 +226,34 @@ def test_a_lazily_loaded_model_can_be_passed_on_as_a_modelproto(tmp_path):
     """What load_model returns is accepted again by the API (the auto allocator and sweep pass it on)."""
     loaded = load_model(_external(build_matmul(), tmp_path / "m.onnx"))
     assert load_model(loaded) is loaded
+
+
+def test_a_large_model_with_its_weights_inside_is_loaded_without_them(tmp_path, monkeypatch):
+    """A 64 MiB weight inside the .onnx file (as exporters write models below 2 GB): load_model leaves it in the
+    file, the CLI compresses it, and the output is byte for byte what compressing the model parsed whole gives."""
+    from onnx_lowrank import load
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((256, 65536), dtype=np.float32) / 16).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="wide"), helper.make_node("Relu", ["h"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    source = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    assert source.stat().st_size > load.LAZY_INLINE_BYTES
+    before = source.read_bytes()
+    del graph
+
+    loaded = load_model(source)
+    assert loaded.ByteSize() < 4096 and runtime.is_external(loaded.graph.initializer[0])
+    layer = discover(loaded).layers[0]
+    np.testing.assert_array_equal(layer.read_matrix(), weight.T.astype(np.float64))
+
+    command = ["compress", str(source), "--budget", "0.5", "--allow-slower", "--quiet", "--no-verify"]
+    assert main([command[0], command[1], str(tmp_path / "lazy.onnx"), *command[2:]]) == 0
+    monkeypatch.setattr(load, "LAZY_INLINE_BYTES", 1 << 62)  # parsed whole, as before
+    assert main([command[0], command[1], str(tmp_path / "whole.onnx"), *command[2:]]) == 0
+    assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    assert source.read_bytes() == before

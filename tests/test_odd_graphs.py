@@ -46,7 +46,7 @@ def _full_rank(model: onnx.ModelProto, k: int = 1, shift: bool = False) -> onnx.
     rewrites = []
     for layer in discover(model).layers:
         groups = k if layer.in_channels % k == 0 else 1
-        factors = factorize(layer.matrix, groups, max_rank(*layer.matrix.shape, groups))
+        factors = factorize(layer.read_matrix(), groups, max_rank(*layer.matrix_shape, groups))
         if shift:
             factors = Factors(factors.k, factors.rank, factors.encoder, factors.decoder,
                               np.zeros(layer.out_channels))
@@ -218,7 +218,7 @@ def test_conv_1d_and_3d_are_factorized(spatial, k):
     (expected,) = run(model, {"x": x})
     (actual,) = run(_full_rank(model, k=k), {"x": x})
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
-    low, _ = factorize_layers(model, [(layer, factorize(layer.matrix, k, 2))])
+    low, _ = factorize_layers(model, [(layer, factorize(layer.read_matrix(), k, 2))])
     onnx.checker.check_model(low, full_check=True)
     assert run(low, {"x": x})[0].shape == expected.shape
 

@@ -58,7 +58,7 @@ def layer_of(model: onnx.ModelProto, node_output: str) -> Layer:
 
 
 def rewrite(model, layer, k, rank=None):
-    factors = factorize(layer.matrix, k, rank or max_rank(*layer.matrix.shape, k))
+    factors = factorize(layer.read_matrix(), k, rank or max_rank(*layer.matrix_shape, k))
     new, count = factorize_layers(model, [(layer, factors)])
     assert count == 1
     onnx.checker.check_model(new, full_check=True)
@@ -234,7 +234,7 @@ def test_input_model_not_mutated_and_everything_else_kept():
 def test_same_input_gives_byte_identical_output():
     model = conv_model(batchnorm=True)
     layer = layer_of(model, "conv_out")
-    factors = factorize(layer.matrix, 2, 2)
+    factors = factorize(layer.read_matrix(), 2, 2)
     first, _ = factorize_layers(model, [(layer, factors)])
     second, _ = factorize_layers(model, [(layer, factors)])
     assert first.SerializeToString() == second.SerializeToString()
@@ -388,7 +388,7 @@ def test_new_weights_are_written_in_the_layer_dtype(dtype):
     base = layer_of(matmul_model(), "y")  # discover supports float32/float64 only: build the layer by hand
     weight = numpy_helper.to_array(model.graph.initializer[0])
     layer = Layer(name="proj", op="MatMul", node_output="y", input_name="x", weight_name="W", weight_shape=weight.shape,
-                  matrix=weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(dtype),
+                  matrix_shape=(6, 8), source=lambda: weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(dtype),
                   activation_rank=base.activation_rank)
     new, _ = rewrite(model, layer, k=2)
     assert {w.dtype for w in initializers(new).values()} == {np.dtype(dtype), np.dtype(np.int64)}
@@ -403,9 +403,9 @@ def test_shared_weight_removed_only_when_its_last_user_is_rewritten():
              helper.make_node("MatMul", ["x", "W"], ["y2"], name="b")]
     model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y1", [2, 6]), tensor("y2", [2, 6])], [init("W", weight)])
     layers = [Layer(name=name, op="MatMul", node_output=out, input_name="x", weight_name="W", weight_shape=(8, 6),
-                    matrix=weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(np.float32),
+                    matrix_shape=(6, 8), source=lambda: weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(np.float32),
                     activation_rank=2) for name, out in (("a", "y1"), ("b", "y2"))]
-    rewrites = [(layer, factorize(layer.matrix, 2, 4)) for layer in layers]  # full rank
+    rewrites = [(layer, factorize(layer.read_matrix(), 2, 4)) for layer in layers]  # full rank
     one, _ = factorize_layers(model, rewrites[:1])
     assert "W" in initializers(one)
     both, count = factorize_layers(model, rewrites)
@@ -422,15 +422,15 @@ def test_matmul_grouped_needs_the_activation_rank():
     layer = layer_of(model, "y")
     unknown = Layer(**{**layer.__dict__, "activation_rank": None})
     with pytest.raises(ValueError, match="activation rank"):
-        factorize_layers(model, [(unknown, factorize(layer.matrix, 2, 2))])
-    factorize_layers(model, [(unknown, factorize(layer.matrix, 1, 2))])  # k=1 needs no Reshape
+        factorize_layers(model, [(unknown, factorize(layer.read_matrix(), 2, 2))])
+    factorize_layers(model, [(unknown, factorize(layer.read_matrix(), 1, 2))])  # k=1 needs no Reshape
 
 
 def test_old_opset_reshape_takes_its_shape_as_an_attribute():
     model = matmul_model(x_shape=(2, 8))
     model.opset_import[0].version = 4
     layer = layer_of(matmul_model(x_shape=(2, 8)), "y")
-    new, _ = factorize_layers(model, [(layer, factorize(layer.matrix, 2, 2))])
+    new, _ = factorize_layers(model, [(layer, factorize(layer.read_matrix(), 2, 2))])
     reshapes = [n for n in new.graph.node if n.op_type == "Reshape"]
     assert [attributes(n) for n in reshapes] == [{"shape": [0, 2, 1, 4]}, {"shape": [0, 4]}]
     assert all(len(n.input) == 1 for n in reshapes)
@@ -442,4 +442,4 @@ def test_unknown_layer_output_is_an_error():
     layer = layer_of(model, "y")
     missing = Layer(**{**layer.__dict__, "node_output": "nope"})
     with pytest.raises(ValueError, match="no node produces"):
-        factorize_layers(model, [(missing, factorize(layer.matrix, 1, 2))])
+        factorize_layers(model, [(missing, factorize(layer.read_matrix(), 1, 2))])

@@ -338,7 +338,7 @@ def test_initializer_inputs_at_full_rank_change_nothing():
     analysis = api.analyze(model, allow_slower=True)
     from onnx_lowrank.passes import factorize_layers
 
-    rewrites = [(entry.layer, entry.decompositions[1].factors(min(entry.layer.matrix.shape)))
+    rewrites = [(entry.layer, entry.decompositions[1].factors(min(entry.layer.matrix_shape)))
                 for entry in analysis.layers]
     compressed, count = factorize_layers(api._prepare(model, None, None, False).model, rewrites)
     x = {"x": np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)}

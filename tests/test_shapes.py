@@ -115,8 +115,9 @@ def test_unknown_tensor_name_is_an_error():
 
 
 def test_large_model_path_uses_external_data(monkeypatch):
-    """Models past the protobuf limit go through files; force that path on a tiny model."""
-    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 0)
+    """Large models go to onnxruntime through files, and shape inference gets them without their weights; force
+    that path on a tiny model."""
+    monkeypatch.setattr(runtime, "IN_MEMORY_LIMIT", 0)
     model = computed_reshape_model()
     before = model.SerializeToString()
     assert tensor_shapes(model, {"x": (1, 8)}, ["m", "s"]) == {"m": (2, 3), "s": (2,)}

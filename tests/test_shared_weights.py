@@ -95,7 +95,7 @@ def full_rank(model: onnx.ModelProto, k: int = 1, shift: bool = False) -> onnx.M
     """Every layer rewritten at full rank (with a zero bias correction when `shift`)."""
     rewrites = []
     for layer in discover(model).layers:
-        factors = factorize(layer.matrix, k, max_rank(*layer.matrix.shape, k))
+        factors = factorize(layer.read_matrix(), k, max_rank(*layer.matrix_shape, k))
         if shift:
             factors = type(factors)(factors.k, factors.rank, factors.encoder, factors.decoder,
                                     np.zeros(layer.out_channels))

@@ -240,7 +240,7 @@ def test_run_rejects_bad_feeds_as_input_data_error():
 
 
 def test_large_model_session_goes_through_a_file(monkeypatch):
-    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(runtime, "IN_MEMORY_LIMIT", 0)
     big = classifier(weight=np.ones((6, 5), np.float32))
     big.graph.initializer.append(numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
     before = big.SerializeToString()
