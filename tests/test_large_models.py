@@ -257,3 +257,11 @@ def test_a_large_model_with_its_weights_inside_is_loaded_without_them(tmp_path, 
     assert main([command[0], command[1], str(tmp_path / "whole.onnx"), *command[2:]]) == 0
     assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
     assert source.read_bytes() == before
+
+    monkeypatch.setattr(load, "LAZY_INLINE_BYTES", 1 << 20)  # the cut file is a little under 64 MiB
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(before[: len(before) - 1000])  # cut short inside the weight the lazy reader skips
+    with pytest.raises(ValueError, match="cut short"):  # what load_model turns into its one line
+        load.load_without_weights(cut)
+    with pytest.raises(load.InvalidModelError, match="not a readable ONNX model, or is cut short"):
+        load_model(cut)
