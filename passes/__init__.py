@@ -11,15 +11,18 @@ from collections.abc import Callable, Iterable
 
 import onnx
 
+from onnx_lowrank.chains import Chain
 from onnx_lowrank.discover import Layer
+from onnx_lowrank.elimination import Folded
 from onnx_lowrank.svd import Factors
 
 from ._graph import GraphEditor, default_opset
 from .conv import rewrite_conv
+from .eliminate import narrow_layers
 from .gemm import rewrite_gemm
 from .matmul import rewrite_matmul
 
-__all__ = ["factorize_layers", "rewrite_conv", "rewrite_gemm", "rewrite_matmul"]
+__all__ = ["factorize_layers", "eliminate_channels", "rewrite_conv", "rewrite_gemm", "rewrite_matmul"]
 
 REWRITERS: dict[str, Callable[[GraphEditor, Layer, Factors], None]] = {
     "Conv": rewrite_conv,
@@ -59,3 +62,13 @@ def _check_factors(layer: Layer, factors: Factors) -> None:
         raise ValueError(f"layer {layer.name!r}: factors of shapes {factors.encoder.shape} and "
                          f"{factors.decoder.shape} do not fit its ({out}, {cols}) matrix with k={k}, rank={r}")
 
+
+def eliminate_channels(model: onnx.ModelProto, cuts: Iterable[tuple[Chain, Folded]]) -> tuple[onnx.ModelProto, int]:
+    """Return a NEW model in which every chain keeps only its `Folded.kept` channels (see `eliminate`), and the
+    number of chains narrowed."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    cuts = list(cuts)
+    if cuts:
+        narrow_layers(GraphEditor(result.graph, default_opset(result)), cuts)
+    return result, len(cuts)

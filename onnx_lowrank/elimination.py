@@ -1,0 +1,175 @@
+"""Neuron elimination by linear dependence: drop the channels that the other channels reproduce (pure numpy).
+
+"Exploiting Non-Linear Redundancy for Neural Model Compression" (Shah, Olivier, Raj, 2020): when a channel h_d of a
+layer's output (after its activation) is a linear combination of other channels plus a constant,
+h_d = a_d^T h_S + c_d, every layer reading it can read the kept channels alone. A consumer computes
+y = W x + b from its input patch x (a Conv's im2col patch: channel-major, `taps` positions per channel; a Gemm or
+MatMul's input vector: one tap), so with A (dropped x kept) and c stacked over the dropped channels:
+
+    W x = sum_t W_S,t h_S,t + W_D,t h_D,t  ~  sum_t (W_S,t + W_D,t A) h_S,t + (sum_t W_D,t) c
+
+The kept columns absorb W_D,t A tap by tap and the bias absorbs (sum_t W_D,t) c. Exact when the dependence is
+exact; at a Conv's zero-padded border the dropped channel was 0 where its reconstruction gives c, which the measured
+error includes (it is computed on the consumer's real input patches, padding and all).
+
+Which channels to keep: a pivoted Cholesky factorization (QR with column pivoting on the centred activations) of
+the channel covariance C, each channel scaled by the energy of the consumer weights that read it, D C D with
+D = diag(||W[:, channel c]||): each step keeps the channel whose part not explained by those already kept carries
+the most output energy. It is greedy, deterministic, costs one n x n factorization for every width at once, and
+gives nested kept sets, so the error of a width never depends on how other widths were chosen. A channel that the
+consumers do not read at all is dropped first; channels past the numerical rank of C are reproduced exactly.
+Given the kept set, A and c are the least-squares regression of the dropped channels on the kept ones (with an
+intercept): C_DS C_SS^-1 and mean_D - A mean_S.
+
+The error of a width is the consumers' exact relative output error on the calibration statistics,
+sqrt(sum E||y - y'||^2 / sum trace(W Sigma W^T)), the measure of `projection.OutputDecomposition`, so widths and
+low-rank candidates can share one allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .statistics import InputStatistics
+
+__all__ = ["Reader", "Folded", "ChannelElimination", "keep_order", "regression"]
+
+_RIDGE = 1e-10
+"""Relative ridge on the kept channels' covariance: keeps the solve defined for exactly dependent channels without
+moving any result beyond round-off."""
+_RANK_TOLERANCE = 1e-6
+"""A channel whose unexplained (weighted) variance is below this fraction of the largest counts as reproduced
+exactly (the statistics sum float32 products, so exact dependence leaves about 1e-7 of round-off)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Reader:
+    """One layer that reads the channels: its matrix (out, channels * taps), its bias and its input statistics."""
+
+    matrix: np.ndarray  # columns in (channel, tap) C order, as `discover.Layer` lays a Conv out
+    taps: int
+    statistics: InputStatistics  # of its input patches (dimension channels * taps)
+    bias: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Folded:
+    """The result of keeping `kept` channels: each reader's new matrix (out, len(kept) * taps) and bias."""
+
+    kept: np.ndarray  # channel indices, ascending
+    matrices: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+
+
+class ChannelElimination:
+    """Which channels of one layer's output to keep at every width, and how its readers absorb the others."""
+
+    def __init__(self, readers: Sequence[Reader], channels: int) -> None:
+        if not readers:
+            raise ValueError("channel elimination needs at least one reader")
+        for reader in readers:
+            if reader.matrix.shape[1] != channels * reader.taps or reader.statistics.dim != reader.matrix.shape[1]:
+                raise ValueError(f"a reader of shape {reader.matrix.shape} with {reader.taps} taps does not read "
+                                 f"{channels} channels (statistics of dimension {reader.statistics.dim})")
+        self.readers = tuple(readers)
+        self.channels = channels
+        covariances, means = zip(*(_channel_moments(r.statistics, channels, r.taps) for r in readers))
+        self.covariance = sum(covariances) / len(readers)
+        self.mean = sum(means) / len(readers)
+        energy = sum(np.square(r.matrix).reshape(r.matrix.shape[0], channels, r.taps).sum(axis=(0, 2))
+                     for r in readers)
+        self.order, self.rank = keep_order(self.covariance, np.sqrt(energy))
+        self._variance = sum(_output_variance(r) for r in readers)
+
+    def fold(self, width: int) -> Folded:
+        """Keep `width` channels (the first `width` of `order`, in ascending channel order) and fold the others."""
+        if not 1 <= width <= self.channels:
+            raise ValueError(f"width must be in [1, {self.channels}], got {width}")
+        kept = np.sort(self.order[:width])
+        dropped = np.setdiff1d(np.arange(self.channels), kept)
+        a, c = regression(self.covariance, self.mean, kept, dropped)
+        matrices, biases = [], []
+        for reader in self.readers:
+            out = reader.matrix.shape[0]
+            w = reader.matrix.reshape(out, self.channels, reader.taps)
+            folded = w[:, kept, :] + np.einsum("odt,ds->ost", w[:, dropped, :], a)
+            bias = np.zeros(out) if reader.bias is None else np.asarray(reader.bias, dtype=np.float64)
+            matrices.append(folded.reshape(out, width * reader.taps))
+            biases.append(bias + np.einsum("odt,d->o", w[:, dropped, :], c))
+        return Folded(kept=kept, matrices=tuple(matrices), biases=tuple(biases))
+
+    def errors(self, widths: Sequence[int]) -> np.ndarray:
+        """The readers' relative output error at each width (see module docstring); 0 at full width."""
+        return np.array([self._error(self.fold(int(w))) for w in widths])
+
+    def _error(self, folded: Folded) -> float:
+        if self._variance <= 0:
+            return 0.0
+        total = 0.0
+        for reader, matrix, bias in zip(self.readers, folded.matrices, folded.biases):
+            out, taps = reader.matrix.shape[0], reader.taps
+            embedded = np.zeros((out, self.channels, taps))
+            embedded[:, folded.kept, :] = matrix.reshape(out, len(folded.kept), taps)
+            difference = reader.matrix - embedded.reshape(out, self.channels * taps)
+            shift = (np.zeros(out) if reader.bias is None else reader.bias) - bias
+            sigma = reader.statistics.covariance
+            mean_error = difference @ reader.statistics.mean + shift
+            total += float(np.einsum("ij,ij->", difference @ sigma, difference)) + float(mean_error @ mean_error)
+        return float(np.sqrt(max(total, 0.0) / self._variance))
+
+
+def keep_order(covariance: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
+    """Channels in the order a pivoted Cholesky of diag(scale) C diag(scale) keeps them, and its numerical rank.
+
+    The first `rank` channels are pivots (each the one with the most unexplained scaled variance at its step); the
+    rest, which the pivots reproduce, follow in ascending order."""
+    n = covariance.shape[0]
+    weighted = covariance * np.outer(scale, scale)
+    residual = np.diag(weighted).astype(np.float64).copy()
+    limit = _RANK_TOLERANCE * max(float(residual.max(initial=0.0)), 0.0)
+    factor = np.zeros((n, n))
+    order: list[int] = []
+    free = np.ones(n, dtype=bool)
+    for step in range(n):
+        candidates = np.where(free, residual, -np.inf)
+        pivot = int(np.argmax(candidates))
+        if not free[pivot] or residual[pivot] <= limit or residual[pivot] <= 0:
+            break
+        column = (weighted[:, pivot] - factor[:, :step] @ factor[pivot, :step]) / np.sqrt(residual[pivot])
+        factor[:, step] = column
+        residual -= column * column
+        free[pivot] = False
+        order.append(pivot)
+    rank = len(order)
+    order.extend(int(i) for i in np.flatnonzero(free))
+    return np.array(order, dtype=np.intp), rank
+
+
+def regression(covariance: np.ndarray, mean: np.ndarray, kept: np.ndarray, dropped: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares h_D ~ A h_S + c over the calibration statistics: A = C_DS C_SS^-1, c = mean_D - A mean_S."""
+    if len(dropped) == 0:
+        return np.zeros((0, len(kept))), np.zeros(0)
+    c_ss = covariance[np.ix_(kept, kept)]
+    ridge = _RIDGE * max(float(np.trace(c_ss)) / max(len(kept), 1), np.finfo(float).tiny)
+    a_t = scipy.linalg.solve(c_ss + ridge * np.eye(len(kept)), covariance[np.ix_(kept, dropped)], assume_a="pos")
+    a = a_t.T
+    return a, mean[dropped] - a @ mean[kept]
+
+
+def _channel_moments(statistics: InputStatistics, channels: int, taps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel covariance and mean from patch statistics: those of the centre tap, which in a 'same' or 'valid'
+    convolution always reads the activation itself, never the zero padding around it (a border of zeros would
+    otherwise look like a relation between channels)."""
+    centre = taps // 2
+    sigma = statistics.covariance.reshape(channels, taps, channels, taps)[:, centre, :, centre]
+    return (sigma + sigma.T) / 2, statistics.mean.reshape(channels, taps)[:, centre]
+
+
+def _output_variance(reader: Reader) -> float:
+    """trace(W Sigma W^T): the output variance the reader produces on the calibration data."""
+    return float(np.einsum("ij,ij->", reader.matrix @ reader.statistics.covariance, reader.matrix))

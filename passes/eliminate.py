@@ -1,0 +1,121 @@
+"""Narrow a layer: drop output channels of a producer and fold them into the layers that read them.
+
+For a `chains.Chain` and the `elimination.Folded` result of cutting it: the producer keeps the output channels
+`kept` (rows of its weight and bias, entries of a BatchNormalization folded into it); every per-channel constant of
+the elementwise ops between keeps the same entries (a scalar stays as it is); every reader gets its new weight (the
+kept channels' columns with the dropped ones folded in) and its new bias. A reader with a folded BatchNormalization
+becomes one Conv with the folded weight and bias, writing the BatchNormalization's output. New constants get new
+names (a constant shared with other nodes is never edited), what the rewrite orphans is removed, and the value_info
+of every tensor whose channel count changed is dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.chains import Chain
+from onnx_lowrank.discover import Layer
+from onnx_lowrank.elimination import Folded
+
+from ._graph import GraphEditor
+
+__all__ = ["narrow_layers"]
+
+
+def narrow_layers(editor: GraphEditor, cuts: list[tuple[Chain, Folded]]) -> None:
+    """Rewrite every chain in place to keep its channels `folded.kept`.
+
+    Readers are rewritten first, producers after: a layer both reads one cut chain and produces another gets the
+    folded columns of the first, then loses the rows of the second (each read from the graph as it then is).
+    """
+    orphans: list[str] = []
+    for chain, folded in cuts:
+        for reader, matrix, bias in zip(chain.readers, folded.matrices, folded.biases):
+            _refold_reader(editor, reader, matrix, bias, len(folded.kept), orphans)
+    for chain, folded in cuts:
+        _narrow_producer(editor, chain.producer, folded.kept, orphans)
+        for output in chain.passes:
+            node = editor.node(output)
+            for index, name in enumerate(node.input):
+                if name and name not in chain.region:  # a per-channel constant (discovery allowed nothing else)
+                    _slice_input(editor, node, index, folded.kept, chain.channels, orphans)
+        editor.drop_value_info([chain.producer.node_output, *chain.region])
+    editor.remove_orphans(orphans)
+
+
+def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphans: list[str]) -> None:
+    node = editor.node(layer.node_output)
+    if layer.op == "Conv":
+        _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=0)
+        if len(node.input) > 2 and node.input[2]:
+            _slice_input(editor, node, 2, kept, layer.out_channels, orphans, axis=0)
+        batchnorm = editor.node(layer.batchnorm_output) if layer.batchnorm_output else None
+        if batchnorm is not None and batchnorm.op_type == "BatchNormalization":  # not merged into it as a reader
+            for index in range(1, 5):
+                _slice_input(editor, batchnorm, index, kept, layer.out_channels, orphans, axis=0)
+    elif layer.op == "Gemm":
+        transposed = _attribute(node, "transB", 0) == 1
+        _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=0 if transposed else 1)
+        if len(node.input) > 2 and node.input[2]:
+            _slice_input(editor, node, 2, kept, layer.out_channels, orphans)
+    else:  # MatMul: (in, out)
+        _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=1)
+
+
+def _slice_input(editor: GraphEditor, node: onnx.NodeProto, index: int, kept: np.ndarray, channels: int,
+                 orphans: list[str], axis: int | None = None) -> None:
+    """Replace constant input `index` of `node` by its entries `kept` along `axis` (default: the one axis of length
+    `channels`); a constant with one value is left alone."""
+    name = node.input[index]
+    value = editor.constant_value(name)
+    if value is None or value.size == 1:
+        return
+    if axis is None:
+        axis = list(value.shape).index(channels)
+    node.input[index] = editor.add_initializer(f"{name}_narrowed", np.take(value, kept, axis=axis), value.dtype)
+    orphans.append(name)
+
+
+def _refold_reader(editor: GraphEditor, layer: Layer, matrix: np.ndarray, bias: np.ndarray, width: int,
+                   orphans: list[str]) -> None:
+    node = editor.node(layer.node_output)
+    orphans.extend(node.input[1:])
+    if layer.op == "Conv":
+        weight = matrix.reshape(layer.out_channels, width, *layer.kernel_shape)
+        node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", weight, layer.dtype)
+        bias_name = editor.add_initializer(f"{layer.weight_name}_narrowed_bias", bias, layer.dtype)
+        if len(node.input) > 2:
+            node.input[2] = bias_name
+        else:
+            node.input.append(bias_name)
+        if layer.batchnorm_output:  # the folded weight and bias already hold the BatchNormalization
+            batchnorm = editor.node(layer.batchnorm_output)
+            orphans.extend(batchnorm.input[1:])
+            conv_output = node.output[0]
+            node.output[0] = layer.batchnorm_output
+            editor.replace([batchnorm], [])
+            editor.drop_value_info([conv_output])
+    elif layer.op == "Gemm":
+        transposed = _attribute(node, "transB", 0) == 1
+        weight = matrix if transposed else matrix.T
+        node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", weight, layer.dtype)
+        bias_name = editor.add_initializer(f"{layer.weight_name}_narrowed_bias", bias, layer.dtype)
+        if len(node.input) > 2:
+            node.input[2] = bias_name
+        else:
+            node.input.append(bias_name)
+    else:  # MatMul: (in, out); no bias input, so a shift goes into an Add after it
+        node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", matrix.T, layer.dtype)
+        if np.any(bias):
+            unshifted = onnx.NodeProto()
+            unshifted.CopyFrom(node)
+            unshifted.output[0] = editor.fresh(f"{layer.node_output}_narrowed_unshifted")
+            editor.replace([node], [unshifted, editor.output_shift(unshifted.output[0], layer.node_output, bias, layer)])
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default

@@ -1,0 +1,89 @@
+"""Channel elimination math (`elimination`): exactly dependent channels are dropped losslessly, the error of every
+width is the readers' true output error, and the kept sets are nested."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_lowrank.elimination import ChannelElimination, Reader, keep_order
+from onnx_lowrank.statistics import StatisticsAccumulator
+
+
+def _statistics(rows: np.ndarray):
+    accumulator = StatisticsAccumulator(rows.shape[1])
+    accumulator.add(rows)
+    return accumulator.result()
+
+
+def _dependent_activations(rng, rows: int, independent: int, channels: int, taps: int, constant: bool):
+    """(rows, channels * taps) patches whose channels beyond `independent` are combinations of the first ones
+    (plus a constant), tap by tap, shuffled so the independent ones are not simply the first."""
+    base = rng.standard_normal((rows, independent, taps))
+    mix = rng.standard_normal((channels - independent, independent))
+    offset = rng.standard_normal(channels - independent)[None, :, None] * 3 if constant else 0.0
+    dependent = np.einsum("di,rit->rdt", mix, base) + offset
+    h = np.concatenate([base, dependent], axis=1)[:, rng.permutation(channels), :]
+    return h.reshape(rows, channels * taps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), independent=st.integers(1, 6), extra=st.integers(1, 6),
+       taps=st.sampled_from([1, 4, 9]), readers=st.integers(1, 3), constant=st.booleans())
+def test_exactly_dependent_channels_are_dropped_without_changing_any_output(seed, independent, extra, taps, readers,
+                                                                            constant):
+    rng = np.random.default_rng(seed)
+    channels = independent + extra
+    x = _dependent_activations(rng, 40 * channels * taps, independent, channels, taps, constant)
+    statistics = _statistics(x)
+    weights = [rng.standard_normal((int(rng.integers(1, 6)), channels * taps)) for _ in range(readers)]
+    biases = [rng.standard_normal(w.shape[0]) if i % 2 == 0 else None for i, w in enumerate(weights)]
+    elimination = ChannelElimination([Reader(w, taps, statistics, b) for w, b in zip(weights, biases)], channels)
+    assert elimination.rank >= independent  # round-off of float32 sums may leave a copy looking independent
+    folded = elimination.fold(independent)
+    kept_columns = (folded.kept[:, None] * taps + np.arange(taps)).reshape(-1)
+    for w, b, matrix, bias in zip(weights, biases, folded.matrices, folded.biases):
+        expected = x @ w.T + (0 if b is None else b)
+        got = x[:, kept_columns] @ matrix.T + bias
+        assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected)
+    assert elimination.errors([independent])[0] < 1e-2  # what the float32 sums can resolve
+    if independent > 1:
+        assert elimination.errors([independent - 1])[0] > 1e-2  # one independent channel less cannot be exact
+
+
+def test_the_error_of_a_width_is_the_measured_output_error():
+    rng = np.random.default_rng(3)
+    channels, taps = 6, 4
+    x = rng.standard_normal((3000, channels * taps)) @ rng.standard_normal((channels * taps, channels * taps))
+    w, b = rng.standard_normal((5, channels * taps)), rng.standard_normal(5)
+    elimination = ChannelElimination([Reader(w, taps, _statistics(x), b)], channels)
+    y = x @ w.T + b
+    variance = np.sum(np.var(y, axis=0))
+    for width in range(1, channels + 1):
+        folded = elimination.fold(width)
+        columns = (folded.kept[:, None] * taps + np.arange(taps)).reshape(-1)
+        measured = np.sqrt(np.mean(np.sum((x[:, columns] @ folded.matrices[0].T + folded.biases[0] - y) ** 2, 1))
+                           / variance)
+        assert elimination.errors([width])[0] == pytest.approx(measured, rel=1e-3, abs=1e-6)
+    assert elimination.errors([channels])[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kept_sets_are_nested_and_unread_channels_go_first():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 8))
+    w = rng.standard_normal((4, 8))
+    w[:, 2] = 0.0  # nobody reads channel 2
+    elimination = ChannelElimination([Reader(w, 1, _statistics(x))], 8)
+    assert elimination.order[-1] == 2
+    kept = [set(elimination.fold(width).kept.tolist()) for width in range(1, 9)]
+    assert all(a < b for a, b in zip(kept, kept[1:]))
+
+
+def test_keep_order_pivots_on_the_largest_unexplained_variance():
+    covariance = np.diag([1.0, 4.0, 2.0])
+    order, rank = keep_order(covariance, np.ones(3))
+    assert order.tolist() == [1, 2, 0] and rank == 3
+    order, _ = keep_order(covariance, np.array([3.0, 1.0, 1.0]))  # channel 0 carries 9x the output weight
+    assert order[0] == 0
