@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .analyze import Analysis, Candidate, LayerAnalysis
-from .cost import MIN_SAVING
+from .analyze import Analysis, Candidate, ChainAnalysis, LayerAnalysis
+from .cost import MIN_SAVING, narrowing_saving
 from .cost_models import METRICS, unavailable_reason
 from .errors import BudgetError, InvalidOptionError, invalid
 from .plan import Plan
@@ -134,26 +134,58 @@ def _counted_total(analysis: Analysis, metric: str) -> float:
 
 
 def _options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
-    """Every layer's options: dense first (score 0), then each candidate with the allocator's score."""
+    """Every factorizable layer's options: dense first (score 0), then each candidate with the allocator's score."""
     return [
         [Option(0.0, a.dense[metric], None)]
         + [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
-        for a in analysis.layers
+        for a in _factorizable(analysis)
     ]
+
+
+def _factorizable(analysis: Analysis) -> list[LayerAnalysis]:
+    """The layers the method lets the allocator factorize: none for `eliminate`; for `both`, those no narrowable
+    chain touches (a layer is narrowed or factorized, not both)."""
+    if analysis.method == "eliminate":
+        return []
+    touched = {layer.name for c in _narrowable(analysis) for layer in (c.chain.producer, *c.chain.readers)}
+    return [a for a in analysis.layers if a.layer.name not in touched]
+
+
+def _narrowable(analysis: Analysis) -> list[ChainAnalysis]:
+    return [c for c in analysis.chains if c.candidates] if analysis.method != "lowrank" else []
+
+
+def _chain_options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
+    """Every narrowable chain's options as changes of the model's cost: 0 to keep it, minus what a width saves."""
+    if metric not in ("params", "flops") and _narrowable(analysis):
+        raise InvalidOptionError(f"Narrowed layers are priced in params and FLOPs, not in {metric}: give --metric "
+                                 "params or flops with --method eliminate or both.")
+    options = []
+    for entry in _narrowable(analysis):
+        scored = []
+        for c in entry.candidates:
+            score = {"uniform": 1.0 - c.width / entry.chain.channels, "energy": c.error ** 2}.get(allocator, c.error)
+            scored.append(Option(score, -c.savings[metric], (0, c.width)))
+        options.append([Option(0.0, 0.0, None)] + scored)
+    return options
+
+
+def _units(analysis: Analysis) -> bool:
+    return bool(_factorizable(analysis) or _narrowable(analysis))
 
 
 def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
     """The smallest budget `allocate` can meet: every layer at its cheapest candidate."""
     _check_arguments(1.0, metric, allocator)
-    if not analysis.layers:
+    if not _units(analysis):
         return 1.0
     total = _counted_total(analysis, metric)
-    options = _options(analysis, metric, allocator)
+    options = _options(analysis, metric, allocator) + _chain_options(analysis, metric, allocator)
     fixed = total - sum(o[0].cost for o in options)
     smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
     if not total:
         return 1.0
-    fraction = smallest / total
+    fraction = max(smallest, 0.0) / total
     while fraction * total < smallest:  # float round-off: the fraction must give back at least `smallest`
         fraction = float(np.nextafter(fraction, 2.0))
     return min(fraction, 1.0)
@@ -162,13 +194,15 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
     """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
     _check_arguments(budget, metric, allocator)
-    if not analysis.layers:  # nothing to factorize, whatever can be counted: the empty plan, and the report says why
+    if not _units(analysis):  # nothing to change, whatever can be counted: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
     total = _counted_total(analysis, metric)
 
-    options = _options(analysis, metric, allocator)
+    layer_options = _options(analysis, metric, allocator)
+    chain_options = _chain_options(analysis, metric, allocator)
+    options = layer_options + chain_options
     fixed = total - sum(o[0].cost for o in options)
-    smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
+    smallest = fixed + sum(min(o.cost for o in unit) for unit in options)
     capacity = budget * total - fixed
     if budget * total < smallest:
         guard = (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)"
@@ -183,6 +217,29 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
             f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
             f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}{guard}."
         )
-    chosen, threshold = minmax_select(options, capacity)
-    layers = {a.layer.name: o.choice for a, o in zip(analysis.layers, chosen) if o.choice is not None}
-    return Plan(layers=layers, allocator=allocator, metric=metric, budget=float(budget), threshold=threshold)
+    chains = _narrowable(analysis)
+
+    def select(limit: float):
+        """The min-max choice within `limit`, and whether its exact cost fits the budget: narrowed layers that
+        touch each other (one reads what the other produces) save less than the sum of their savings."""
+        picked, level = minmax_select(options, limit)
+        cuts = [(c.chain, o.choice[1]) for c, o in zip(chains, picked[len(layer_options):]) if o.choice is not None]
+        layer_cost = sum(o.cost for o in picked[: len(layer_options)])
+        exact = fixed + layer_cost - (narrowing_saving(cuts, metric) or 0.0)
+        return picked, level, exact <= budget * total * (1 + 1e-12)
+
+    chosen, threshold, fits = select(capacity)
+    if not fits:  # the largest capacity whose exact cost fits, by bisection
+        low, high = smallest - fixed, capacity
+        for _ in range(30):
+            middle = (low + high) / 2
+            if select(middle)[2]:
+                low = middle
+            else:
+                high = middle
+        chosen, threshold, _ = select(low)
+    factorizable = _factorizable(analysis)
+    layers = {a.layer.name: o.choice for a, o in zip(factorizable, chosen) if o.choice is not None}
+    widths = {c.chain.name: o.choice[1] for c, o in zip(chains, chosen[len(layer_options):]) if o.choice is not None}
+    return Plan(layers=layers, allocator=allocator, metric=metric, budget=float(budget), threshold=threshold,
+                widths=widths)

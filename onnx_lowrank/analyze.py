@@ -13,16 +13,18 @@ decomposing again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from . import cost
+from .chains import Chain
 from .cost_models import CostModel, LatencyCost, build_cost_models
 from .decomposition import Decomposition, WeightDecomposition
 from .discover import Discovery, Layer, Skipped
+from .elimination import ChannelElimination, Folded, Reader
 from .errors import InvalidOptionError
 from .parallel import map_in_order, single_threaded_blas
 from .projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
@@ -30,7 +32,15 @@ from .statistics import InputStatistics
 from .svd import Factors
 
 __all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE",
-           "OUTPUT_MEASURE", "GUARD_RATIO"]
+           "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "METHODS",
+           "WIDTH_STEPS"]
+
+METHODS = ("lowrank", "eliminate", "both")
+"""lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
+calibration data needed); both: each layer is narrowed or factorized, whichever the one allocation prefers."""
+
+WIDTH_STEPS = 16
+"""Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank)."""
 
 GUARD_RATIO = 0.95
 """The never-slower guard keeps a candidate only if its measured time is at most this fraction of the dense
@@ -60,6 +70,22 @@ class LayerAnalysis:
     dense: Mapping[str, float]  # cost model name -> the dense layer's cost
 
 
+@dataclass(frozen=True)
+class WidthCandidate:
+    """One way to narrow a chain: keep `width` channels, with its output error and what it saves."""
+
+    width: int
+    error: float  # relative output error of the readers on the calibration statistics (exact)
+    savings: Mapping[str, float]  # cost model name -> what the model saves (params, flops)
+
+
+@dataclass(frozen=True, eq=False)
+class ChainAnalysis:
+    chain: Chain
+    elimination: ChannelElimination
+    candidates: tuple[WidthCandidate, ...]  # by rising width; each saves at least cost.MIN_SAVING of its layers
+
+
 @dataclass(frozen=True, eq=False)
 class Analysis:
     """Everything the planner needs: per-layer candidates and the whole model's costs."""
@@ -73,6 +99,9 @@ class Analysis:
     calibration: str | None = None  # where the calibration statistics came from (None: weight-only)
     calibration_key: tuple = ()  # identifies those samples (`inputs.Samples.key`), to tell in-sample verification
     notes: tuple[str, ...] = ()  # what was read differently from the file (initializers listed as inputs)
+    method: str = "lowrank"  # see METHODS
+    chains: tuple[ChainAnalysis, ...] = ()  # narrowable layers (method eliminate or both)
+    unnarrowed: tuple[Skipped, ...] = ()  # layers whose channels cannot be cut, and why
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -218,3 +247,42 @@ def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int, statistics
             candidates.append(Candidate(k=k, rank=rank, error=error, costs=prices))
     dense = {name: model.dense(layer) for name, model in costs.items()}
     return LayerAnalysis(layer=layer, decompositions=decompositions, candidates=tuple(candidates), dense=dense)
+
+
+def cuts_of(analysis: Analysis, widths: Mapping[str, int]) -> list[tuple[Chain, Folded]]:
+    """(chain, folded) of every chain `widths` names (chain name -> channels kept), in model order."""
+    chains = {entry.chain.name: entry for entry in analysis.chains}
+    for name, width in widths.items():
+        if name not in chains:
+            reason = next((s.reason for s in analysis.unnarrowed if s.name == name), None)
+            raise InvalidOptionError(f"The plan narrows {name!r}, which is not a narrowable layer of this model"
+                                     + (f" ({reason})" if reason else "") + ".")
+        if not 1 <= width < chains[name].chain.channels:
+            raise InvalidOptionError(f"The plan keeps {width} channels of {name!r}; it has "
+                                     f"{chains[name].chain.channels}, so keep 1 to {chains[name].chain.channels - 1}.")
+    return [(e.chain, e.elimination.fold(widths[e.chain.name])) for e in analysis.chains if e.chain.name in widths]
+
+
+def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: Sequence[str]
+                   ) -> tuple[ChainAnalysis, ...]:
+    """Width candidates of every chain, from its readers' calibration statistics (see `elimination`)."""
+    def one(chain: Chain) -> ChainAnalysis:
+        readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias) for r in chain.readers]
+        elimination = ChannelElimination(readers, chain.channels)
+        n = chain.channels
+        widths = sorted({max(1, round(n * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
+                        | ({elimination.rank} if elimination.rank < n else set()))
+        dense = sum(cost.dense_params(layer) for layer in (chain.producer, *chain.readers))
+        offered = []
+        for width in widths:
+            if width >= n:
+                continue
+            savings = {metric: cost.narrowing_saving([(chain, width)], metric) for metric in metrics}
+            if savings["params"] >= cost.MIN_SAVING * dense and None not in savings.values():
+                offered.append((width, savings))
+        errors = elimination.errors([w for w, _ in offered]) if offered else []
+        candidates = tuple(WidthCandidate(width=w, error=float(e), savings=sv) for (w, sv), e in zip(offered, errors))
+        return ChainAnalysis(chain=chain, elimination=elimination, candidates=candidates)
+
+    with single_threaded_blas():
+        return tuple(map_in_order(one, chains))

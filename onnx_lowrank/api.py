@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from .allocate import allocate, smallest_budget
-from .analyze import OUTPUT_MEASURE, Analysis, analyze_layers, factors_of
+from .analyze import OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, factors_of
+from .chains import find_chains
 from .calibrate import collect_statistics
 from .cost_models import LatencyCost
 from .discover import Layer, discover
@@ -29,12 +30,13 @@ from .latency_cache import LatencyCache, default_cache_path, model_key
 from .layer_timing import measure_layers, realized_fraction
 from .load import check_model, load_model
 from .parallel import single_threaded_blas
-from .passes import factorize_layers
+from .passes import eliminate_channels, factorize_layers
 from .passes.constant_inputs import constant_initializer_inputs
 from .plan import Plan
 from .projection import DEFAULT_SHRINKAGE
 from .refit import refit_factors
-from .report import LayerRow, Report, SearchStep, nothing_to_compress
+from . import cost
+from .report import LayerRow, NarrowedRow, Report, SearchStep, nothing_to_compress
 from .runtime import DEFAULT_PROVIDER, RuntimeSettings
 from .select import choose_plan
 from .shapes import tensor_shapes
@@ -188,6 +190,7 @@ def analyze(
     exclude: str | None = None,
     max_groups: int = 8,
     rank_multiple: int = 1,
+    method: str = "lowrank",
     allow_slower: bool = False,
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
@@ -201,21 +204,27 @@ def analyze(
     counted, and latencies measured, when every input shape is known (static in the model, from `input_shapes` such
     as ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample). Latencies are
     measured in onnxruntime with `threads` and `provider` (cached in `latency_cache`), and only candidates faster
-    than their dense layer are kept, unless `allow_slower`.
+    than their dense layer are kept, unless `allow_slower`. With `method` eliminate or both, the layers whose
+    output channels can be cut get width candidates too (`chains`, `elimination`; calibration data needed).
     """
     speed = _Speed.of(allow_slower, None, threads, provider, latency_cache)
     workspace = _prepare(model, inputs, input_shapes, False, calibration, weight_only, speed)
-    return _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
+    return _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress, method)
 
 
-def _analyze(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress) -> Analysis:
+def _analyze(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress,
+             method: str = "lowrank") -> Analysis:
     # Many small decompositions: a second BLAS thread barely helps them and, when onnxruntime or another process
     # holds the other core, makes them many times slower (measured: 1.3 s with one thread, 14-59 s with two).
+    if method != "lowrank" and workspace.calibration is None:
+        raise InvalidOptionError(f"--method {method} needs calibration data (--calibration or --inputs): which "
+                                 "channels the others reproduce is read from the activations.")
     with single_threaded_blas():
-        return _analyze_serial(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
+        return _analyze_serial(workspace, exclude, max_groups, rank_multiple, shrinkage, progress, method)
 
 
-def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress) -> Analysis:
+def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, shrinkage, progress,
+                    method: str = "lowrank") -> Analysis:
     shapes = workspace.shapes_of(workspace.model)
     discovery = discover(workspace.model, shapes=shapes, exclude=exclude)
     statistics = None if workspace.calibration is None else {}
@@ -248,7 +257,12 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         latency=latency,
         guard=workspace.speed.guard and latency is not None,
     )
-    return replace(analysis, notes=workspace.notes)
+    if method == "lowrank":
+        return replace(analysis, notes=workspace.notes)
+    chains = find_chains(workspace.model, discovery)
+    metrics = [name for name in analysis.costs if name in ("params", "flops")]
+    return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped,
+                   chains=analyze_chains(chains.chains, statistics, metrics))
 
 
 def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,
@@ -345,7 +359,7 @@ def apply(
     if analysis is None:  # analysing up to the plan's largest k also gives the planned error of every choice
         start = time.perf_counter()
         analysis = _analyze(workspace, None, max((k for k, _ in plan.layers.values()), default=1), 1,
-                            DEFAULT_SHRINKAGE, None)
+                            DEFAULT_SHRINKAGE, None, "both" if plan.widths else "lowrank")
         seconds["analyze"] = time.perf_counter() - start
     return _apply(workspace, plan, verify, analysis, seconds, refit)
 
@@ -367,15 +381,22 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
             yield layer, factors
 
     rewrites = written()
+    if refit and plan.widths:
+        raise InvalidOptionError("refit does not yet work with narrowed layers; use --method lowrank with --refit.")
     if refit and plan.layers:
         if workspace.calibration is None:
             raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
         rewrites = refit_factors(model, list(rewrites), workspace.calibration)  # needs every layer's factors
-    changed = bool(plan.layers)
-    compressed = factorize_layers(model, rewrites)[0] if changed else model
+    changed = bool(plan.layers or plan.widths)
+    cuts = cuts_of(analysis, plan.widths)  # narrowed and factorized layers are distinct: narrow first
+    narrowed = eliminate_channels(model, cuts)[0] if cuts else model
+    compressed = factorize_layers(narrowed, rewrites)[0] if plan.layers else narrowed
     seconds["apply"] = time.perf_counter() - start
     rows = [_row(entry, analysis, plan.layers.get(entry.layer.name), errors.get(entry.layer.name))
             for entry in analysis.layers]
+    narrowed_rows = tuple(_narrowed_row(entry, plan.widths[entry.chain.name], folded, analysis)
+                          for entry, (_, folded) in zip([c for c in analysis.chains if c.chain.name in plan.widths],
+                                                        cuts))
 
     verification = timing = None
     if run_verify and changed:
@@ -416,6 +437,7 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         speed_note=_speed_note(workspace, analysis),
         units={name: cost_model.unit for name, cost_model in analysis.costs.items()},
         notes=workspace.notes,
+        narrowed=narrowed_rows,
     )
     return compressed, report
 
@@ -451,6 +473,7 @@ def compress(
     min_score: float | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
+    method: str = "lowrank",
     exclude: str | None = None,
     inputs: SampleSource = None,
     input_shapes: ShapeSpecs = None,
@@ -488,7 +511,7 @@ def compress(
                          speed, need_shapes=metric != "params")  # flops and latency need shapes: say so now
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
-    analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress)
+    analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress, method)
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()
 
@@ -597,6 +620,17 @@ def _row(entry, analysis: Analysis, choice: tuple[int, int] | None = None, error
         error=error,
         planned_error=None if dense else next((c.error for c in entry.candidates if (c.k, c.rank) == choice), None),
     )
+
+
+def _narrowed_row(entry, width: int, folded, analysis: Analysis) -> NarrowedRow:
+    """The report row of one narrowed layer: its channels before and after, its readers, the error and savings."""
+    chain = entry.chain
+    planned = next((c for c in entry.candidates if c.width == width), None)
+    savings = {name: cost.narrowing_saving([(chain, width)], name) for name in analysis.costs
+               if name in ("params", "flops")}
+    return NarrowedRow(name=chain.name, op=chain.producer.op, readers=tuple(r.name for r in chain.readers),
+                       channels=chain.channels, width=width, error=entry.elimination.error_of(folded),
+                       planned_error=None if planned is None else planned.error, savings=savings)
 
 
 def _nothing_to_do(analysis: Analysis, plan: Plan) -> str:

@@ -45,6 +45,7 @@ class Chain:
     passes: tuple[str, ...]  # first outputs of the elementwise nodes between, in graph order
     readers: tuple[Layer, ...]  # in graph order
     region: tuple[str, ...]  # every tensor whose channels are the producer's: its output and the passes' outputs
+    channel_params: int = 0  # parameters per channel besides the weights: the producer's bias, BN, pass constants
 
     @property
     def name(self) -> str:
@@ -111,9 +112,12 @@ def _chain(producer: Layer, readers: Mapping[str, list[onnx.NodeProto]], constan
     if not found:
         return "its channels reach no layer that reads them as input channels"
     ordered_readers = sorted(found.values(), key=lambda layer: _position(layer, order, readers))
+    per_channel = (producer.folded_params or producer.bias_size) // max(channels, 1)
+    per_channel += sum(1 for node in passes for name in node.input if name not in region and name in constants
+                       and int(np.prod(constants.shape(name), dtype=np.int64)) == channels > 1)
     return Chain(producer=producer, channels=channels, axis=axis,
                  passes=tuple(n.output[0] for n in sorted(passes, key=lambda n: order[id(n)])),
-                 readers=tuple(ordered_readers), region=tuple(region))
+                 readers=tuple(ordered_readers), region=tuple(region), channel_params=per_channel)
 
 
 def _position(layer: Layer, order, readers) -> int:

@@ -12,16 +12,17 @@ operators are not counted. A factorized layer costs its grouped encoder plus its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from .chains import Chain
 from .discover import Layer
 from .graphs import nested_nodes, subgraphs
 
 __all__ = ["dense_params", "factorized_params", "is_smaller", "dense_flops", "factorized_flops", "model_params",
-           "model_flops", "MIN_SAVING"]
+           "model_flops", "narrowing_saving", "MIN_SAVING"]
 
 MIN_SAVING = 0.1
 """A factorization must save at least this fraction of its layer's parameters (and FLOPs) to be a candidate. Below
@@ -57,6 +58,33 @@ def is_smaller(layer: Layer, k: int, rank: int, bias_correction: bool = False) -
     keep = 1.0 - MIN_SAVING
     return (_factor_elements(layer, k, rank) <= keep * layer.weight_size
             and factorized_params(layer, k, rank, bias_correction) <= keep * dense_params(layer))
+
+
+def narrowing_saving(cuts: Sequence[tuple[Chain, int]], metric: str) -> float | None:
+    """Params or FLOPs that narrowing every chain to its width saves, counted exactly: a layer that produces one
+    cut chain and reads another keeps (kept rows) x (kept input channels) x taps weights, not the sum of the two
+    savings. None when FLOPs are asked for and some layer's positions are unknown."""
+    rows: dict[str, int] = {}
+    columns: dict[str, int] = {}
+    layers: dict[str, Layer] = {}
+    saving = 0.0
+    for chain, width in cuts:
+        layers[chain.producer.name] = chain.producer
+        rows[chain.producer.name] = width
+        for reader in chain.readers:
+            layers[reader.name] = reader
+            columns[reader.name] = width
+        if metric == "params":
+            saving += (chain.channels - width) * chain.channel_params
+    for name, layer in layers.items():
+        kept = rows.get(name, layer.out_channels) * columns.get(name, layer.in_channels) * layer.taps
+        if metric == "params":
+            saving += layer.weight_size - kept
+        elif layer.output_positions is None:
+            return None
+        else:
+            saving += 2 * layer.output_positions * (layer.weight_size - kept)
+    return saving
 
 
 def _factor_elements(layer: Layer, k: int, rank: int) -> int:

@@ -38,9 +38,8 @@ from .statistics import InputStatistics
 
 __all__ = ["Reader", "Folded", "ChannelElimination", "keep_order", "regression"]
 
-_RIDGE = 1e-10
-"""Relative ridge on the kept channels' covariance: keeps the solve defined for exactly dependent channels without
-moving any result beyond round-off."""
+_PSEUDO_INVERSE_RTOL = 1e-9
+"""Eigenvalues of the kept channels' covariance below this fraction of the largest count as zero in the fit."""
 _RANK_TOLERANCE = 1e-6
 """A channel whose unexplained (weighted) variance is below this fraction of the largest counts as reproduced
 exactly (the statistics sum float32 products, so exact dependence leaves about 1e-7 of round-off)."""
@@ -104,9 +103,10 @@ class ChannelElimination:
 
     def errors(self, widths: Sequence[int]) -> np.ndarray:
         """The readers' relative output error at each width (see module docstring); 0 at full width."""
-        return np.array([self._error(self.fold(int(w))) for w in widths])
+        return np.array([self.error_of(self.fold(int(w))) for w in widths])
 
-    def _error(self, folded: Folded) -> float:
+    def error_of(self, folded: Folded) -> float:
+        """The readers' relative output error with `folded` written in (see module docstring)."""
         if self._variance <= 0:
             return 0.0
         total = 0.0
@@ -155,8 +155,8 @@ def regression(covariance: np.ndarray, mean: np.ndarray, kept: np.ndarray, dropp
     if len(dropped) == 0:
         return np.zeros((0, len(kept))), np.zeros(0)
     c_ss = covariance[np.ix_(kept, kept)]
-    ridge = _RIDGE * max(float(np.trace(c_ss)) / max(len(kept), 1), np.finfo(float).tiny)
-    a_t = scipy.linalg.solve(c_ss + ridge * np.eye(len(kept)), covariance[np.ix_(kept, dropped)], assume_a="pos")
+    # a pseudo-inverse: past the numerical rank the kept channels include copies and dead ones (C_SS singular)
+    a_t = scipy.linalg.pinvh(c_ss, rtol=_PSEUDO_INVERSE_RTOL) @ covariance[np.ix_(kept, dropped)]
     a = a_t.T
     return a, mean[dropped] - a @ mean[kept]
 

@@ -1,9 +1,10 @@
-"""A plan: which layers to factorize and how (k groups, rank r). Layers not named stay dense.
+"""A plan: which layers to factorize and how (k groups, rank r), and which to narrow to how many output channels.
+Layers not named stay as they are.
 
 Plans are plain JSON so they can be reviewed, edited and re-applied (`onnx-lowrank apply --plan`):
 
     {"format": "onnx-lowrank-plan", "version": 1, "allocator": "alds", "metric": "params", "budget": 0.7,
-     "layers": {"/model.0/conv/Conv": {"k": 1, "rank": 8}, ...}}
+     "layers": {"/model.0/conv/Conv": {"k": 1, "rank": 8}, ...}, "widths": {"/model.1/conv/Conv": 24, ...}}
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Plan:
     budget: float | None = None
     threshold: float | None = None  # the largest per-layer planning score the allocator allowed
     notes: tuple[str, ...] = field(default=())
+    widths: Mapping[str, int] = field(default_factory=dict)  # narrowed layer (a chain's producer) -> channels kept
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +40,7 @@ class Plan:
             "budget": self.budget,
             "threshold": self.threshold,
             "layers": {name: {"k": k, "rank": r} for name, (k, r) in self.layers.items()},
+            **({"widths": dict(self.widths)} if self.widths else {}),
         }
 
     def to_json(self) -> str:
@@ -57,6 +60,10 @@ class Plan:
                     f'{{"k": 1, "rank": 16}}. Got {entry!r} instead.'
                 )
             layers[name] = (k, rank)
+        widths = data.get("widths", {})
+        if not isinstance(widths, dict) or not all(_whole(w) and w >= 1 for w in widths.values()):
+            raise InvalidOptionError(f"{source}: 'widths' must map layer names to whole numbers of channels >= 1, "
+                                     f'like {{"conv1": 24}}. Got {widths!r} instead.')
         budget = data.get("budget")
         threshold = data.get("threshold")
         return cls(
@@ -65,6 +72,7 @@ class Plan:
             metric=data.get("metric"),
             budget=float(budget) if isinstance(budget, (int, float)) else None,
             threshold=float(threshold) if isinstance(threshold, (int, float)) else None,
+            widths=dict(widths),
         )
 
     @classmethod

@@ -16,7 +16,7 @@ from .latency import LatencyComparison
 from .plan import Plan
 from .verify import Verification
 
-__all__ = ["LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary", "shorten",
+__all__ = ["NarrowedRow", "LayerRow", "SearchStep", "Report", "render", "render_analysis", "skip_summary", "shorten",
            "nothing_to_compress"]
 
 _MEASURES = {
@@ -55,6 +55,20 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
+class NarrowedRow:
+    """One narrowed layer: the output channels it kept, the layers that read them, the error and what it saved."""
+
+    name: str
+    op: str
+    readers: tuple[str, ...]
+    channels: int
+    width: int
+    error: float  # relative output error of the readers on the calibration statistics, as written
+    planned_error: float | None
+    savings: Mapping[str, float | None]  # cost model name -> what narrowing this layer alone saves
+
+
+@dataclass(frozen=True)
 class SearchStep:
     """One step of a target search: the budget tried, what it achieved, the checked value and the verdict."""
 
@@ -86,6 +100,7 @@ class Report:
     speed_note: str | None = None  # why latency was not measured, when it was asked for
     units: Mapping[str, str] = field(default_factory=dict)  # cost model name -> unit ("" for counts, "ms")
     notes: tuple[str, ...] = ()  # how the model was read, when not as written (initializers listed as inputs)
+    narrowed: tuple[NarrowedRow, ...] = ()  # layers whose output channels were cut (method eliminate or both)
 
     def ratio(self, metric: str) -> float | None:
         """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
@@ -170,6 +185,8 @@ class Report:
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
             "layers": [_row_dict(row) for row in self.layers],
+            "narrowed": [{**row.__dict__, "readers": list(row.readers), "savings": dict(row.savings)}
+                         for row in self.narrowed],
             "skipped": [s.__dict__ for s in self.skipped],
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "verified_on": self.verified_on,
@@ -221,6 +238,15 @@ def render(report: Report, console: Console) -> None:
         for count, op, reason, example in skip_summary(report.skipped):
             skipped.add_row(str(count), op, reason, fit(example))
         console.print(skipped)
+    if report.narrowed:
+        narrowed = Table(title="Narrowed (output channels kept; their readers absorb the rest)", title_justify="left")
+        for column, justify in (("layer", "left"), ("op", "left"), ("channels", "right"), ("readers", "right"),
+                                ("error", "right")):
+            narrowed.add_column(column, justify=justify, overflow="fold", no_wrap=column == "layer")
+        for row in report.narrowed:
+            narrowed.add_row(fit(row.name), row.op, f"{row.channels} -> {row.width}", str(len(row.readers)),
+                             f"{row.error:.4f}")
+        console.print(narrowed)
 
     totals = Table(title="Model", title_justify="left")
     for column in ("", "before", "after", "ratio"):

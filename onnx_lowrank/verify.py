@@ -10,7 +10,7 @@ so a sample with a large output weighs in proportion to its size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -185,7 +185,7 @@ def verify(
 
 def verify_many(
     original: onnx.ModelProto,
-    candidates: Sequence[onnx.ModelProto],
+    candidates: Iterable[onnx.ModelProto],
     feeds: Iterable[Mapping[str, np.ndarray]],
     progress: Callable[[int], None] | None = None,
 ) -> list[Verification]:

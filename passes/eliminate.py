@@ -93,8 +93,8 @@ def _refold_reader(editor: GraphEditor, layer: Layer, matrix: np.ndarray, bias: 
             batchnorm = editor.node(layer.batchnorm_output)
             orphans.extend(batchnorm.input[1:])
             conv_output = node.output[0]
+            editor.replace([batchnorm], [])  # before the Conv takes over its output's name
             node.output[0] = layer.batchnorm_output
-            editor.replace([batchnorm], [])
             editor.drop_value_info([conv_output])
     elif layer.op == "Gemm":
         transposed = _attribute(node, "transB", 0) == 1

@@ -46,7 +46,7 @@ def _activation(name: str, x: str, y: str) -> list[onnx.NodeProto]:
     return [helper.make_node(name, [x], [y])]
 
 
-def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads):
+def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads, reader_batchnorm=False):
     c_in = 3
     weight, bias = _dependent_rows(rng, channels, independent, c_in * 9, activation)
     init = [numpy_helper.from_array(weight.reshape(channels, c_in, 3, 3).astype(np.float32), "w0"),
@@ -71,8 +71,15 @@ def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kern
         if index % 2 == 0:
             init.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), f"rb{index}"))
             inputs.append(f"rb{index}")
-        nodes.append(helper.make_node("Conv", inputs, [f"y{index}"], name=f"reader{index}", pads=[pads] * 4))
         side = 8 - kernel + 1 + 2 * pads
+        if reader_batchnorm and index == 0:  # folded into the reader: the rewrite merges it into one Conv
+            nodes.append(helper.make_node("Conv", inputs, ["rc0"], name=f"reader{index}", pads=[pads] * 4))
+            bn = [rng.uniform(0.5, 2, 4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 2, 4)]
+            names = [f"rbn{i}" for i in range(4)]
+            init += [numpy_helper.from_array(a.astype(np.float32), n) for a, n in zip(bn, names)]
+            nodes.append(helper.make_node("BatchNormalization", ["rc0", *names], [f"y{index}"], name="reader_bn"))
+        else:
+            nodes.append(helper.make_node("Conv", inputs, [f"y{index}"], name=f"reader{index}", pads=[pads] * 4))
         outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, [2, 4, side, side]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c_in, 8, 8])],
                               outputs, init)
@@ -135,12 +142,14 @@ def _assert_same_outputs(model, narrowed, feeds, tolerance=1e-5):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), independent=st.integers(2, 5), extra=st.integers(1, 5),
        activation=st.sampled_from(["Relu", "Identity", "SiLU", "Tanh"]), batchnorm=st.booleans(),
-       readers=st.integers(1, 2), kernel=st.sampled_from([1, 3]))
+       readers=st.integers(1, 2), kernel=st.sampled_from([1, 3]), reader_batchnorm=st.booleans())
 def test_conv_chains_with_dependent_channels_shrink_without_changing_outputs(seed, independent, extra, activation,
-                                                                             batchnorm, readers, kernel):
+                                                                             batchnorm, readers, kernel,
+                                                                             reader_batchnorm):
     rng = np.random.default_rng(seed)
     channels = independent + extra
-    model, shapes = _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads=0)
+    model, shapes = _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads=0,
+                                reader_batchnorm=reader_batchnorm)
     narrowed, chain, width, feeds = _narrowed(model, shapes)
     assert width <= independent + 1  # a constant channel may take a pivot when the others are few
     weights = {t.name: numpy_helper.to_array(t) for t in narrowed.graph.initializer}

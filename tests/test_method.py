@@ -1,0 +1,87 @@
+"""`--method eliminate|both` from the command line: narrowed layers are planned, written, verified, reported and
+re-applied from the plan; what cannot be done is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_lowrank.cli import main
+from onnx_lowrank.plan import Plan
+
+from conftest import build_cnn
+
+
+@pytest.fixture()
+def cnn(tmp_path):
+    model_path = tmp_path / "cnn.onnx"
+    onnx.save(build_cnn(), str(model_path))
+    rng = np.random.default_rng(0)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for index in range(6):
+        np.savez(samples / f"{index}.npz", x=rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    return model_path, samples
+
+
+@pytest.mark.parametrize("method", ["eliminate", "both"])
+def test_a_model_is_narrowed_verified_reported_and_reapplied(tmp_path, capsys, cnn, method):
+    model, samples = cnn
+    out, report, plan = tmp_path / "c.onnx", tmp_path / "r.json", tmp_path / "p.json"
+    code = main(["compress", str(model), str(out), "--budget", "0.8", "--method", method, "--inputs", str(samples),
+                 "--allow-slower", "--report", str(report), "--plan-out", str(plan)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["narrowed"] and "Narrowed" in printed
+    assert data["summary"]["params_ratio"] <= 0.8 + 1e-9
+    widths = json.loads(plan.read_text())["widths"]
+    assert widths == {row["name"]: row["width"] for row in data["narrowed"]}
+    for row in data["narrowed"]:
+        assert 1 <= row["width"] < row["channels"] and row["error"] >= 0
+    onnx.checker.check_model(str(out), full_check=True)
+    assert data["verification"]["worst_relative_l2"] < 1.0
+
+    again = tmp_path / "again.onnx"
+    assert main(["apply", str(model), str(again), "--plan", str(plan), "--inputs", str(samples), "--quiet"]) == 0
+    assert again.read_bytes() == out.read_bytes()  # the plan alone gives the same model
+
+
+def test_eliminate_without_samples_is_refused_in_one_line(tmp_path, capsys, cnn):
+    model, _ = cnn
+    code = main(["compress", str(model), str(tmp_path / "c.onnx"), "--budget", "0.8", "--method", "eliminate",
+                 "--allow-slower"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and "needs calibration data" in error
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_a_latency_budget_is_refused_for_narrowing(tmp_path, capsys, cnn):
+    model, samples = cnn
+    code = main(["compress", str(model), str(tmp_path / "c.onnx"), "--budget", "0.8", "--method", "eliminate",
+                 "--metric", "latency", "--inputs", str(samples), "--allow-slower", "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and "params and FLOPs" in error
+
+
+def test_analyze_lists_why_layers_cannot_be_narrowed(tmp_path, cnn):
+    from onnx_lowrank import analyze
+
+    model, samples = cnn
+    analysis = analyze(str(model), inputs=str(samples), method="eliminate")
+    assert {c.chain.name for c in analysis.chains} == {"conv1", "conv2", "fc1"}
+    (conv3,) = [s for s in analysis.unnarrowed if s.name == "conv3"]
+    assert "GlobalAveragePool" in conv3.reason
+    for entry in analysis.chains:
+        widths = [c.width for c in entry.candidates]
+        assert widths == sorted(widths) and all(0 < w < entry.chain.channels for w in widths)
+
+
+def test_plan_widths_round_trip_and_bad_widths_are_refused():
+    plan = Plan(layers={"a": (1, 4)}, widths={"b": 12})
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+    with pytest.raises(Exception, match="whole numbers of channels"):
+        Plan.from_dict({"layers": {}, "widths": {"b": 0}})
