@@ -52,6 +52,7 @@ class Method:
     refit: bool = False
     metric: str = "params"
     guard: bool = True
+    method: str = "lowrank"  # lowrank, eliminate (narrow layers) or both
 
 
 METHODS = {
@@ -64,11 +65,15 @@ METHODS = {
         Method("data alds", "alds", "calibration"),
         Method("data uniform", "uniform", "calibration"),
         Method("data auto --allow-slower", "auto", "calibration", guard=False),
+        Method("data eliminate", "auto", "calibration", method="eliminate"),
+        Method("data both", "auto", "calibration", method="both"),
         Method("data auto+refit", "auto", "calibration", refit=True),
         Method("data alds+refit", "alds", "calibration", refit=True),
         Method("flops: weight alds", "alds", "weight", metric="flops"),
         Method("flops: data auto", "auto", "calibration", metric="flops"),
         Method("flops: data auto --allow-slower", "auto", "calibration", metric="flops", guard=False),
+        Method("flops: data eliminate", "auto", "calibration", metric="flops", method="eliminate"),
+        Method("flops: data both", "auto", "calibration", metric="flops", method="both"),
         Method("latency: weight alds", "alds", "weight", metric="latency"),
         Method("latency: data auto", "auto", "calibration", metric="latency"),
     )
@@ -85,8 +90,8 @@ def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats,
     points, unreachable, analysis_seconds = [], [], {}
     groups: dict[tuple, list[Method]] = {}
     for method in methods:
-        groups.setdefault((method.data, method.refit, method.metric, method.guard), []).append(method)
-    for (data, refit, metric, guard), group in groups.items():
+        groups.setdefault((method.data, method.refit, method.metric, method.guard, method.method), []).append(method)
+    for (data, refit, metric, guard, narrowing), group in groups.items():
         result = sweep(
             original,
             budgets,
@@ -98,13 +103,14 @@ def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats,
             refit=refit,
             latency_repeats=latency_repeats,
             allow_slower=not guard,
+            method=narrowing,
             threads=THREADS,
             latency_cache=cache,
             evaluate=lambda model: workload.score(runtime.session(model), reference),
             progress=lambda cell, g=group: print(f"  {g[0].name.rsplit(' ', 1)[0]}.. {cell}", file=sys.stderr,
                                                  flush=True),
         )
-        analysis_seconds[(data, refit, metric, guard)] = result.analysis_seconds
+        analysis_seconds[(data, refit, metric, guard, narrowing)] = result.analysis_seconds
         by_allocator = {m.allocator: m for m in group}
         for point in result.points:
             method = by_allocator[point.allocator.split(":")[0]]
@@ -199,7 +205,9 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
         "their relative output error; `auto` is the default with calibration data (the best of the "
         "alds/uniform/energy plans by output error on the calibration split; the allocator it chose is in "
         "brackets). Every method runs with the default **never-slower guard** (a layer is only factorized into a "
-        "form measured faster than it) except those marked `--allow-slower`. Refit methods are "
+        "form measured faster than it) except those marked `--allow-slower`. `data eliminate` narrows layers "
+        "instead (`--method eliminate`: drops output channels the others reproduce, see the README's Neuron "
+        "elimination) and `data both` allocates over both kinds (`--method both`). Refit methods are "
         "left out by default: they lost in every cell of the previous run (git history of this file).\n"
         f"- Columns: `params`, `FLOPs`: fraction of the original model kept (counted on the compressed model). "
         f"`latency`: median onnxruntime time ({THREADS} threads, batch 1) of the compressed model over the "
@@ -207,7 +215,8 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
         "original timed against itself). `pred`: the latency ratio the cost model predicted before writing the "
         "model. `task`: the workload's metric (see each model). `out err`: worst relative L2 error of the model's "
         "outputs on the evaluation split. `layer err`: error of the worst factorized layer: relative spectral error "
-        "of the weight (weight) or relative output error on the calibration split (data). `n`: layers factorized. "
+        "of the weight (weight) or relative output error on the calibration split (data). `n`: layers factorized "
+        "or narrowed. "
         "`tool s`: seconds of analyze + plan + apply (what one `compress --no-verify` takes, with a warm latency "
         "cache; for data-aware methods it includes the calibration pass).\n\n"
     )
@@ -216,13 +225,13 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
 def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing, plots,
              seconds: float) -> str:
     timing_seconds, realized = timing
-    calibration = analysis_seconds.get(("calibration", False, "params", True))
+    calibration = analysis_seconds.get(("calibration", False, "params", True, "lowrank"))
     lines = [
         f"## {name}\n",
         f"Model `{path.name}` ({workload.model} in models/manifest.json). Task metric: **{workload.metric}** "
         f"(higher is better). Evaluation samples: {len(workload.evaluation_feeds())}; calibration samples: "
         f"{len(workload.calibration_feeds())}. Weight-only analysis: "
-        f"{analysis_seconds.get(('weight', False, 'params', True), 0):.1f} s"
+        f"{analysis_seconds.get(('weight', False, 'params', True, 'lowrank'), 0):.1f} s"
         + (f"; data-aware analysis (calibration pass + decompositions): {calibration:.1f} s" if calibration else "")
         + f". Timing every layer's forms (cold cache, once per model): {timing_seconds:.1f} s; the probe model "
         f"delivered {realized:.2f} of the savings its layers showed alone (every layer saving is scaled by that). "

@@ -85,6 +85,7 @@ def sweep(
     input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
+    method: str = "lowrank",
     exclude: str | None = None,
     latency: bool = True,
     latency_repeats: int = 20,
@@ -111,7 +112,7 @@ def sweep(
     analysis = api.analyze(proto, input_shapes=shapes, calibration=calibration_samples, weight_only=weight_only,
                            shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple,
                            allow_slower=allow_slower and metric != "latency", threads=threads, provider=provider,
-                           latency_cache=latency_cache)
+                           latency_cache=latency_cache, method=method)
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
         allocators = ("auto",) if calibration_samples is not None else ("alds",)
@@ -136,7 +137,7 @@ def sweep(
                                            calibration=calibration_samples, refit=refit)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
-            if report.factorized:
+            if report.factorized or report.narrowed:
                 check = verify(proto, compressed, feeds)
                 output_error = check.worst_relative_l2
                 agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
@@ -153,8 +154,9 @@ def sweep(
                     predicted_latency_ratio=report.ratio("latency"),
                     output_error=output_error,
                     top1_agreement=min(agreements) if agreements else None,
-                    max_layer_error=max((r.error for r in report.factorized), default=0.0),
-                    layers_factorized=len(report.factorized),
+                    max_layer_error=max([r.error for r in report.factorized] + [r.error for r in report.narrowed],
+                                        default=0.0),
+                    layers_factorized=len(report.factorized) + len(report.narrowed),
                     tool_seconds=tool_seconds,
                     task=dict(evaluate(compressed)) if evaluate is not None else {},
                 )
