@@ -417,7 +417,11 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     after = {}
     for name, cost_model in analysis.costs.items():
         counted = cost_model.count(compressed, after_shapes) if changed else before[name]
-        after[name] = counted if counted is not None else _predicted(before[name], [row.costs[name] for row in rows])
+        if counted is None and plan.widths:  # the latency model does not price narrowed layers: no prediction
+            after[name] = None
+        else:
+            after[name] = counted if counted is not None else _predicted(before[name],
+                                                                         [row.costs[name] for row in rows])
     report = Report(
         layers=tuple(rows),
         skipped=analysis.skipped,

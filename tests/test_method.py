@@ -85,3 +85,13 @@ def test_plan_widths_round_trip_and_bad_widths_are_refused():
     assert Plan.from_dict(json.loads(plan.to_json())) == plan
     with pytest.raises(Exception, match="whole numbers of channels"):
         Plan.from_dict({"layers": {}, "widths": {"b": 0}})
+
+
+def test_no_latency_is_predicted_for_a_narrowed_model(cnn):
+    """The latency model prices factorized layers only: a model with narrowed layers gets no prediction (the
+    measured ratio, when verification times both models, is the only latency number)."""
+    from onnx_lowrank import compress
+
+    model, samples = cnn
+    _, report = compress(str(model), 0.8, method="eliminate", inputs=str(samples), verify=False)
+    assert report.narrowed and report.after.get("latency") is None and report.ratio("latency") is None
