@@ -17,6 +17,13 @@ maximum, so the result stays optimal, and the model uses its budget instead of s
 - `uniform`: k = 1, score = 1 - r / max_rank: the same rank ratio in every layer (the classic SVD baseline).
 - `energy`: k = 1, score = fraction of the layer's energy dropped (squared singular values of the weight, or of
   its output on the calibration data): the same discarded energy everywhere.
+
+With `--method eliminate` or `both`, every narrowable layer (`chains`) is a unit too: its options are widths,
+scored by its readers' relative output error (`uniform`: the fraction of channels dropped; `energy`: the squared
+error) and priced as the change of the model's cost. With `both` a layer is narrowed or factorized, never both:
+the layers a narrowable chain touches are left to it. Two narrowed layers that touch each other (one reads what the
+other produces) save less than the sum of their savings, so the exact count of the chosen widths is checked, and
+the capacity lowered by bisection until it fits.
 """
 
 from __future__ import annotations
@@ -170,14 +177,14 @@ def _chain_options(analysis: Analysis, metric: str, allocator: str) -> list[list
     return options
 
 
-def _units(analysis: Analysis) -> bool:
+def _has_units(analysis: Analysis) -> bool:
     return bool(_factorizable(analysis) or _narrowable(analysis))
 
 
 def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
     """The smallest budget `allocate` can meet: every layer at its cheapest candidate."""
     _check_arguments(1.0, metric, allocator)
-    if not _units(analysis):
+    if not _has_units(analysis):
         return 1.0
     total = _counted_total(analysis, metric)
     options = _options(analysis, metric, allocator) + _chain_options(analysis, metric, allocator)
@@ -194,7 +201,7 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
     """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
     _check_arguments(budget, metric, allocator)
-    if not _units(analysis):  # nothing to change, whatever can be counted: the empty plan, and the report says why
+    if not _has_units(analysis):  # nothing to change, whatever can be counted: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
     total = _counted_total(analysis, metric)
 

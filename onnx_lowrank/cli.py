@@ -231,6 +231,14 @@ def _analysis_dict(analysis) -> dict:
             for a in analysis.layers
         ],
         "skipped": [s.__dict__ for s in analysis.skipped],
+        "method": analysis.method,
+        "narrowable": [
+            {"name": c.chain.name, "op": c.chain.producer.op, "channels": c.chain.channels,
+             "readers": [r.name for r in c.chain.readers],
+             "candidates": [{"width": w.width, "error": w.error, **w.savings} for w in c.candidates]}
+            for c in analysis.chains
+        ],
+        "not_narrowable": [s.__dict__ for s in analysis.unnarrowed],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -363,6 +364,31 @@ def render_analysis(analysis: Analysis, console: Console, error_levels: tuple[fl
         console.print(note)
     for count, op, reason, _ in skip_summary(analysis.skipped):
         console.print(f"  {count} {op} skipped: {reason}")
+    if analysis.method != "lowrank":
+        _render_narrowable(analysis, console, error_levels)
+
+
+def _render_narrowable(analysis: Analysis, console: Console, error_levels: tuple[float, ...]) -> None:
+    """Per narrowable layer: the fewest output channels it can keep at each error level of its readers."""
+    table = Table(title="Narrowable (output channels kept at a given relative output error of the readers)",
+                  title_justify="left")
+    fit = _shortener(console, [entry.chain.name for entry in analysis.chains])
+    for column in ("layer", "op", "channels", "readers"):
+        table.add_column(column, overflow="fold", no_wrap=column == "layer", justify="left" if column in
+                         ("layer", "op") else "right")
+    for level in error_levels:
+        table.add_column(f"err<={level:g}", justify="right")
+    for entry in analysis.chains:
+        cells = [str(min((c.width for c in entry.candidates if c.error <= level), default=entry.chain.channels))
+                 for level in error_levels]
+        table.add_row(fit(entry.chain.name), entry.chain.producer.op, str(entry.chain.channels),
+                      str(len(entry.chain.readers)), *cells)
+    if analysis.chains:
+        console.print(table)
+    console.print(f"{len(analysis.chains)} narrowable layers; {len(analysis.unnarrowed)} not narrowable")
+    general = [Skipped(s.name, s.op, re.sub(r" '[^']*'", "", s.reason)) for s in analysis.unnarrowed]  # by op
+    for count, op, reason, example in skip_summary(general):
+        console.print(f"  {count} {op}: {reason} (e.g. {fit(example)})")
 
 
 def render_sweep(result, console: Console) -> None:

@@ -95,3 +95,17 @@ def test_no_latency_is_predicted_for_a_narrowed_model(cnn):
     model, samples = cnn
     _, report = compress(str(model), 0.8, method="eliminate", inputs=str(samples), verify=False)
     assert report.narrowed and report.after.get("latency") is None and report.ratio("latency") is None
+
+
+def test_analyze_prints_and_writes_the_narrowable_layers(tmp_path, capsys, cnn):
+    model, samples = cnn
+    report = tmp_path / "a.json"
+    assert main(["analyze", str(model), "--method", "eliminate", "--inputs", str(samples), "--report",
+                 str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "Narrowable" in printed and "3 narrowable layers; 2 not narrowable" in printed
+    assert "GlobalAveragePool" in printed
+    data = json.loads(report.read_text())
+    assert data["method"] == "eliminate"
+    assert {entry["name"] for entry in data["narrowable"]} == {"conv1", "conv2", "fc1"}
+    assert all(c["width"] < entry["channels"] for entry in data["narrowable"] for c in entry["candidates"])
