@@ -220,8 +220,9 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
                 f"layers has a factorization saving at least {MIN_SAVING:.0%} of it{guard}, so the model can only "
                 "stay as it is."
             )
+        method = "" if analysis.method == "lowrank" else f" and --method {analysis.method}"
         raise BudgetError(
-            f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator: "
+            f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator{method}: "
             f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}{guard}."
         )
     chains = _narrowable(analysis)
