@@ -39,6 +39,9 @@ METHODS = ("lowrank", "eliminate", "both")
 """lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
 calibration data needed); both: each layer is narrowed or factorized, whichever the one allocation prefers."""
 
+MIN_ROWS_PER_CHANNEL = 2
+"""Calibration rows (positions) needed per channel of a chain before its channels are judged dependent."""
+
 WIDTH_STEPS = 16
 """Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank)."""
 
@@ -264,14 +267,26 @@ def cuts_of(analysis: Analysis, widths: Mapping[str, int]) -> list[tuple[Chain, 
 
 
 def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: Sequence[str]
-                   ) -> tuple[ChainAnalysis, ...]:
-    """Width candidates of every chain, from its readers' calibration statistics (see `elimination`)."""
+                   ) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
+    """Width candidates of every chain, from its readers' calibration statistics (see `elimination`), and the
+    chains skipped because the samples are too few to tell which channels the others reproduce (with fewer rows
+    than channels, every channel looks like a combination of the others)."""
+    usable, skipped = [], []
+    for chain in chains:
+        rows = min(statistics[r.name].count for r in chain.readers)
+        if chain.channels < 2 or rows < MIN_ROWS_PER_CHANNEL * chain.channels:
+            reason = (f"{rows} calibration rows cannot tell which of its {chain.channels} channels the others "
+                      f"reproduce; give samples with at least {MIN_ROWS_PER_CHANNEL * chain.channels} positions")
+            skipped.append(Skipped(name=chain.name, op=chain.producer.op, reason=reason))
+        else:
+            usable.append(chain)
+
     def one(chain: Chain) -> ChainAnalysis:
         readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias) for r in chain.readers]
         elimination = ChannelElimination(readers, chain.channels)
         n = chain.channels
         widths = sorted({max(1, round(n * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
-                        | ({elimination.rank} if elimination.rank < n else set()))
+                        | ({elimination.rank} if 0 < elimination.rank < n else set()))
         dense = sum(cost.dense_params(layer) for layer in (chain.producer, *chain.readers))
         offered = []
         for width in widths:
@@ -285,4 +300,4 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: S
         return ChainAnalysis(chain=chain, elimination=elimination, candidates=candidates)
 
     with single_threaded_blas():
-        return tuple(map_in_order(one, chains))
+        return tuple(map_in_order(one, usable)), tuple(skipped)

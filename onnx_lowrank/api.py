@@ -261,8 +261,9 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         return replace(analysis, notes=workspace.notes)
     chains = find_chains(workspace.model, discovery)
     metrics = [name for name in analysis.costs if name in ("params", "flops")]
-    return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped,
-                   chains=analyze_chains(chains.chains, statistics, metrics))
+    narrowable, too_few = analyze_chains(chains.chains, statistics, metrics)
+    return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped + too_few,
+                   chains=narrowable)
 
 
 def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,

@@ -60,6 +60,9 @@ def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphan
         if len(node.input) > 2 and node.input[2]:
             _slice_input(editor, node, 2, kept, layer.out_channels, orphans)
     else:  # MatMul: (in, out)
+        if node.op_type == "Add":  # the shift this layer got as a reader of another cut: per output channel too
+            _slice_input(editor, node, 1, kept, layer.out_channels, orphans)
+            node = editor.node(node.input[0])
         _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=1)
 
 

@@ -122,7 +122,8 @@ def assert_written_model_runs(fm: FuzzModel, out_path: Path, expected, context: 
 
 @st.composite
 def compress_options(draw, fm: FuzzModel) -> list[str]:
-    """CLI flags after `compress IN OUT`: a budget, and sometimes a metric, --max-groups, --input-shape, --max-error."""
+    """CLI flags after `compress IN OUT`: a budget, and sometimes a metric, --max-groups, --input-shape, --max-error,
+    --method eliminate or both (with --inputs)."""
     budget = draw(st.sampled_from(["1.0", "0.9", "0.7", "0.5", "0.3", "0.1"]))
     argv = ["--budget", budget, "--allow-slower", "--quiet"]
     if fm.dynamic_dims and draw(st.booleans()):
@@ -137,6 +138,8 @@ def compress_options(draw, fm: FuzzModel) -> list[str]:
         argv += ["--rank-multiple", str(draw(st.integers(1, 8)))]
     if draw(st.integers(0, 5)) == 0:
         argv += ["--exclude", draw(st.sampled_from(["Conv", "Gemm|MatMul", "_1$", "^$"]))]
+    if draw(st.integers(0, 2)) == 0:  # narrowing reads samples: {samples} becomes an .npz of the model's input
+        argv += ["--method", draw(st.sampled_from(["eliminate", "both"])), "--inputs", "{samples}"]
     tail = draw(st.sampled_from([[]] * 9 + [["--max-error", "0.01"], ["--max-error", "0.5"], ["--no-verify"],
                                             ["--no-verify", "--max-error", "0.5"]]))  # the last: a usage error
     return argv + tail
@@ -154,6 +157,9 @@ def check_compress(fm: FuzzModel, options: list[str], twice: bool = False) -> in
         out_path.parent.mkdir()
         in_path.write_bytes(fm.model.SerializeToString())
         before = sha256(in_path)
+        samples = Path(folder) / "samples.npz"
+        np.savez(samples, **feeds_for(fm, seed=1))
+        options = [str(samples) if option == "{samples}" else option for option in options]
         argv = ["compress", str(in_path), str(out_path), *options]
         context = f"{fm.description}\nargv: {argv}"
         code, stdout, stderr = run_cli(argv)
