@@ -201,7 +201,12 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
     """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
     _check_arguments(budget, metric, allocator)
-    if not _has_units(analysis):  # nothing to change, whatever can be counted: the empty plan, and the report says why
+    if not _has_units(analysis):
+        if budget < 1 and analysis.method != "lowrank" and (analysis.layers or analysis.chains):
+            raise BudgetError(f"A budget of {budget:g} of the {metric} cannot be reached with --method "
+                              f"{analysis.method}: no layer of this model can be narrowed (see analyze --method "
+                              f"{analysis.method} for why).")
+        # nothing to change, whatever can be counted: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
     total = _counted_total(analysis, metric)
 

@@ -111,3 +111,16 @@ def test_analyze_prints_and_writes_the_narrowable_layers(tmp_path, capsys, cnn):
     assert data["method"] == "eliminate"
     assert {entry["name"] for entry in data["narrowable"]} == {"conv1", "conv2"}
     assert all(c["width"] < entry["channels"] for entry in data["narrowable"] for c in entry["candidates"])
+
+
+def test_eliminate_with_nothing_narrowable_refuses_the_budget(tmp_path, capsys):
+    """A model whose layers cannot be narrowed is not returned unchanged as if the budget were met."""
+    from conftest import build_matmul
+
+    model = tmp_path / "m.onnx"
+    onnx.save(build_matmul(), str(model))
+    np.savez(tmp_path / "s.npz", x=np.random.default_rng(0).standard_normal((2, 6, 24)).astype(np.float32))
+    code = main(["compress", str(model), str(tmp_path / "c.onnx"), "--budget", "0.8", "--method", "eliminate",
+                 "--inputs", str(tmp_path / "s.npz"), "--allow-slower", "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "no layer of this model can be narrowed" in error and not (tmp_path / "c.onnx").exists()
