@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .discover import ConstantTable, Discovery, Layer, Skipped, readers_of
+from .discover import ConstantTable, Discovery, Layer, Skipped, node_attributes, readers_of
 
 __all__ = ["Chain", "Chains", "find_chains", "UNARY_OPS", "BINARY_OPS"]
 
@@ -137,7 +137,7 @@ def _reader_problem(reader: Layer, node: onnx.NodeProto, axis: int) -> str | Non
     if bias and reader.bias is None and not reader.batchnorm_output:
         return f"its channels are read by {described}, whose bias is computed at run time"
     if reader.op == "Gemm":
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attributes = node_attributes(node)
         if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
             return f"its channels are read by {described} with alpha or beta other than 1"
     return None

@@ -21,7 +21,7 @@ from .graphs import consumed_names, nested_nodes, subgraphs
 from .patches import ConvGeometry
 from .runtime import tensor_array
 
-__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover", "ConstantTable", "readers_of"]
+__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover", "ConstantTable", "readers_of", "node_attributes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -346,7 +346,7 @@ def _sharing_problem(weight, readers, constants, consumers, boundary) -> str | N
 
 def _attribute_key(node: onnx.NodeProto, names: tuple[str, ...] | None) -> dict:
     """The node's attributes that must agree between the readers of a shared weight (all of them when None)."""
-    return {k: v for k, v in _attributes(node).items() if names is None or k in names}
+    return {k: v for k, v in node_attributes(node).items() if names is None or k in names}
 
 
 def _shared_layer(layer: Layer, readers, names, constants, consumers, shapes, ranks) -> Layer:
@@ -359,7 +359,7 @@ def _shared_layer(layer: Layer, readers, names, constants, consumers, shapes, ra
         channel_axis = 1 if node.op_type == "Conv" else -1
         geometry = None
         if node.op_type == "Conv":
-            geometry = ConvGeometry.from_attributes(_attributes(node), layer.kernel_shape)
+            geometry = ConvGeometry.from_attributes(node_attributes(node), layer.kernel_shape)
         others.append(Consumer(name=names[id(node)], node_output=node.output[0], input_name=node.input[0],
                                output_positions=_positions(shapes, node.output[0], channel_axis),
                                activation_rank=ranks.get(node.input[0]), geometry=geometry))
@@ -373,12 +373,13 @@ def _shared_layer(layer: Layer, readers, names, constants, consumers, shapes, ra
                    output_positions=None if None in positions else sum(positions))
 
 
-def _attributes(node: onnx.NodeProto) -> dict:
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _conv_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
-    attrs = _attributes(node)
+    attrs = node_attributes(node)
     if attrs.get("group", 1) != 1:
         return _raise("grouped or depthwise convolution (group > 1)")
     weight_shape = constants.shape(node.input[1])
@@ -444,7 +445,7 @@ def _vector(constants, name: str, size: int) -> np.ndarray | None:
 
 
 def _gemm_layer(node, name, constants, consumers, boundary, shapes, ranks) -> Layer:
-    attrs = _attributes(node)
+    attrs = node_attributes(node)
     if attrs.get("transA", 0) != 0:
         return _raise("transA=1 is not supported")
     weight_shape = constants.shape(node.input[1])
@@ -511,7 +512,7 @@ def _following_batchnorm(node, constants, consumers, boundary) -> onnx.NodeProto
     bn = readers[0]
     if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or list(bn.input[:1]) != [output]:
         return None
-    if _attributes(bn).get("training_mode", 0) != 0 or any(o for o in bn.output[1:]):
+    if node_attributes(bn).get("training_mode", 0) != 0 or any(o for o in bn.output[1:]):
         return None
     if len(bn.input) != 5 or not all(name in constants and name not in boundary for name in bn.input[1:]):
         return None
@@ -521,7 +522,7 @@ def _following_batchnorm(node, constants, consumers, boundary) -> onnx.NodeProto
 def _batchnorm_affine(bn: onnx.NodeProto, constants: ConstantTable) -> tuple[np.ndarray, np.ndarray]:
     """BatchNormalization as y = scale * x + shift per channel."""
     gamma, beta, mean, var = (constants.array(n).astype(np.float64).reshape(-1) for n in bn.input[1:5])
-    epsilon = _attributes(bn).get("epsilon", 1e-5)
+    epsilon = node_attributes(bn).get("epsilon", 1e-5)
     scale = gamma / np.sqrt(var + epsilon)
     return scale, beta - mean * scale
 

@@ -236,14 +236,12 @@ def header_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     weights. Not a model to run or save."""
     header = _without_initializers(model)
     for tensor in model.graph.initializer:
-        if not is_external(tensor) and (tensor.ByteSize() < _INLINE_BYTES or tensor.data_type == onnx.TensorProto.STRING):
+        if _stays_inline(tensor):
             header.graph.initializer.append(tensor)
             continue
-        stub = header.graph.initializer.add()
-        for field, value in tensor.ListFields():
-            if field.name not in _DATA_FIELDS:
-                _copy_field(stub, field, value)
+        stub = _without_data(tensor)
         stub.data_location = onnx.TensorProto.EXTERNAL
+        header.graph.initializer.append(stub)
     return header
 
 
@@ -276,12 +274,9 @@ def _copy_field(target, field, value) -> None:
 
 def _stored(tensor: onnx.TensorProto, data, data_name: str) -> onnx.TensorProto:
     """The header of `tensor` as written: its bytes appended to `data`; a small inline tensor is kept as it is."""
-    if not is_external(tensor) and (tensor.ByteSize() < _INLINE_BYTES or tensor.data_type == onnx.TensorProto.STRING):
+    if _stays_inline(tensor):
         return tensor
-    header = onnx.TensorProto()
-    for field, value in tensor.ListFields():
-        if field.name not in _DATA_FIELDS:
-            _copy_field(header, field, value)
+    header = _without_data(tensor)
     offset = _pad(data)
     if is_external(tensor):
         _copy_external(tensor, data)
@@ -290,6 +285,21 @@ def _stored(tensor: onnx.TensorProto, data, data_name: str) -> onnx.TensorProto:
     else:  # typed fields (float_data, ...): written as the raw little-endian bytes onnx expects
         data.write(onnx.numpy_helper.to_array(tensor).astype(_little_endian(tensor)).tobytes())
     _point_to(header, data_name, offset, data.tell() - offset)
+    return header
+
+
+def _stays_inline(tensor: onnx.TensorProto) -> bool:
+    """Small inline tensors (and strings, which have no raw layout) stay inside the .onnx file."""
+    return not is_external(tensor) and (tensor.ByteSize() < _INLINE_BYTES
+                                        or tensor.data_type == onnx.TensorProto.STRING)
+
+
+def _without_data(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of `tensor` without its values: name, type, dims, doc string."""
+    header = onnx.TensorProto()
+    for field, value in tensor.ListFields():
+        if field.name not in _DATA_FIELDS:
+            _copy_field(header, field, value)
     return header
 
 
@@ -302,7 +312,7 @@ def _externalize_in_place(tensor: onnx.TensorProto, data, data_name: str) -> Non
     if is_external(tensor):
         offset = _pad(data)
         _copy_external(tensor, data)
-    elif tensor.ByteSize() >= _INLINE_BYTES and tensor.data_type != onnx.TensorProto.STRING:
+    elif not _stays_inline(tensor):
         offset = _pad(data)
         data.write(tensor.raw_data if tensor.HasField("raw_data")
                    else onnx.numpy_helper.to_array(tensor).astype(_little_endian(tensor)).tobytes())

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.chains import Chain
-from onnx_lowrank.discover import Layer
+from onnx_lowrank.discover import Layer, node_attributes
 from onnx_lowrank.elimination import Folded
 
 from ._graph import GraphEditor
@@ -55,7 +55,7 @@ def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphan
             for index in range(1, 5):
                 _slice_input(editor, batchnorm, index, kept, layer.out_channels, orphans, axis=0)
     elif layer.op == "Gemm":
-        transposed = _attribute(node, "transB", 0) == 1
+        transposed = node_attributes(node).get("transB", 0) == 1
         _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=0 if transposed else 1)
         if len(node.input) > 2 and node.input[2]:
             _slice_input(editor, node, 2, kept, layer.out_channels, orphans)
@@ -87,11 +87,7 @@ def _refold_reader(editor: GraphEditor, layer: Layer, matrix: np.ndarray, bias: 
     if layer.op == "Conv":
         weight = matrix.reshape(layer.out_channels, width, *layer.kernel_shape)
         node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", weight, layer.dtype)
-        bias_name = editor.add_initializer(f"{layer.weight_name}_narrowed_bias", bias, layer.dtype)
-        if len(node.input) > 2:
-            node.input[2] = bias_name
-        else:
-            node.input.append(bias_name)
+        _set_bias(editor, node, layer, bias)
         if layer.batchnorm_output:  # the folded weight and bias already hold the BatchNormalization
             batchnorm = editor.node(layer.batchnorm_output)
             orphans.extend(batchnorm.input[1:])
@@ -100,14 +96,9 @@ def _refold_reader(editor: GraphEditor, layer: Layer, matrix: np.ndarray, bias: 
             node.output[0] = layer.batchnorm_output
             editor.drop_value_info([conv_output])
     elif layer.op == "Gemm":
-        transposed = _attribute(node, "transB", 0) == 1
-        weight = matrix if transposed else matrix.T
+        weight = matrix if node_attributes(node).get("transB", 0) == 1 else matrix.T
         node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", weight, layer.dtype)
-        bias_name = editor.add_initializer(f"{layer.weight_name}_narrowed_bias", bias, layer.dtype)
-        if len(node.input) > 2:
-            node.input[2] = bias_name
-        else:
-            node.input.append(bias_name)
+        _set_bias(editor, node, layer, bias)
     else:  # MatMul: (in, out); no bias input, so a shift goes into an Add after it
         node.input[1] = editor.add_initializer(f"{layer.weight_name}_narrowed", matrix.T, layer.dtype)
         if np.any(bias):
@@ -117,8 +108,10 @@ def _refold_reader(editor: GraphEditor, layer: Layer, matrix: np.ndarray, bias: 
             editor.replace([node], [unshifted, editor.output_shift(unshifted.output[0], layer.node_output, bias, layer)])
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
+def _set_bias(editor: GraphEditor, node: onnx.NodeProto, layer: Layer, bias: np.ndarray) -> None:
+    """Give a Conv or Gemm reader its new bias as input 2, added when it had none."""
+    name = editor.add_initializer(f"{layer.weight_name}_narrowed_bias", bias, layer.dtype)
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
