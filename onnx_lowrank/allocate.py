@@ -29,8 +29,9 @@ the capacity lowered by bisection until it fits.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def _spend_leftover(stairs: list[list[Option]], chosen: list[Option], capacity: 
 
 def _staircase(options: Sequence[Option]) -> list[Option]:
     """Options by rising score, keeping only those cheaper than every option of lower score."""
-    ordered = sorted(options, key=lambda o: (o.score, o.cost, o.choice or (0, 0)))
+    ordered = sorted(options, key=lambda o: (o.score, o.cost, _sort_key(o.choice)))
     if not ordered or ordered[0].score > 0:
         raise ValueError("every layer needs an option of score 0 (keeping it dense)")
     stair = [ordered[0]]
@@ -104,6 +105,11 @@ def _staircase(options: Sequence[Option]) -> list[Option]:
         if option.cost < stair[-1].cost:
             stair.append(option)
     return stair
+
+
+def _sort_key(choice):
+    """Ties in score and cost go to keeping the layer (None), then to the smaller choice."""
+    return () if choice is None else (choice,) if isinstance(choice, int) else choice
 
 
 def _alds_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
@@ -140,56 +146,157 @@ def _counted_total(analysis: Analysis, metric: str) -> float:
     return total
 
 
-def _options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
-    """Every factorizable layer's options: dense first (score 0), then each candidate with the allocator's score."""
-    return [
-        [Option(0.0, a.dense[metric], None)]
-        + [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in ALLOCATORS[allocator](a)]
-        for a in _factorizable(analysis)
-    ]
+@dataclass(frozen=True, order=True)
+class Choice:
+    """What one unit does: its factorized layers (name, (k, rank)) and its narrowed chains (name, width)."""
+
+    layers: tuple[tuple[str, tuple[int, int]], ...] = ()
+    widths: tuple[tuple[str, int], ...] = ()
 
 
-def _factorizable(analysis: Analysis) -> list[LayerAnalysis]:
-    """The layers the method lets the allocator factorize: none for `eliminate`; for `both`, those no narrowable
-    chain touches (a layer is narrowed or factorized, not both)."""
-    if analysis.method == "eliminate":
-        return []
-    touched = {layer.name for c in _narrowable(analysis) for layer in (c.chain.producer, *c.chain.readers)}
-    return [a for a in analysis.layers if a.layer.name not in touched]
+@dataclass(frozen=True, eq=False)
+class _Unit:
+    """Layers and chains whose costs depend on each other: the layers the chains touch (a layer is narrowed or
+    factorized, not both) and the chains that share a layer (their savings do not add up). A layer that no chain
+    touches is a unit of its own."""
+
+    layers: tuple[LayerAnalysis, ...]
+    chains: tuple[ChainAnalysis, ...] = ()
 
 
-def _narrowable(analysis: Analysis) -> list[ChainAnalysis]:
-    return [c for c in analysis.chains if c.candidates] if analysis.method != "lowrank" else []
+def _units(analysis: Analysis) -> list[_Unit]:
+    """The allocation units of the analysis' method, in model order of their first layer."""
+    chains = [c for c in analysis.chains if c.candidates] if analysis.method != "lowrank" else []
+    root = {a.layer.name: a.layer.name for a in analysis.layers}
+
+    def find(name: str) -> str:
+        while root[name] != name:
+            root[name] = root[root[name]]
+            name = root[name]
+        return name
+
+    for entry in chains:
+        names = [layer.name for layer in (entry.chain.producer, *entry.chain.readers)]
+        for name in names[1:]:
+            root[find(name)] = find(names[0])
+    layers: dict[str, list[LayerAnalysis]] = {}
+    for a in analysis.layers:
+        layers.setdefault(find(a.layer.name), []).append(a)
+    grouped: dict[str, list[ChainAnalysis]] = {}
+    for entry in chains:
+        grouped.setdefault(find(entry.chain.producer.name), []).append(entry)
+    units = [_Unit(layers=tuple(members), chains=tuple(grouped.get(key, ()))) for key, members in layers.items()]
+    if analysis.method == "eliminate":  # only narrowing: layers no chain touches have nothing to offer
+        units = [unit for unit in units if unit.chains]
+    return units
 
 
-def _chain_options(analysis: Analysis, metric: str, allocator: str) -> list[list[Option]]:
-    """Every narrowable chain's options as changes of the model's cost: 0 to keep it, minus what a width saves."""
-    if metric not in ("params", "flops") and _narrowable(analysis):
+MAX_CHAINS_PER_UNIT = 10
+"""A unit considers every subset of its chains (which to narrow) up to this many chains; beyond, only all or none."""
+
+
+def _layer_stair(analysis: LayerAnalysis, metric: str, allocator: str, method: str) -> list[Option]:
+    """The layer's staircase: dense (score 0), then each candidate with the allocator's score; dense only when the
+    method factorizes nothing."""
+    options = [Option(0.0, analysis.dense[metric], None)]
+    if method != "eliminate":
+        options += [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in ALLOCATORS[allocator](analysis)]
+    return _staircase(options)
+
+
+def _chain_stair(entry: ChainAnalysis, metric: str, allocator: str) -> list[Option]:
+    """The chain's staircase: keep every channel (score 0), then each width, priced by what it saves alone (exact
+    costs are counted per unit: the saving falls with the width however the other chains are cut)."""
+    options = [Option(0.0, 0.0, None)]
+    for c in entry.candidates:
+        score = {"uniform": 1.0 - c.width / entry.chain.channels, "energy": c.error ** 2}.get(allocator, c.error)
+        options.append(Option(score, -c.savings[metric], c.width))
+    return _staircase(options)
+
+
+def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[Option]:
+    """The unit's options at every threshold t: the cheapest way to keep every member's score <= t, over which of
+    its chains are narrowed (each to its smallest width scoring <= t; the layers it touches stay dense) and how the
+    other layers are factorized. Costs are exact, so the min-max over units stays exact."""
+    layer_stairs = [_layer_stair(a, metric, allocator, method) for a in unit.layers]
+    if not unit.chains and len(layer_stairs) == 1:
+        return [replace(o, choice=Choice(layers=((unit.layers[0].layer.name, o.choice),) if o.choice else ()))
+                for o in layer_stairs[0]]
+    chain_stairs = [_chain_stair(entry, metric, allocator) for entry in unit.chains]
+    thresholds = np.array(sorted({o.score for stair in layer_stairs + chain_stairs for o in stair}))
+
+    def steps(stair: list[Option]) -> np.ndarray:  # the stair's option index in force at every threshold
+        return np.searchsorted([o.score for o in stair], thresholds, side="right") - 1
+
+    layer_steps = [steps(stair) for stair in layer_stairs]
+    chain_steps = [steps(stair) for stair in chain_stairs]
+    layer_costs = np.array([[stair[i].cost for i in at] for stair, at in zip(layer_stairs, layer_steps)])
+    dense = np.array([a.dense[metric] for a in unit.layers])
+    position = {a.layer.name: index for index, a in enumerate(unit.layers)}
+    best_cost = np.full(len(thresholds), np.inf)
+    best_subset: list[tuple[int, ...]] = [()] * len(thresholds)
+    for subset in _subsets(len(unit.chains)):
+        touched = sorted({position[layer.name] for i in subset
+                          for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)})
+        free = np.ones(len(unit.layers), dtype=bool)
+        free[touched] = False
+        costs = layer_costs[free].sum(axis=0) + dense[touched].sum()
+        savings: dict[tuple[int, ...], float] = {}
+        for t in range(len(thresholds)):
+            widths = tuple(chain_steps[i][t] for i in subset)
+            if widths not in savings:
+                cuts = [(unit.chains[i].chain, chain_stairs[i][w].choice) for i, w in zip(subset, widths) if w > 0]
+                savings[widths] = narrowing_saving(cuts, metric) if cuts else 0.0
+            cost = costs[t] - savings[widths]
+            if cost < best_cost[t]:
+                best_cost[t], best_subset[t] = cost, subset
+    stair: list[Option] = []
+    for t in range(len(thresholds)):
+        if stair and best_cost[t] >= stair[-1].cost:
+            continue
+        subset = best_subset[t]
+        touched = {layer.name for i in subset for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)}
+        members = [(a.layer.name, stair_[at[t]]) for a, stair_, at in zip(unit.layers, layer_stairs, layer_steps)
+                   if a.layer.name not in touched]
+        cuts = [(unit.chains[i].chain.name, chain_stairs[i][chain_steps[i][t]]) for i in subset]
+        score = max([o.score for _, o in members + cuts], default=0.0)
+        choice = Choice(layers=tuple((name, o.choice) for name, o in members if o.choice is not None),
+                        widths=tuple((name, o.choice) for name, o in cuts if o.choice is not None))
+        stair.append(Option(score, float(best_cost[t]), choice))
+    return stair
+
+
+def _subsets(count: int) -> list[tuple[int, ...]]:
+    """Every subset of `count` chains, or only none and all past MAX_CHAINS_PER_UNIT."""
+    if count > MAX_CHAINS_PER_UNIT:
+        return [(), tuple(range(count))]
+    return [s for size in range(count + 1) for s in itertools.combinations(range(count), size)]
+
+
+def _stairs(analysis: Analysis, metric: str, allocator: str) -> tuple[list[list[Option]], float]:
+    """Every unit's staircase, and what all their layers cost as they are."""
+    units = _units(analysis)
+    if metric not in ("params", "flops") and any(unit.chains for unit in units):
         raise InvalidOptionError(f"Narrowed layers are priced in params and FLOPs, not in {metric}: give --metric "
                                  "params or flops with --method eliminate or both.")
-    options = []
-    for entry in _narrowable(analysis):
-        scored = []
-        for c in entry.candidates:
-            score = {"uniform": 1.0 - c.width / entry.chain.channels, "energy": c.error ** 2}.get(allocator, c.error)
-            scored.append(Option(score, -c.savings[metric], (0, c.width)))
-        options.append([Option(0.0, 0.0, None)] + scored)
-    return options
+    dense = sum(a.dense[metric] for unit in units for a in unit.layers)
+    return [_unit_stair(unit, metric, allocator, analysis.method) for unit in units], dense
 
 
 def _has_units(analysis: Analysis) -> bool:
-    return bool(_factorizable(analysis) or _narrowable(analysis))
+    """Whether the method has anything it may change: a layer to factorize or a chain to narrow."""
+    return bool(_units(analysis))
 
 
 def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
-    """The smallest budget `allocate` can meet: every layer at its cheapest candidate."""
+    """The smallest budget `allocate` can meet: every unit at its cheapest option."""
     _check_arguments(1.0, metric, allocator)
     if not _has_units(analysis):
         return 1.0
     total = _counted_total(analysis, metric)
-    options = _options(analysis, metric, allocator) + _chain_options(analysis, metric, allocator)
-    fixed = total - sum(o[0].cost for o in options)
-    smallest = fixed + sum(min(o.cost for o in layer_options) for layer_options in options)
+    stairs, dense = _stairs(analysis, metric, allocator)
+    fixed = total - dense
+    smallest = fixed + sum(stair[-1].cost for stair in stairs)
     if not total:
         return 1.0
     fraction = max(smallest, 0.0) / total
@@ -209,50 +316,27 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
         # nothing to change, whatever can be counted: the empty plan, and the report says why
         return Plan(layers={}, allocator=allocator, metric=metric, budget=float(budget), threshold=0.0)
     total = _counted_total(analysis, metric)
-
-    layer_options = _options(analysis, metric, allocator)
-    chain_options = _chain_options(analysis, metric, allocator)
-    options = layer_options + chain_options
-    fixed = total - sum(o[0].cost for o in options)
-    smallest = fixed + sum(min(o.cost for o in unit) for unit in options)
-    capacity = budget * total - fixed
+    stairs, dense = _stairs(analysis, metric, allocator)
+    fixed = total - dense
+    smallest = fixed + sum(stair[-1].cost for stair in stairs)
     if budget * total < smallest:
         guard = (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)"
                  if analysis.guarded else "")
         if smallest >= total:
             raise BudgetError(
-                f"A budget of {budget:g} of the {metric} cannot be reached: none of the {len(options)} factorizable "
-                f"layers has a factorization saving at least {MIN_SAVING:.0%} of it{guard}, so the model can only "
-                "stay as it is."
+                f"A budget of {budget:g} of the {metric} cannot be reached: none of the {len(analysis.layers)} "
+                f"factorizable layers has a factorization saving at least {MIN_SAVING:.0%} of it{guard}, so the "
+                "model can only stay as it is."
             )
         method = "" if analysis.method == "lowrank" else f" and --method {analysis.method}"
         raise BudgetError(
             f"A budget of {budget:g} of the {metric} cannot be reached with the {allocator} allocator{method}: "
             f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}{guard}."
         )
-    chains = _narrowable(analysis)
-
-    def select(limit: float):
-        """The min-max choice within `limit`, and whether its exact cost fits the budget: narrowed layers that
-        touch each other (one reads what the other produces) save less than the sum of their savings."""
-        picked, level = minmax_select(options, limit)
-        cuts = [(c.chain, o.choice[1]) for c, o in zip(chains, picked[len(layer_options):]) if o.choice is not None]
-        layer_cost = sum(o.cost for o in picked[: len(layer_options)])
-        exact = fixed + layer_cost - (narrowing_saving(cuts, metric) or 0.0)
-        return picked, level, exact <= budget * total * (1 + 1e-12)
-
-    chosen, threshold, fits = select(capacity)
-    if not fits:  # the largest capacity whose exact cost fits, by bisection
-        low, high = smallest - fixed, capacity
-        for _ in range(30):
-            middle = (low + high) / 2
-            if select(middle)[2]:
-                low = middle
-            else:
-                high = middle
-        chosen, threshold, _ = select(low)
-    factorizable = _factorizable(analysis)
-    layers = {a.layer.name: o.choice for a, o in zip(factorizable, chosen) if o.choice is not None}
-    widths = {c.chain.name: o.choice[1] for c, o in zip(chains, chosen[len(layer_options):]) if o.choice is not None}
-    return Plan(layers=layers, allocator=allocator, metric=metric, budget=float(budget), threshold=threshold,
-                widths=widths)
+    chosen, threshold = minmax_select(stairs, budget * total - fixed)
+    layers = dict(item for option in chosen for item in option.choice.layers)
+    widths = dict(item for option in chosen for item in option.choice.widths)
+    order = {a.layer.name: index for index, a in enumerate(analysis.layers)}
+    return Plan(layers=dict(sorted(layers.items(), key=lambda item: order[item[0]])), allocator=allocator,
+                metric=metric, budget=float(budget), threshold=threshold,
+                widths=dict(sorted(widths.items(), key=lambda item: order[item[0]])))

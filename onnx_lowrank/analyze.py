@@ -33,7 +33,7 @@ from .svd import Factors
 
 __all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE",
            "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "METHODS",
-           "WIDTH_STEPS"]
+           "WIDTH_STEPS", "widths"]
 
 METHODS = ("lowrank", "eliminate", "both")
 """lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
@@ -43,7 +43,8 @@ MIN_ROWS_PER_CHANNEL = 2
 """Calibration rows (positions) needed per channel of a chain before its channels are judged dependent."""
 
 WIDTH_STEPS = 16
-"""Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank)."""
+"""Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank),
+rounded to the channel block where onnxruntime's blocked convolutions would pad them (`widths`)."""
 
 GUARD_RATIO = 0.95
 """The never-slower guard keeps a candidate only if its measured time is at most this fraction of the dense
@@ -266,11 +267,23 @@ def cuts_of(analysis: Analysis, widths: Mapping[str, int]) -> list[tuple[Chain, 
     return [(e.chain, e.elimination.fold(widths[e.chain.name])) for e in analysis.chains if e.chain.name in widths]
 
 
-def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: Sequence[str]
+def widths(channels: int, rank: int, align: int = 1) -> list[int]:
+    """The widths a chain of `channels` channels may keep: the multiples of channels / WIDTH_STEPS and the numerical
+    rank of its activations (below it the others reproduce the dropped channels exactly), each rounded up to a
+    multiple of `align`. A narrowed blocked Conv (onnxruntime's NCHWc layout) pads its channels up to the block, so an
+    unaligned width would cost as much as the next aligned one and keep less."""
+    steps = {max(1, round(channels * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
+    if 0 < rank < channels:
+        steps.add(rank)
+    return sorted({-(-w // align) * align for w in steps} - {0} if align > 1 else steps)
+
+
+def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: Sequence[str], block: int = 1
                    ) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
     """Width candidates of every chain, from its readers' calibration statistics (see `elimination`), and the
     chains skipped because the samples are too few to tell which channels the others reproduce (with fewer rows
-    than channels, every channel looks like a combination of the others)."""
+    than channels, every channel looks like a combination of the others). With `block` > 1 (onnxruntime's channel
+    block, when latencies are measured) a chain with a 2-D Conv keeps widths on the block."""
     usable, skipped = [], []
     for chain in chains:
         rows = min(statistics[r.name].count for r in chain.readers)
@@ -285,11 +298,10 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: S
         readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias) for r in chain.readers]
         elimination = ChannelElimination(readers, chain.channels)
         n = chain.channels
-        widths = sorted({max(1, round(n * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
-                        | ({elimination.rank} if 0 < elimination.rank < n else set()))
+        blocked = any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in (chain.producer, *chain.readers))
         dense = sum(cost.dense_params(layer) for layer in (chain.producer, *chain.readers))
         offered = []
-        for width in widths:
+        for width in widths(n, elimination.rank, block if blocked else 1):
             if width >= n:
                 continue
             savings = {metric: cost.narrowing_saving([(chain, width)], metric) for metric in metrics}

@@ -27,7 +27,7 @@ from .options import checked
 from .inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .latency import measure_latency_ratio
 from .latency_cache import LatencyCache, default_cache_path, model_key
-from .layer_timing import measure_layers, realized_fraction
+from .layer_timing import block_size, measure_layers, realized_fraction
 from .load import check_model, load_model
 from .parallel import single_threaded_blas
 from .passes import eliminate_channels, factorize_layers
@@ -261,7 +261,8 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
         return replace(analysis, notes=workspace.notes)
     chains = find_chains(workspace.model, discovery)
     metrics = [name for name in analysis.costs if name in ("params", "flops")]
-    narrowable, too_few = analyze_chains(chains.chains, statistics, metrics)
+    block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths
+    narrowable, too_few = analyze_chains(chains.chains, statistics, metrics, block)
     return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped + too_few,
                    chains=narrowable)
 

@@ -87,8 +87,17 @@ def _chain(producer: Layer, readers: Mapping[str, list[onnx.NodeProto]], constan
     region = [producer.output]
     passes: list[onnx.NodeProto] = []
     found: dict[str, Layer] = {}
+    waiting: list[onnx.NodeProto] = []  # two-input ops whose other operand may still join the region (GELU's x * ...)
     index = 0
-    while index < len(region):
+    while index < len(region) or waiting:
+        if index == len(region):  # nothing left to visit: the waiting ops are decided on the region as it is
+            node = waiting.pop(0)
+            problem = _elementwise_problem(node, set(region), constants, channels, axis, rank)
+            if problem:
+                return problem
+            passes.append(node)
+            region.extend(o for o in node.output[:1] if o not in region)
+            continue
         tensor = region[index]
         index += 1
         if tensor in outputs:
@@ -103,12 +112,22 @@ def _chain(producer: Layer, readers: Mapping[str, list[onnx.NodeProto]], constan
                     return problem
                 found[reader.name] = reader
                 continue
+            if any(p is node for p in passes + waiting):
+                continue
+            if _operand_may_join(node, set(region), constants):
+                waiting.append(node)
+                continue
             problem = _elementwise_problem(node, set(region), constants, channels, axis, rank)
             if problem:
                 return problem
-            if all(p is not node for p in passes):
+            passes.append(node)
+            region.extend(o for o in node.output[:1] if o not in region)
+        still = [n for n in waiting if not all(name in region for name in n.input)]
+        for node in waiting:
+            if all(name in region for name in node.input):  # both operands are of the region now
                 passes.append(node)
                 region.extend(o for o in node.output[:1] if o not in region)
+        waiting = still
     if not found:
         return "its channels reach no layer that reads them as input channels"
     ordered_readers = sorted(found.values(), key=lambda layer: _position(layer, order, readers))
@@ -125,6 +144,13 @@ def _position(layer: Layer, order, readers) -> int:
         if node.output and node.output[0] == layer.node_output:
             return order[id(node)]
     return 0
+
+
+def _operand_may_join(node: onnx.NodeProto, region: set[str], constants: ConstantTable) -> bool:
+    """A two-input elementwise op with one operand of the region and one computed elsewhere, not yet visited: that
+    operand may be the region too, reached by another path (x * erf(x / sqrt 2) in an exported GELU)."""
+    return (node.op_type in BINARY_OPS and len(node.input) == 2 and node.domain in ("", "ai.onnx")
+            and any(name not in region and name not in constants for name in node.input))
 
 
 def _reader_problem(reader: Layer, node: onnx.NodeProto, axis: int) -> str | None:

@@ -80,11 +80,24 @@ def narrowing_saving(cuts: Sequence[tuple[Chain, int]], metric: str) -> float | 
         kept = rows.get(name, layer.out_channels) * columns.get(name, layer.in_channels) * layer.taps
         if metric == "params":
             saving += layer.weight_size - kept
+            if name in columns:
+                saving -= _reader_bias_growth(layer, rows.get(name, layer.out_channels))
         elif layer.output_positions is None:
             return None
         else:
             saving += 2 * layer.output_positions * (layer.weight_size - kept)
     return saving
+
+
+def _reader_bias_growth(layer: Layer, rows: int) -> int:
+    """Parameters a reader gains when dropped channels are folded into it (`passes.eliminate`): their constant
+    part becomes a bias of `rows` entries. A Conv or Gemm without a bias gets one; a MatMul gets an Add after it; a
+    folded BatchNormalization and the Conv's bias become that one bias (its per-channel entries shrink to one)."""
+    if layer.op == "MatMul":
+        return rows
+    if layer.batchnorm_output:
+        return rows - (layer.folded_params // max(layer.out_channels, 1)) * rows
+    return rows if layer.bias_size == 0 else 0
 
 
 def _factor_elements(layer: Layer, k: int, rank: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -211,3 +212,81 @@ def test_a_budget_no_candidate_can_serve_says_so():
     bare = dataclasses.replace(analysis, layers=tuple(dataclasses.replace(a, candidates=()) for a in analysis.layers))
     with pytest.raises(BudgetError, match=r"none of the 3 factorizable layers has a factorization saving at least 10%"):
         allocate(bare, 0.5)
+
+
+# ------------------------------------------------------------------------------ narrowing and factorizing together
+
+
+@pytest.fixture(scope="module")
+def narrowable():
+    """The test CNN with enough samples that both of its chains are judged: conv1 -> conv2 -> conv3 share conv2
+    (one unit of two chains), fc1 -> fc2 is a unit of its own."""
+    from onnx_lowrank import analyze
+
+    from conftest import build_cnn
+
+    model = build_cnn()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(130)]
+    analysis = analyze(model, calibration=feeds, method="both", allow_slower=True)
+    assert {c.chain.name for c in analysis.chains if c.candidates} == {"conv1", "conv2", "fc1"}
+    return model, analysis
+
+
+@pytest.mark.parametrize("metric", ["params", "flops"])
+@pytest.mark.parametrize("budget", [0.9, 0.7, 0.5, 0.35])
+def test_both_is_never_worse_than_either_method_alone_and_its_cost_is_exact(narrowable, metric, budget):
+    """Every plan of one method alone is a plan `both` may choose, so its min-max threshold is at most theirs; and
+    the written model keeps at most the budget (narrowed layers that touch each other are counted exactly)."""
+    from onnx_lowrank import apply
+    from onnx_lowrank.cost import model_flops, model_params
+    from onnx_lowrank.shapes import tensor_shapes
+
+    model, analysis = narrowable
+    thresholds = {}
+    for method in ("lowrank", "eliminate", "both"):
+        try:
+            plan = allocate(dataclasses.replace(analysis, method=method), budget, metric=metric)
+        except BudgetError:
+            continue
+        thresholds[method] = plan.threshold
+        if method == "both":
+            written, _ = apply(model, plan, analysis=analysis, verify=False)
+            count = model_params if metric == "params" else lambda m: model_flops(m, tensor_shapes(
+                m, {"x": (1, 3, 16, 16)}, [name for node in m.graph.node for name in [*node.input, *node.output] if name]))
+            assert count(written) <= budget * count(model) * (1 + 1e-9)
+    assert "both" in thresholds
+    assert all(thresholds["both"] <= t + 1e-12 for t in thresholds.values())
+
+
+def test_a_unit_considers_every_subset_of_its_chains(narrowable):
+    """At every threshold the unit of conv1, conv2 and conv3 costs the least over which chains are narrowed: checked
+    against brute force over the chains' widths and the free layers' candidates."""
+    import itertools
+
+    from onnx_lowrank.allocate import _unit_stair, _units
+    from onnx_lowrank.cost import narrowing_saving
+
+    _, analysis = narrowable
+    unit = next(u for u in _units(analysis) if len(u.chains) == 2)
+    stair = _unit_stair(unit, "params", "alds", "both")
+    for option in stair:
+        t = option.score
+        best = math.inf
+        for subset in itertools.product(*[[None] + [c for c in e.candidates if c.error <= t] for e in unit.chains]):
+            touched = {layer.name for e, c in zip(unit.chains, subset) if c is not None
+                       for layer in (e.chain.producer, *e.chain.readers)}
+            cost = sum(a.dense["params"] if a.layer.name in touched else
+                       min([a.dense["params"]] + [c.costs["params"] for c in a.candidates if c.error <= t])
+                       for a in unit.layers)
+            cuts = [(e.chain, c.width) for e, c in zip(unit.chains, subset) if c is not None]
+            best = min(best, cost - (narrowing_saving(cuts, "params") if cuts else 0.0))
+        assert option.cost == pytest.approx(best)
+
+
+def test_widths_keep_the_channel_block_when_asked():
+    from onnx_lowrank.analyze import widths
+
+    assert widths(64, 0) == list(range(4, 64, 4))
+    assert 21 in widths(64, 21) and widths(64, 21, align=8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert widths(12, 0, align=8) == [8, 16]  # the caller drops widths not below the channel count

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from benchmarks.workloads import (
     AngleWorkload,
     DetectionWorkload,
+    DigitsWorkload,
     RecognitionWorkload,
     TextDetectionWorkload,
     open_session,
@@ -200,7 +201,8 @@ def _arrays(feeds):
     return [a for feed in feeds for a in feed.values()]
 
 
-@pytest.mark.parametrize("cls", [RecognitionWorkload, AngleWorkload, TextDetectionWorkload, DetectionWorkload])
+@pytest.mark.parametrize("cls", [RecognitionWorkload, AngleWorkload, TextDetectionWorkload, DetectionWorkload,
+                                 DigitsWorkload])
 def test_workload_feeds_are_deterministic_read_only_and_disjoint(cls):
     first, second = cls(), cls()  # fresh instances: nothing cached between them
     for split in ("calibration_feeds", "evaluation_feeds"):
@@ -218,6 +220,17 @@ def test_text_splits_do_not_share_strings():
     calibration = {s.truth for s in rec._calibration}
     assert not calibration & set(rec.texts())
     assert len(set(rec.texts())) == len(rec.texts())
+
+
+def test_digits_workload_uses_only_digits_the_encoder_was_not_trained_on():
+    from benchmarks.workloads.digits import _encoder_module
+
+    encoder = _encoder_module()
+    order = encoder.split()
+    assert sorted(order) == list(range(1797)) and encoder.TRAIN + 600 == 1797
+    workload = DigitsWorkload()
+    assert workload.n_calibration + workload.n_evaluation <= 600
+    assert set(workload.labels()) == set(range(10))  # every digit is evaluated
 
 
 def test_angle_workload_is_balanced():
@@ -292,8 +305,18 @@ def test_fetch_unknown_name_lists_known_ones(capsys, tmp_path):
 
 def test_manifest_entries_are_complete():
     for name, entry in fetch_module.manifest().items():
+        if "build" in entry:  # trained and exported by a script of models/
+            assert {"framework", "task", "license"} <= set(entry) and (ROOT / entry["build"]).is_file(), name
+            continue
         assert {"package", "version", "path", "sha256", "size", "framework", "task", "license"} <= set(entry), name
         assert len(entry["sha256"]) == 64 and entry["path"].endswith(".onnx")
+
+
+def test_a_built_model_that_was_not_built_names_its_script(tmp_path, capsys):
+    assert fetch_module.main(["digits-encoder", "--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "built, not downloaded: run python models/encoder.py" in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------ real models

@@ -10,14 +10,17 @@ evaluation split and returns {"metric": main value, ...extras}.
 >>> wl.score(original, original)["metric"]                                    # doctest: +SKIP
 0.98...
 
-============  ===========  =====================================  =====================================
-name          model        main metric                            material
-============  ===========  =====================================  =====================================
-yolov8n-320   yolov8n-320  box F1@0.5 vs original                 scikit-image photos and LFW face mosaics
-ppocrv4-det   ppocrv4-det  mask IoU (prob > 0.3) vs original      rendered pages, known line boxes
-ppocrv4-rec   ppocrv4-rec  char accuracy vs ground truth          rendered text lines, known strings
-ppocr-cls     ppocr-cls    top-1 agreement vs original            rendered lines, half rotated by 180
-============  ===========  =====================================  =====================================
+==============  ==============  ===========================  ===============================================
+name            model           main metric                  material
+==============  ==============  ===========================  ===============================================
+yolov8n-320     yolov8n-320     box F1@0.5 vs original       scikit-image photos and LFW face mosaics
+ppocrv4-det     ppocrv4-det     mask IoU (prob > 0.3) vs     rendered pages, known line boxes
+                                original
+ppocrv4-rec     ppocrv4-rec     char accuracy vs ground      rendered text lines, known strings
+                                truth
+ppocr-cls       ppocr-cls       top-1 agreement vs original  rendered lines, half rotated by 180
+digits-encoder  digits-encoder  top-1 agreement vs original  scikit-learn digits the model was not trained on
+==============  ==============  ===========================  ===============================================
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from functools import cache
 
 from .base import Feed, Sample, Session, Workload, model_path, open_session, run_first_output
 from .detection import DetectionWorkload
+from .digits import DigitsWorkload
 from .ocr import AngleWorkload, RecognitionWorkload, TextDetectionWorkload
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "TextDetectionWorkload",
     "RecognitionWorkload",
     "AngleWorkload",
+    "DigitsWorkload",
     "workloads",
     "model_path",
     "open_session",
@@ -46,7 +51,7 @@ __all__ = [
 
 @cache
 def _defaults() -> tuple[Workload, ...]:
-    return (DetectionWorkload(), TextDetectionWorkload(), RecognitionWorkload(), AngleWorkload())
+    return (DetectionWorkload(), TextDetectionWorkload(), RecognitionWorkload(), AngleWorkload(), DigitsWorkload())
 
 
 def workloads() -> dict[str, Workload]:
