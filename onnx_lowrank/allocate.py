@@ -18,12 +18,16 @@ maximum, so the result stays optimal, and the model uses its budget instead of s
 - `energy`: k = 1, score = fraction of the layer's energy dropped (squared singular values of the weight, or of
   its output on the calibration data): the same discarded energy everywhere.
 
-With `--method eliminate` or `both`, every narrowable layer (`chains`) is a unit too: its options are widths,
-scored by its readers' relative output error (`uniform`: the fraction of channels dropped; `energy`: the squared
-error) and priced as the change of the model's cost. With `both` a layer is narrowed or factorized, never both:
-the layers a narrowable chain touches are left to it. Two narrowed layers that touch each other (one reads what the
-other produces) save less than the sum of their savings, so the exact count of the chosen widths is checked, and
-the capacity lowered by bisection until it fits.
+With `--method eliminate` or `both`, every narrowable layer (`chains`) is an option too: keep `width` of its
+output channels, scored by its readers' relative output error (`uniform`: the fraction of channels dropped;
+`energy`: the squared error). A layer is narrowed or factorized, never both, and two narrowed layers that touch each
+other (one reads what the other produces) save less than the sum of their savings, so chains that share a layer
+and the layers they touch form one unit (`_Unit`; a layer no chain touches is a unit of its own). At every
+threshold a unit takes the cheapest of all its ways to stay under it: which of its chains are narrowed (every
+subset, up to MAX_CHAINS_PER_UNIT chains), each to its smallest width scoring under it, and the other layers
+factorized as they would be alone, counted exactly (`cost.narrowing_saving`). Units are independent, so the
+bisection above stays exact, and `both` can always do what either method alone does: its largest score is never
+above theirs.
 """
 
 from __future__ import annotations
