@@ -36,6 +36,7 @@ from onnx_lowrank.runtime import RuntimeSettings  # noqa: E402
 from onnx_lowrank.sweep import sweep  # noqa: E402
 
 from benchmarks.workloads import model_path, workloads  # noqa: E402
+from benchmarks.workloads.base import _fetch_module  # noqa: E402
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 THREADS = 2  # onnxruntime intra-op threads for every timing: the deployment this machine stands for
@@ -61,12 +62,12 @@ METHODS = {
         Method("weight uniform", "uniform", "weight"),
         Method("weight energy", "energy", "weight"),
         Method("weight alds", "alds", "weight"),
-        Method("data auto", "auto", "calibration"),  # the default with calibration data
+        Method("data auto", "auto", "calibration"),  # low rank alone: the default before issue 10
         Method("data alds", "alds", "calibration"),
         Method("data uniform", "uniform", "calibration"),
         Method("data auto --allow-slower", "auto", "calibration", guard=False),
         Method("data eliminate", "auto", "calibration", method="eliminate"),
-        Method("data both", "auto", "calibration", method="both"),
+        Method("data both", "auto", "calibration", method="both"),  # the default with calibration data
         Method("data auto+refit", "auto", "calibration", refit=True),
         Method("data alds+refit", "alds", "calibration", refit=True),
         Method("flops: weight alds", "alds", "weight", metric="flops"),
@@ -202,12 +203,13 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
         "model's time in onnxruntime, predicted from measured layer timings). `weight *` decompose the weights alone "
         "(SVD; no data). `data *` decompose every layer on its inputs from the workload's **calibration split** "
         "(output-optimal projection with bias correction; the evaluation split is disjoint) and rank candidates by "
-        "their relative output error; `auto` is the default with calibration data (the best of the "
+        "their relative output error; `auto` is the allocator by default with calibration data (the best of the "
         "alds/uniform/energy plans by output error on the calibration split; the allocator it chose is in "
         "brackets). Every method runs with the default **never-slower guard** (a layer is only factorized into a "
         "form measured faster than it) except those marked `--allow-slower`. `data eliminate` narrows layers "
         "instead (`--method eliminate`: drops output channels the others reproduce, see the README's Neuron "
-        "elimination) and `data both` allocates over both kinds (`--method both`). Refit methods are "
+        "elimination) and `data both` allocates over both kinds (`--method both`): it is the default with calibration "
+        "data, and `data auto` is low rank alone (`--method lowrank`). Refit methods are "
         "left out by default: they lost in every cell of the previous run (git history of this file).\n"
         f"- Columns: `params`, `FLOPs`: fraction of the original model kept (counted on the compressed model). "
         f"`latency`: median onnxruntime time ({THREADS} threads, batch 1) of the compressed model over the "
@@ -250,7 +252,7 @@ def _section(name, workload, path, points, unreachable, analysis_seconds, noise,
     for method, budget, why in unreachable:
         lines.append(f"\n{method} at {budget:g}: not reachable ({why})")
     lines.append("\n" + _winners(points) + "\n")
-    for check in (_acceptance(points), _speed(points, noise)):
+    for check in (_acceptance(points), _both_against_lowrank(points), _speed(points, noise)):
         if check:
             lines.append(check + "\n")
     lines += [f"![{name} {label}]({plot.as_posix()})\n" for label, plot in plots.items()]
@@ -267,6 +269,27 @@ def _winners(points) -> str:
         names = [m.name for m, p in cells if p.task.get("metric", float("-inf")) >= best - 1e-9]
         parts.append(f"{budget:g}: {'/'.join(names)} ({best:.3f})")
     return "Best task metric per params budget: " + "; ".join(parts) + "." if parts else ""
+
+
+def _both_against_lowrank(points) -> str:
+    """`both` (the default) against low rank alone, budget by budget: output error at equal params, measured
+    latency at equal FLOPs."""
+    def table(method: str) -> dict:
+        return {p.budget: p for m, _, p in points if m.name == method}
+
+    parts = []
+    for label, both, lowrank, what in (("params", "data both", "data auto", "out err"),
+                                       ("flops", "flops: data both", "flops: data auto", "latency")):
+        mixed, alone = table(both), table(lowrank)
+        cells = [f"{b:g}: {_measure(mixed[b], what):.3f} vs {_measure(alone[b], what):.3f}"
+                 for b in mixed if b in alone]
+        if cells:
+            parts.append(f"{what} at equal {label} ({both} vs {lowrank}) " + ", ".join(cells))
+    return ("`both` against low rank alone: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _measure(point, what: str) -> float:
+    return point.output_error if what == "out err" else (point.latency_ratio or float("nan"))
 
 
 def _acceptance(points) -> str:
@@ -324,6 +347,12 @@ def main(argv=None) -> int:
     unknown = [m for m in models if m not in workloads()]
     if unknown:
         print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(workloads())}", file=sys.stderr)
+        return 2
+    try:  # every model now, not after an hour of the others (a built model may not be built yet)
+        for name in models:
+            model_path(workloads()[name].model)
+    except _fetch_module().FetchError as error:
+        print(f"error: {error} (or leave it out with --models)", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):

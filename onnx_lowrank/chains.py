@@ -8,8 +8,12 @@ NCHW channels, a Gemm or MatMul on the last axis, each a discovered layer of its
 a row of the producer, the channel's entry in every per-channel constant, and a column (a column per kernel tap) of
 every reader, which absorbs the dropped channels' reconstruction (`elimination`).
 
+A depthwise Conv between (one filter per channel, as in MobileNet blocks: 1x1 Conv -> BN -> act -> depthwise Conv ->
+BN -> act -> 1x1 Conv) mixes no channels either: it is cut with the chain, losing the filters of the dropped
+channels, and which channels the others reproduce is judged where the readers read them, after it.
+
 Channels that also reach anything else are coupled to other tensors (a residual Add, a Concat, a Split, a
-Reshape/Flatten, a depthwise Conv, a graph output): such a producer is listed as skipped with the op that couples it.
+Reshape/Flatten, a graph output): such a producer is listed as skipped with the op that couples it.
 """
 
 from __future__ import annotations
@@ -132,11 +136,19 @@ def _chain(producer: Layer, readers: Mapping[str, list[onnx.NodeProto]], constan
         return "its channels reach no layer that reads them as input channels"
     ordered_readers = sorted(found.values(), key=lambda layer: _position(layer, order, readers))
     per_channel = (producer.folded_params or producer.bias_size) // max(channels, 1)
-    per_channel += sum(1 for node in passes for name in node.input if name not in region and name in constants
-                       and int(np.prod(constants.shape(name), dtype=np.int64)) == channels > 1)
+    per_channel += sum(int(np.prod(constants.shape(name), dtype=np.int64)) // channels
+                       for node in passes for name in node.input if name not in region and name in constants
+                       and _channel_constant(node, name, constants, channels))
     return Chain(producer=producer, channels=channels, axis=axis,
                  passes=tuple(n.output[0] for n in sorted(passes, key=lambda n: order[id(n)])),
                  readers=tuple(ordered_readers), region=tuple(region), channel_params=per_channel)
+
+
+def _channel_constant(node: onnx.NodeProto, name: str, constants: ConstantTable, channels: int) -> bool:
+    """Whether constant input `name` of a pass holds entries per channel (cut with the channels): one per channel,
+    or a depthwise Conv's filters."""
+    size = int(np.prod(constants.shape(name), dtype=np.int64))
+    return size == channels > 1 or (node.op_type == "Conv" and size % channels == 0 and channels > 1)
 
 
 def _position(layer: Layer, order, readers) -> int:
@@ -186,6 +198,8 @@ def _elementwise_problem(node: onnx.NodeProto, region: set[str], constants: Cons
         if node.op_type == "BatchNormalization" and axis != 1:
             return coupled
         return None
+    if node.op_type == "Conv":
+        return None if _depthwise(node, region, constants, channels, axis) else coupled
     if node.op_type in BINARY_OPS and len(node.input) == 2:
         inside = [name in region for name in node.input]
         if all(inside):
@@ -195,6 +209,19 @@ def _elementwise_problem(node: onnx.NodeProto, region: set[str], constants: Cons
             return None
         return coupled
     return coupled
+
+
+def _depthwise(node: onnx.NodeProto, region: set[str], constants: ConstantTable, channels: int, axis: int) -> bool:
+    """A depthwise Conv (one filter per channel, group = channels) on the region's NCHW channels: it mixes no channels,
+    so it is cut with the chain (its filters of the dropped channels go, its group shrinks). Which channels the others
+    reproduce is judged where the readers read them, after it."""
+    if axis != 1 or node.input[0] not in region or any(name in region for name in node.input[1:]):
+        return False
+    weight, bias = node.input[1], node.input[2] if len(node.input) > 2 else ""
+    if weight not in constants or (bias and (bias not in constants or constants.shape(bias) != (channels,))):
+        return False
+    shape = constants.shape(weight)
+    return node_attributes(node).get("group", 1) == channels and len(shape) >= 3 and shape[:2] == (channels, 1)
 
 
 def _per_channel(name: str, constants: ConstantTable, channels: int, axis: int, rank: int) -> bool:

@@ -40,8 +40,11 @@ def refit_factors(
     stages: int = DEFAULT_STAGES,
     ridge: float = DEFAULT_RIDGE,
     max_rows: int = DEFAULT_MAX_ROWS,
+    base: onnx.ModelProto | None = None,
 ) -> list[tuple[Layer, Factors]]:
-    """`rewrites` (in model order) with every decoder and bias correction refit; encoders are kept."""
+    """`rewrites` (in model order) with every decoder and bias correction refit; encoders are kept. The factors go
+    into `base` (default `model`): the model with its narrowed layers already cut, so that the decoders also make up
+    for what narrowing moved (`model` stays the reference)."""
     current = list(rewrites)
     graph_inputs = {value.name for value in model.graph.input}
     names = [n for n in dict.fromkeys(view.input_name for layer, _ in current for view in layer.views())
@@ -49,7 +52,7 @@ def refit_factors(
     original = runtime.session(runtime.with_outputs(model, names))
     bounds = np.linspace(0, len(current), min(stages, len(current)) + 1).round().astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        compressed = factorize_layers(model, current)[0]
+        compressed = factorize_layers(model if base is None else base, current)[0]
         session = runtime.session(runtime.with_outputs(compressed, names))
         sums = [_Sums(layer, factors) for layer, factors in current[start:stop]]
         for index, feed in enumerate(samples):

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from . import api
+from .analyze import default_method
 from .errors import BudgetError, InvalidOptionError
 from .options import checked
 from .report import nothing_to_compress
@@ -85,7 +86,7 @@ def sweep(
     input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
     rank_multiple: int = 1,
     max_groups: int = 8,
-    method: str = "lowrank",
+    method: str | None = None,
     exclude: str | None = None,
     latency: bool = True,
     latency_repeats: int = 20,
@@ -112,7 +113,8 @@ def sweep(
     analysis = api.analyze(proto, input_shapes=shapes, calibration=calibration_samples, weight_only=weight_only,
                            shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple,
                            allow_slower=allow_slower and metric != "latency", threads=threads, provider=provider,
-                           latency_cache=latency_cache, method=method)
+                           latency_cache=latency_cache,
+                           method=method or default_method(calibration_samples is not None, metric))
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
         allocators = ("auto",) if calibration_samples is not None else ("alds",)

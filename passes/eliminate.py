@@ -2,7 +2,8 @@
 
 For a `chains.Chain` and the `elimination.Folded` result of cutting it: the producer keeps the output channels
 `kept` (rows of its weight and bias, entries of a BatchNormalization folded into it); every per-channel constant of
-the elementwise ops between keeps the same entries (a scalar stays as it is); every reader gets its new weight (the
+the elementwise ops between keeps the same entries (a scalar stays as it is), and a depthwise Conv between keeps the
+filters of the kept channels; every reader gets its new weight (the
 kept channels' columns with the dropped ones folded in) and its new bias. A reader with a folded BatchNormalization
 becomes one Conv with the folded weight and bias, writing the BatchNormalization's output. New constants get new
 names (a constant shared with other nodes is never edited), what the rewrite orphans is removed, and the value_info
@@ -37,9 +38,13 @@ def narrow_layers(editor: GraphEditor, cuts: list[tuple[Chain, Folded]]) -> None
         _narrow_producer(editor, chain.producer, folded.kept, orphans)
         for output in chain.passes:
             node = editor.node(output)
+            depthwise = node.op_type == "Conv"  # chains allow no other Conv between producer and readers
             for index, name in enumerate(node.input):
                 if name and name not in chain.region:  # a per-channel constant (discovery allowed nothing else)
-                    _slice_input(editor, node, index, folded.kept, chain.channels, orphans)
+                    _slice_input(editor, node, index, folded.kept, chain.channels, orphans,
+                                 axis=0 if depthwise else None)
+            if depthwise:
+                _set_group(node, len(folded.kept))
         editor.drop_value_info([chain.producer.node_output, *chain.region])
     editor.remove_orphans(orphans)
 
@@ -64,6 +69,12 @@ def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphan
             _slice_input(editor, node, 1, kept, layer.out_channels, orphans)
             node = editor.node(node.input[0])
         _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=1)
+
+
+def _set_group(node: onnx.NodeProto, group: int) -> None:
+    for attribute in node.attribute:
+        if attribute.name == "group":
+            attribute.i = group
 
 
 def _slice_input(editor: GraphEditor, node: onnx.NodeProto, index: int, kept: np.ndarray, channels: int,

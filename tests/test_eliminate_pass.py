@@ -53,7 +53,8 @@ def _activation(name: str, x: str, y: str) -> list[onnx.NodeProto]:
     return [helper.make_node(name, [x], [y])]
 
 
-def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads, reader_batchnorm=False):
+def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads, reader_batchnorm=False,
+                depthwise=False):
     c_in = 3
     weight, bias = _dependent_rows(rng, channels, independent, c_in * 9, activation)
     init = [numpy_helper.from_array(weight.reshape(channels, c_in, 3, 3).astype(np.float32), "w0"),
@@ -69,7 +70,15 @@ def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kern
             init[-4] = numpy_helper.from_array(np.ones(channels, np.float32), "g")
         nodes.append(helper.make_node("BatchNormalization", ["c0", "g", "beta", "mean", "var"], ["bn0"]))
         source = "bn0"
-    nodes += _activation(activation, source, "h")
+    if depthwise:  # a MobileNet block: the same 3x3 filter on every channel keeps copies copies (up to a constant;
+        # unpadded, so a constant channel stays constant)
+        nodes += _activation(activation, source, "a")
+        filters = np.tile(rng.standard_normal((1, 1, 3, 3)), (channels, 1, 1, 1)).astype(np.float32)
+        init += [numpy_helper.from_array(filters, "dw"),
+                 numpy_helper.from_array(np.full(channels, rng.standard_normal(), np.float32), "dwb")]
+        nodes.append(helper.make_node("Conv", ["a", "dw", "dwb"], ["h"], name="depthwise", group=channels))
+    else:
+        nodes += _activation(activation, source, "h")
     outputs = []
     for index in range(readers):
         w = rng.standard_normal((4, channels, kernel, kernel)).astype(np.float32)
@@ -78,7 +87,7 @@ def _conv_chain(rng, channels, independent, activation, batchnorm, readers, kern
         if index % 2 == 0:
             init.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), f"rb{index}"))
             inputs.append(f"rb{index}")
-        side = 8 - kernel + 1 + 2 * pads
+        side = (6 if depthwise else 8) - kernel + 1 + 2 * pads
         if reader_batchnorm and index == 0:  # folded into the reader: the rewrite merges it into one Conv
             nodes.append(helper.make_node("Conv", inputs, ["rc0"], name=f"reader{index}", pads=[pads] * 4))
             bn = [rng.uniform(0.5, 2, 4), rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.5, 2, 4)]
@@ -149,14 +158,15 @@ def _assert_same_outputs(model, narrowed, feeds, tolerance=1e-5):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), independent=st.integers(2, 5), extra=st.integers(1, 5),
        activation=st.sampled_from(["Relu", "Identity", "SiLU", "Tanh"]), batchnorm=st.booleans(),
-       readers=st.integers(1, 2), kernel=st.sampled_from([1, 3]), reader_batchnorm=st.booleans())
+       readers=st.integers(1, 2), kernel=st.sampled_from([1, 3]), reader_batchnorm=st.booleans(),
+       depthwise=st.booleans())
 def test_conv_chains_with_dependent_channels_shrink_without_changing_outputs(seed, independent, extra, activation,
                                                                              batchnorm, readers, kernel,
-                                                                             reader_batchnorm):
+                                                                             reader_batchnorm, depthwise):
     rng = np.random.default_rng(seed)
     channels = independent + extra
     model, shapes = _conv_chain(rng, channels, independent, activation, batchnorm, readers, kernel, pads=0,
-                                reader_batchnorm=reader_batchnorm)
+                                reader_batchnorm=reader_batchnorm, depthwise=depthwise)
     narrowed, chain, width, feeds = _narrowed(model, shapes)
     assert width <= independent + 1  # a constant channel may take a pivot when the others are few
     weights = {t.name: numpy_helper.to_array(t) for t in narrowed.graph.initializer}

@@ -124,3 +124,40 @@ def test_eliminate_with_nothing_narrowable_refuses_the_budget(tmp_path, capsys):
                  "--inputs", str(tmp_path / "s.npz"), "--allow-slower", "--quiet"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "no layer of this model can be narrowed" in error and not (tmp_path / "c.onnx").exists()
+
+
+def test_both_is_the_default_with_calibration_data_and_lowrank_otherwise(cnn):
+    import onnx_lowrank
+    from onnx_lowrank.analyze import default_method
+
+    model_path, samples = cnn
+    assert onnx_lowrank.analyze(str(model_path), calibration=str(samples), allow_slower=True).method == "both"
+    assert onnx_lowrank.analyze(str(model_path), input_shapes=["x:1x3x16x16"], allow_slower=True).method == "lowrank"
+    assert [default_method(True, metric) for metric in ("params", "flops", "latency")] == ["both", "both", "lowrank"]
+    assert default_method(False, "params") == "lowrank"
+
+
+def test_refit_also_makes_up_for_narrowed_layers():
+    """Decoders are refit on the model with its narrowed layers already cut: the plan is the same, and the
+    calibration error does not grow."""
+    import onnx_lowrank
+    from onnx_lowrank import runtime
+
+    from conftest import build_cnn
+
+    model = build_cnn()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(40)]
+    results = {refit: onnx_lowrank.compress(model, 0.5, calibration=feeds, method="both", refit=refit,
+                                            allow_slower=True) for refit in (False, True)}
+    plain, refit = results[False], results[True]
+    assert plain[1].plan.widths and plain[1].plan.layers  # both kinds in one plan
+    assert dict(refit[1].plan.widths) == dict(plain[1].plan.widths)
+    assert dict(refit[1].plan.layers) == dict(plain[1].plan.layers)
+
+    def error(compressed):
+        before, after = runtime.session(model), runtime.session(compressed)
+        return max(np.linalg.norm(runtime.run(after, f)["logits"] - runtime.run(before, f)["logits"])
+                   / np.linalg.norm(runtime.run(before, f)["logits"]) for f in feeds)
+
+    assert error(refit[0]) <= error(plain[0]) + 1e-6

@@ -312,6 +312,14 @@ def test_manifest_entries_are_complete():
         assert len(entry["sha256"]) == 64 and entry["path"].endswith(".onnx")
 
 
+def test_fetching_every_model_finds_built_ones_only_once_built(tmp_path, monkeypatch):
+    built = {name: entry for name, entry in fetch_module.manifest().items() if "build" in entry}
+    monkeypatch.setattr(fetch_module, "manifest", lambda: built)
+    assert fetch_module.fetch_all(dest=tmp_path) == {}  # nothing to download, nothing built: not an error
+    (tmp_path / "digits-encoder.onnx").write_bytes(b"built")
+    assert fetch_module.fetch_all(dest=tmp_path) == {"digits-encoder": tmp_path / "digits-encoder.onnx"}
+
+
 def test_a_built_model_that_was_not_built_names_its_script(tmp_path, capsys):
     assert fetch_module.main(["digits-encoder", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
