@@ -80,7 +80,7 @@ METHODS = {
     )
 }
 DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if not m.refit)  # refit lost everywhere (issue 6)
-DEFAULT = "data auto"
+DEFAULT = "data both"  # the default with calibration data since issue 10
 BASELINE = "weight alds"
 WEIGHT_ONLY = ("weight uniform", "weight energy", "weight alds")
 
@@ -307,7 +307,7 @@ def _acceptance(points) -> str:
         verdict = "ok" if ratio <= 0.5 and task >= weight_best - 1e-9 else "MISSED"
         parts.append(f"{budget:g}: out err {ratio:.2f}x of weight alds, task {task:.3f} vs best weight-only "
                      f"{weight_best:.3f} ({verdict})")
-    return ("Default (`data auto`) against weight-only: " + "; ".join(parts) + ".") if parts else ""
+    return (f"Default (`{DEFAULT}`) against weight-only: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _speed(points, noise: float) -> str:
