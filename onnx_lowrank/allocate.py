@@ -240,8 +240,7 @@ def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[O
     best_cost = np.full(len(thresholds), np.inf)
     best_subset: list[tuple[int, ...]] = [()] * len(thresholds)
     for subset in _subsets(len(unit.chains)):
-        touched = sorted({position[layer.name] for i in subset
-                          for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)})
+        touched = sorted(position[name] for name in _touched(unit, subset))
         free = np.ones(len(unit.layers), dtype=bool)
         free[touched] = False
         costs = layer_costs[free].sum(axis=0) + dense[touched].sum()
@@ -259,8 +258,8 @@ def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[O
         if stair and best_cost[t] >= stair[-1].cost:
             continue
         subset = best_subset[t]
-        touched = {layer.name for i in subset for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)}
-        members = [(a.layer.name, stair_[at[t]]) for a, stair_, at in zip(unit.layers, layer_stairs, layer_steps)
+        touched = _touched(unit, subset)
+        members = [(a.layer.name, steps_of[at[t]]) for a, steps_of, at in zip(unit.layers, layer_stairs, layer_steps)
                    if a.layer.name not in touched]
         cuts = [(unit.chains[i].chain.name, chain_stairs[i][chain_steps[i][t]]) for i in subset]
         score = max([o.score for _, o in members + cuts], default=0.0)
@@ -268,6 +267,11 @@ def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[O
                         widths=tuple((name, o.choice) for name, o in cuts if o.choice is not None))
         stair.append(Option(score, float(best_cost[t]), choice))
     return stair
+
+
+def _touched(unit: _Unit, subset: tuple[int, ...]) -> set[str]:
+    """The layers that narrowing the chains `subset` of the unit changes: their producers and readers."""
+    return {layer.name for i in subset for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)}
 
 
 def _subsets(count: int) -> list[tuple[int, ...]]:
