@@ -180,7 +180,7 @@ def _units(analysis: Analysis) -> list[_Unit]:
         return name
 
     for entry in chains:
-        names = [layer.name for layer in (entry.chain.producer, *entry.chain.readers)]
+        names = [layer.name for layer in entry.chain.layers]
         for name in names[1:]:
             root[find(name)] = find(names[0])
     layers: dict[str, list[LayerAnalysis]] = {}
@@ -188,7 +188,7 @@ def _units(analysis: Analysis) -> list[_Unit]:
         layers.setdefault(find(a.layer.name), []).append(a)
     grouped: dict[str, list[ChainAnalysis]] = {}
     for entry in chains:
-        grouped.setdefault(find(entry.chain.producer.name), []).append(entry)
+        grouped.setdefault(find(entry.chain.name), []).append(entry)
     units = [_Unit(layers=tuple(members), chains=tuple(grouped.get(key, ()))) for key, members in layers.items()]
     if analysis.method == "eliminate":  # only narrowing: layers no chain touches have nothing to offer
         units = [unit for unit in units if unit.chains]
@@ -271,7 +271,7 @@ def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[O
 
 def _touched(unit: _Unit, subset: tuple[int, ...]) -> set[str]:
     """The layers that narrowing the chains `subset` of the unit changes: their producers and readers."""
-    return {layer.name for i in subset for layer in (unit.chains[i].chain.producer, *unit.chains[i].chain.readers)}
+    return {layer.name for i in subset for layer in unit.chains[i].chain.layers}
 
 
 def _subsets(count: int) -> list[tuple[int, ...]]:

@@ -286,28 +286,31 @@ def widths(channels: int, rank: int, align: int = 1) -> list[int]:
     return sorted({-(-w // align) * align for w in steps} - {0} if align > 1 else steps)
 
 
-def analyze_chains(chains, statistics: Mapping[str, InputStatistics], metrics: Sequence[str], block: int = 1
-                   ) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
-    """Width candidates of every chain, from its readers' calibration statistics (see `elimination`), and the
-    chains skipped because the samples are too few to tell which channels the others reproduce (with fewer rows
-    than channels, every channel looks like a combination of the others). With `block` > 1 (onnxruntime's channel
-    block, when latencies are measured) a chain with a 2-D Conv keeps widths on the block."""
+def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],
+                   metrics: Sequence[str], block: int = 1) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
+    """Width candidates of every chain, from its readers' calibration statistics and the channel statistics of the
+    tensors they are fitted on (`channels`, by tensor name; see `elimination`), and the chains skipped because the
+    samples are too few to tell which channels the others reproduce (with fewer rows than channels, every channel
+    looks like a combination of the others). With `block` > 1 (onnxruntime's channel block, when latencies are
+    measured) a chain with a 2-D Conv keeps widths on the block."""
     usable, skipped = [], []
     for chain in chains:
-        rows = min(statistics[r.name].count for r in chain.readers)
+        rows = min(channels[name].count for name in chain.fits)
         if chain.channels < 2 or rows < MIN_ROWS_PER_CHANNEL * chain.channels:
             reason = (f"{rows} calibration rows cannot tell which of its {chain.channels} channels the others "
                       f"reproduce; give samples with at least {MIN_ROWS_PER_CHANNEL * chain.channels} positions")
-            skipped.append(Skipped(name=chain.name, op=chain.producer.op, reason=reason))
+            skipped += [Skipped(name=p.name, op=p.op, reason=reason) for p in chain.producers]
         else:
             usable.append(chain)
 
     def one(chain: Chain) -> ChainAnalysis:
-        readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias) for r in chain.readers]
-        elimination = ChannelElimination(readers, chain.channels)
+        fits = chain.fits
+        readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
+                   for r, tensor in zip(chain.readers, chain.fitted_on)]
+        elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits])
         n = chain.channels
-        blocked = any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in (chain.producer, *chain.readers))
-        dense = sum(cost.dense_params(layer) for layer in (chain.producer, *chain.readers))
+        blocked = any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in chain.layers)
+        dense = sum(cost.dense_params(layer) for layer in chain.layers)
         offered = []
         for width in widths(n, elimination.rank, block if blocked else 1):
             if width >= n:

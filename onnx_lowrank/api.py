@@ -20,7 +20,7 @@ from .allocate import allocate, smallest_budget
 from .analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
                       factors_of)
 from .chains import find_chains
-from .calibrate import collect_statistics
+from .calibrate import calibrate
 from .cost_models import LatencyCost
 from .discover import Layer, discover
 from .errors import InvalidModelError, InvalidOptionError
@@ -230,15 +230,19 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
                     method: str = "lowrank") -> Analysis:
     shapes = workspace.shapes_of(workspace.model)
     discovery = discover(workspace.model, shapes=shapes, exclude=exclude)
+    chains = find_chains(workspace.model, discovery) if method != "lowrank" else None
     statistics = None if workspace.calibration is None else {}
+    channel_statistics = {}
     if workspace.calibration is not None and discovery.layers:
         samples = workspace.calibration
-        statistics = collect_statistics(
+        calibration = calibrate(  # the channels narrowing fits its folds on are read in the same pass
             workspace.model,
             discovery.layers,
             samples,
+            tensors={} if chains is None else {name: c.window for c in chains.chains for name in c.fits},
             progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
         )
+        statistics, channel_statistics = dict(calibration.layers), calibration.tensors
     latency = None
     timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
                                           for view in layer.views())
@@ -262,10 +266,9 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
     )
     if method == "lowrank":
         return replace(analysis, notes=workspace.notes)
-    chains = find_chains(workspace.model, discovery)
     metrics = [name for name in analysis.costs if name in ("params", "flops")]
     block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths
-    narrowable, too_few = analyze_chains(chains.chains, statistics, metrics, block)
+    narrowable, too_few = analyze_chains(chains.chains, statistics, channel_statistics, metrics, block)
     return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped + too_few,
                    chains=narrowable)
 
@@ -637,7 +640,7 @@ def _narrowed_row(entry, width: int, folded, analysis: Analysis) -> NarrowedRow:
     planned = next((c for c in entry.candidates if c.width == width), None)
     savings = {name: cost.narrowing_saving([(chain, width)], name) for name in analysis.costs
                if name in ("params", "flops")}
-    return NarrowedRow(name=chain.name, op=chain.producer.op, readers=tuple(r.name for r in chain.readers),
+    return NarrowedRow(name=chain.name, op=chain.producers[0].op, readers=tuple(r.name for r in chain.readers),
                        channels=chain.channels, width=width, error=entry.elimination.error_of(folded),
                        planned_error=None if planned is None else planned.error, savings=savings)
 

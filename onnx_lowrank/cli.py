@@ -233,7 +233,7 @@ def _analysis_dict(analysis) -> dict:
         "skipped": [s.__dict__ for s in analysis.skipped],
         "method": analysis.method,
         "narrowable": [
-            {"name": c.chain.name, "op": c.chain.producer.op, "channels": c.chain.channels,
+            {"name": c.chain.name, "op": c.chain.producers[0].op, "channels": c.chain.channels,
              "readers": [r.name for r in c.chain.readers],
              "candidates": [{"width": w.width, "error": w.error, **w.savings} for w in c.candidates]}
             for c in analysis.chains

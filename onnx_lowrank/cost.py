@@ -62,15 +62,17 @@ def is_smaller(layer: Layer, k: int, rank: int, bias_correction: bool = False) -
 
 def narrowing_saving(cuts: Sequence[tuple[Chain, int]], metric: str) -> float | None:
     """Params or FLOPs that narrowing every chain to its width saves, counted exactly: a layer that produces one
-    cut chain and reads another keeps (kept rows) x (kept input channels) x taps weights, not the sum of the two
-    savings. None when FLOPs are asked for and some layer's positions are unknown."""
+    cut chain and reads another (or reads and writes one set, inside a residual block) keeps (kept rows) x (kept
+    input channels) x taps weights, not the sum of the two savings. None when FLOPs are asked for and some layer's
+    positions are unknown."""
     rows: dict[str, int] = {}
     columns: dict[str, int] = {}
     layers: dict[str, Layer] = {}
     saving = 0.0
     for chain, width in cuts:
-        layers[chain.producer.name] = chain.producer
-        rows[chain.producer.name] = width
+        for producer in chain.producers:
+            layers[producer.name] = producer
+            rows[producer.name] = width
         for reader in chain.readers:
             layers[reader.name] = reader
             columns[reader.name] = width

@@ -18,8 +18,12 @@ D = diag(||W[:, channel c]||): each step keeps the channel whose part not explai
 the most output energy. It is greedy, deterministic, costs one n x n factorization for every width at once, and
 gives nested kept sets, so the error of a width never depends on how other widths were chosen. A channel that the
 consumers do not read at all is dropped first; channels past the numerical rank of C are reproduced exactly.
+Readers that read the channels in different tensors (after other per-channel ops, or a coupled set's tensors) are
+fitted on each tensor's own statistics, with one kept set: the pivoted Cholesky then carries one factorization per
+tensor (each scaled by the energy of its own readers) and keeps at each step the channel whose unexplained output
+energy, summed over the tensors, is largest.
 Given the kept set, A and c are the least-squares regression of the dropped channels on the kept ones (with an
-intercept): C_DS C_SS^-1 and mean_D - A mean_S.
+intercept), per tensor: C_DS C_SS^-1 and mean_D - A mean_S.
 
 The error of a width is the consumers' exact relative output error on the calibration statistics,
 sqrt(sum E||y - y'||^2 / sum trace(W Sigma W^T)), the measure of `projection.OutputDecomposition`, so widths and
@@ -29,7 +33,7 @@ low-rank candidates can share one allocation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -53,6 +57,7 @@ class Reader:
     taps: int
     statistics: InputStatistics  # of its input patches (dimension channels * taps)
     bias: np.ndarray | None = None
+    fit: int = 0  # which of the elimination's `fits` its fold is fitted on
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,23 +70,36 @@ class Folded:
 
 
 class ChannelElimination:
-    """Which channels of one layer's output to keep at every width, and how its readers absorb the others."""
+    """Which channels of one set to keep at every width, and how its readers absorb the others.
 
-    def __init__(self, readers: Sequence[Reader], channels: int) -> None:
+    `fits` are the channel statistics (dimension `channels`) of the tensors the readers are fitted on, each reader's
+    `fit` naming its own: readers of one tensor share a regression, readers of different tensors (after other
+    per-channel ops, or of coupled producers) get their own, all with one kept set. Without `fits`, every reader is
+    fitted on its own patches' centre tap, which in a 'same' or 'valid' convolution always reads the activation
+    itself, never the zero padding around it (a border of zeros would otherwise look like a relation between
+    channels)."""
+
+    def __init__(self, readers: Sequence[Reader], channels: int,
+                 fits: Sequence[InputStatistics] | None = None) -> None:
         if not readers:
             raise ValueError("channel elimination needs at least one reader")
         for reader in readers:
             if reader.matrix.shape[1] != channels * reader.taps or reader.statistics.dim != reader.matrix.shape[1]:
                 raise ValueError(f"a reader of shape {reader.matrix.shape} with {reader.taps} taps does not read "
                                  f"{channels} channels (statistics of dimension {reader.statistics.dim})")
+        if fits is None:
+            readers = [replace(reader, fit=index) for index, reader in enumerate(readers)]
+            self._moments = [_centre_moments(r.statistics, channels, r.taps) for r in readers]
+        else:
+            if any(f.dim != channels for f in fits) or any(not 0 <= r.fit < len(fits) for r in readers):
+                raise ValueError(f"fits must be statistics of the {channels} channels, one for every reader's fit")
+            self._moments = [(_symmetric(f.covariance), f.mean) for f in fits]
         self.readers = tuple(readers)
         self.channels = channels
-        covariances, means = zip(*(_channel_moments(r.statistics, channels, r.taps) for r in readers))
-        self.covariance = sum(covariances) / len(readers)
-        self.mean = sum(means) / len(readers)
-        energy = sum(np.square(r.matrix).reshape(r.matrix.shape[0], channels, r.taps).sum(axis=(0, 2))
-                     for r in readers)
-        self.order, self.rank = keep_order(self.covariance, np.sqrt(energy))
+        energies = np.zeros((len(self._moments), channels))  # per fit: the weight energy reading each channel
+        for r in readers:
+            energies[r.fit] += np.square(r.matrix).reshape(r.matrix.shape[0], channels, r.taps).sum(axis=(0, 2))
+        self.order, self.rank = keep_order([covariance for covariance, _ in self._moments], np.sqrt(energies))
         self._variance = sum(_output_variance(r) for r in readers)
 
     def fold(self, width: int) -> Folded:
@@ -90,9 +108,10 @@ class ChannelElimination:
             raise ValueError(f"width must be in [1, {self.channels}], got {width}")
         kept = np.sort(self.order[:width])
         dropped = np.setdiff1d(np.arange(self.channels), kept)
-        a, c = regression(self.covariance, self.mean, kept, dropped)
+        fitted = [regression(covariance, mean, kept, dropped) for covariance, mean in self._moments]
         matrices, biases = [], []
         for reader in self.readers:
+            a, c = fitted[reader.fit]
             out = reader.matrix.shape[0]
             w = reader.matrix.reshape(out, self.channels, reader.taps)
             folded = w[:, kept, :] + np.einsum("odt,ds->ost", w[:, dropped, :], a)
@@ -122,26 +141,34 @@ class ChannelElimination:
         return float(np.sqrt(max(total, 0.0) / self._variance))
 
 
-def keep_order(covariance: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
+def keep_order(covariances: np.ndarray | Sequence[np.ndarray], scales: np.ndarray | Sequence[np.ndarray]
+               ) -> tuple[np.ndarray, int]:
     """Channels in the order a pivoted Cholesky of diag(scale) C diag(scale) keeps them, and its numerical rank.
 
-    The first `rank` channels are pivots (each the one with the most unexplained scaled variance at its step); the
-    rest, which the pivots reproduce, follow in ascending order."""
-    n = covariance.shape[0]
-    weighted = covariance * np.outer(scale, scale)
-    residual = np.diag(weighted).astype(np.float64).copy()
-    limit = _RANK_TOLERANCE * max(float(residual.max(initial=0.0)), 0.0)
-    factor = np.zeros((n, n))
+    With several tensors (a covariance and a scale each), one Cholesky factorization per tensor is carried along
+    and each step keeps the channel with the most unexplained scaled variance summed over the tensors: what their
+    separate regressions leave of it. The first `rank` channels are pivots; the rest, which the pivots reproduce
+    in every tensor, follow in ascending order."""
+    if isinstance(covariances, np.ndarray) and covariances.ndim == 2:
+        covariances, scales = [covariances], [scales]
+    weighted = [c * np.outer(s, s) for c, s in zip(covariances, scales)]
+    n = weighted[0].shape[0]
+    residuals = [np.diag(w).astype(np.float64).copy() for w in weighted]
+    total = sum(residuals)
+    limit = _RANK_TOLERANCE * max(float(total.max(initial=0.0)), 0.0)
+    factors = [np.zeros((n, n)) for _ in weighted]
     order: list[int] = []
     free = np.ones(n, dtype=bool)
     for step in range(n):
-        candidates = np.where(free, residual, -np.inf)
-        pivot = int(np.argmax(candidates))
-        if not free[pivot] or residual[pivot] <= limit or residual[pivot] <= 0:
+        pivot = int(np.argmax(np.where(free, total, -np.inf)))
+        if not free[pivot] or total[pivot] <= limit or total[pivot] <= 0:
             break
-        column = (weighted[:, pivot] - factor[:, :step] @ factor[pivot, :step]) / np.sqrt(residual[pivot])
-        factor[:, step] = column
-        residual -= column * column
+        for w, factor, residual in zip(weighted, factors, residuals):
+            if residual[pivot] > 0:  # else this tensor's other pivots reproduce it already: nothing to add
+                column = (w[:, pivot] - factor[:, :step] @ factor[pivot, :step]) / np.sqrt(residual[pivot])
+                factor[:, step] = column
+                residual -= column * column
+        total = sum(residuals)
         free[pivot] = False
         order.append(pivot)
     rank = len(order)
@@ -161,13 +188,15 @@ def regression(covariance: np.ndarray, mean: np.ndarray, kept: np.ndarray, dropp
     return a, mean[dropped] - a @ mean[kept]
 
 
-def _channel_moments(statistics: InputStatistics, channels: int, taps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Channel covariance and mean from patch statistics: those of the centre tap, which in a 'same' or 'valid'
-    convolution always reads the activation itself, never the zero padding around it (a border of zeros would
-    otherwise look like a relation between channels)."""
+def _centre_moments(statistics: InputStatistics, channels: int, taps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel covariance and mean from patch statistics: those of the centre tap (see `ChannelElimination`)."""
     centre = taps // 2
     sigma = statistics.covariance.reshape(channels, taps, channels, taps)[:, centre, :, centre]
-    return (sigma + sigma.T) / 2, statistics.mean.reshape(channels, taps)[:, centre]
+    return _symmetric(sigma), statistics.mean.reshape(channels, taps)[:, centre]
+
+
+def _symmetric(matrix: np.ndarray) -> np.ndarray:
+    return (matrix + matrix.T) / 2
 
 
 def _output_variance(reader: Reader) -> float:

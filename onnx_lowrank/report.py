@@ -381,7 +381,7 @@ def _render_narrowable(analysis: Analysis, console: Console, error_levels: tuple
     for entry in analysis.chains:
         cells = [str(min((c.width for c in entry.candidates if c.error <= level), default=entry.chain.channels))
                  for level in error_levels]
-        table.add_row(fit(entry.chain.name), entry.chain.producer.op, str(entry.chain.channels),
+        table.add_row(fit(entry.chain.name), entry.chain.producers[0].op, str(entry.chain.channels),
                       str(len(entry.chain.readers)), *cells)
     if analysis.chains:
         console.print(table)

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_lowrank.discover import ConstantTable
+from onnx_lowrank.folded import SHAPE_OPS, FoldedConstants
 from onnx_lowrank.graphs import consumed_names, subgraphs
 from onnx_lowrank.runtime import tensor_array
 
@@ -70,10 +72,17 @@ class GraphEditor:
         Discovery matched that node (its op, weight, attributes, a folded BatchNormalization) and the passes trust
         it; a missing node means a layer from another model was passed in, a programmer error.
         """
+        node = self.find(output)
+        if node is None:
+            raise ValueError(f"no node produces {output!r}: the layer does not come from this model")
+        return node
+
+    def find(self, output: str) -> onnx.NodeProto | None:
+        """The top-level node whose first output is `output`, or None."""
         for node in self.graph.node:
             if node.output and node.output[0] == output:
                 return node
-        raise ValueError(f"no node produces {output!r}: the layer does not come from this model")
+        return None
 
     def add_initializer(self, base: str, array: np.ndarray, dtype: np.dtype | type) -> str:
         """Append `array` cast to `dtype` as a new initializer; returns its (collision-free) name."""
@@ -115,7 +124,8 @@ class GraphEditor:
         return self.make_node("Reshape", [data, shape_tensor], [output], name)
 
     def constant_value(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or Constant-node output `name` of this graph; None when it is computed."""
+        """The value of an initializer or Constant-node output `name` of this graph, or of a shape op on them (a
+        Paddle bias's Reshape, `folded`); None when it is computed at run time."""
         for tensor in self.graph.initializer:
             if tensor.name == name:
                 return tensor_array(tensor)  # a lazily loaded model keeps external weights on disk
@@ -124,7 +134,8 @@ class GraphEditor:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         return numpy_helper.to_array(attr.t)
-        return None
+        folded = FoldedConstants(ConstantTable(self.graph), {o: n for n in self.graph.node for o in n.output if o})
+        return folded.array(name) if name in folded else None
 
     def output_shift(self, source: str, output: str, shift: np.ndarray, layer) -> onnx.NodeProto:
         """An Add node `output = source + shift` (the bias correction of a layer with nowhere to fold it)."""
@@ -149,11 +160,19 @@ class GraphEditor:
         used.update(v.name for v in self.graph.input)
         used.update(v.name for v in self.graph.output)
         removed: list[str] = []
-        for name in dict.fromkeys(candidates):
+        pending = list(dict.fromkeys(candidates))
+        while pending:
+            name = pending.pop(0)
             if not name or name in used:
                 continue
             if self._remove_initializer(name) or self._remove_constant(name):
                 removed.append(name)
+            else:
+                inputs = self._remove_shape_op(name)
+                if inputs is not None:  # its inputs may now be unread too
+                    removed.append(name)
+                    used = consumed_names(self.graph) | {v.name for v in (*self.graph.input, *self.graph.output)}
+                    pending.extend(inputs)
         self.drop_value_info(removed)
 
     def drop_value_info(self, names: Iterable[str]) -> None:
@@ -175,6 +194,16 @@ class GraphEditor:
                 del self.graph.initializer[index]
                 return True
         return False
+
+    def _remove_shape_op(self, name: str) -> list[str] | None:
+        """Remove the shape op (`folded.SHAPE_OPS`) that computes `name` from constants alone; its inputs, or None."""
+        for index, node in enumerate(self.graph.node):
+            if list(node.output) == [name] and node.op_type in SHAPE_OPS and node.domain in ("", "ai.onnx"):
+                if self.constant_value(name) is None:
+                    return None
+                del self.graph.node[index]
+                return list(node.input)
+        return None
 
     def _remove_constant(self, name: str) -> bool:
         for index, node in enumerate(self.graph.node):

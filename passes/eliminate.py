@@ -1,10 +1,10 @@
-"""Narrow a layer: drop output channels of a producer and fold them into the layers that read them.
+"""Narrow a layer: drop output channels of its producers and fold them into the layers that read them.
 
-For a `chains.Chain` and the `elimination.Folded` result of cutting it: the producer keeps the output channels
+For a `chains.Chain` and the `elimination.Folded` result of cutting it: every producer keeps the output channels
 `kept` (rows of its weight and bias, entries of a BatchNormalization folded into it); every per-channel constant of
-the elementwise ops between keeps the same entries (a scalar stays as it is), and a depthwise Conv between keeps the
-filters of the kept channels; every reader gets its new weight (the
-kept channels' columns with the dropped ones folded in) and its new bias. A reader with a folded BatchNormalization
+the elementwise ops between (`Chain.cuts`, as discovery found them) keeps the same entries (a scalar stays as it
+is), and a depthwise Conv between keeps the filters of the kept channels; every reader gets its new weight (the kept
+channels' columns with the dropped ones folded in) and its new bias. A reader with a folded BatchNormalization
 becomes one Conv with the folded weight and bias, writing the BatchNormalization's output. New constants get new
 names (a constant shared with other nodes is never edited), what the rewrite orphans is removed, and the value_info
 of every tensor whose channel count changed is dropped.
@@ -27,30 +27,31 @@ __all__ = ["narrow_layers"]
 def narrow_layers(editor: GraphEditor, cuts: list[tuple[Chain, Folded]]) -> None:
     """Rewrite every chain in place to keep its channels `folded.kept`.
 
-    Readers are rewritten first, producers after: a layer both reads one cut chain and produces another gets the
-    folded columns of the first, then loses the rows of the second (each read from the graph as it then is).
+    Readers are rewritten first, producers after: a layer both reads one cut chain and produces another (or reads
+    and writes one set, inside a residual block) gets the folded columns first, then loses the rows (each read from
+    the graph as it then is).
     """
     orphans: list[str] = []
     for chain, folded in cuts:
         for reader, matrix, bias in zip(chain.readers, folded.matrices, folded.biases):
             _refold_reader(editor, reader, matrix, bias, len(folded.kept), orphans)
     for chain, folded in cuts:
-        _narrow_producer(editor, chain.producer, folded.kept, orphans)
+        for producer in chain.producers:
+            _narrow_producer(editor, producer, folded.kept, orphans)
+        sliced: dict[tuple[str, int], str] = {}  # a constant two ops share is cut once
+        for cut in chain.cuts:
+            node = editor.node(cut.node)
+            _slice_input(editor, node, cut.index, folded.kept, chain.channels, orphans, axis=cut.axis, done=sliced)
         for output in chain.passes:
             node = editor.node(output)
-            depthwise = node.op_type == "Conv"  # chains allow no other Conv between producer and readers
-            for index, name in enumerate(node.input):
-                if name and name not in chain.region:  # a per-channel constant (discovery allowed nothing else)
-                    _slice_input(editor, node, index, folded.kept, chain.channels, orphans,
-                                 axis=0 if depthwise else None)
-            if depthwise:
+            if node.op_type == "Conv":  # depthwise (chains allow no other Conv between producers and readers)
                 _set_group(node, len(folded.kept))
-        editor.drop_value_info([chain.producer.node_output, *chain.region])
+        editor.drop_value_info([*(p.node_output for p in chain.producers), *chain.region])
     editor.remove_orphans(orphans)
 
 
 def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphans: list[str]) -> None:
-    node = editor.node(layer.node_output)
+    node = _conv_or_merged(editor, layer)
     if layer.op == "Conv":
         _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=0)
         if len(node.input) > 2 and node.input[2]:
@@ -71,6 +72,13 @@ def _narrow_producer(editor: GraphEditor, layer: Layer, kept: np.ndarray, orphan
         _slice_input(editor, node, 1, kept, layer.out_channels, orphans, axis=1)
 
 
+def _conv_or_merged(editor: GraphEditor, layer: Layer) -> onnx.NodeProto:
+    """The layer's node; a Conv that, narrowed as a reader, took over its BatchNormalization's output is found
+    under that name."""
+    node = editor.find(layer.node_output)
+    return node if node is not None or not layer.batchnorm_output else editor.node(layer.batchnorm_output)
+
+
 def _set_group(node: onnx.NodeProto, group: int) -> None:
     for attribute in node.attribute:
         if attribute.name == "group":
@@ -78,16 +86,21 @@ def _set_group(node: onnx.NodeProto, group: int) -> None:
 
 
 def _slice_input(editor: GraphEditor, node: onnx.NodeProto, index: int, kept: np.ndarray, channels: int,
-                 orphans: list[str], axis: int | None = None) -> None:
+                 orphans: list[str], axis: int | None = None, done: dict[tuple[str, int], str] | None = None) -> None:
     """Replace constant input `index` of `node` by its entries `kept` along `axis` (default: the one axis of length
-    `channels`); a constant with one value is left alone."""
+    `channels`); a constant with one value is left alone. `done` remembers what was cut already."""
     name = node.input[index]
     value = editor.constant_value(name)
     if value is None or value.size == 1:
         return
     if axis is None:
         axis = list(value.shape).index(channels)
-    node.input[index] = editor.add_initializer(f"{name}_narrowed", np.take(value, kept, axis=axis), value.dtype)
+    key = (name, axis)
+    if done is None or key not in done:
+        narrowed = editor.add_initializer(f"{name}_narrowed", np.take(value, kept, axis=axis), value.dtype)
+        if done is not None:
+            done[key] = narrowed
+    node.input[index] = narrowed if done is None else done[key]
     orphans.append(name)
 
 

@@ -23,17 +23,23 @@ __all__ = ["isolate_layer", "ISOLATED_INPUT"]
 ISOLATED_INPUT = "x"
 
 
-def isolate_layer(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int], seed: int = 0) -> onnx.ModelProto:
-    """A model computing only `layer`'s node on an input of `input_shape` (the caller's model is not modified)."""
+def isolate_layer(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int], seed: int = 0,
+                  rows: int | None = None, columns: int | None = None) -> onnx.ModelProto:
+    """A model computing only `layer`'s node on an input of `input_shape` (the caller's model is not modified).
+
+    With `rows` or `columns`, the layer narrowed (`passes.eliminate`): that many output channels, or input channels
+    (the input's channel axis shrinks with them)."""
     node = next((n for n in model.graph.node if n.output and n.output[0] == layer.node_output), None)
     if node is None:
         raise ValueError(f"layer {layer.name!r}: no node produces {layer.node_output!r}")
     rng = np.random.default_rng(seed)
-    weight = rng.standard_normal(layer.weight_shape).astype(layer.dtype)
+    out = layer.out_channels if rows is None else rows
+    weight_shape, input_shape = _narrowed_shapes(node, layer, list(input_shape), out, columns)
+    weight = rng.standard_normal(weight_shape).astype(layer.dtype)
     initializers = [numpy_helper.from_array(weight, "w")]
     inputs = [ISOLATED_INPUT, "w"]
     if len(node.input) > 2 and node.input[2]:  # a Conv bias or a Gemm C: constant, of the layer's output size
-        initializers.append(numpy_helper.from_array(np.zeros(layer.out_channels, dtype=layer.dtype), "b"))
+        initializers.append(numpy_helper.from_array(np.zeros(out, dtype=layer.dtype), "b"))
         inputs.append("b")
     copy = helper.make_node(node.op_type, inputs, ["y"], name=layer.name)
     copy.attribute.extend(node.attribute)
@@ -53,3 +59,21 @@ def isolate_layer(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[in
     if known:
         isolated.graph.output[0].CopyFrom(known[0])
     return isolated
+
+
+def _narrowed_shapes(node: onnx.NodeProto, layer: Layer, input_shape: list[int], rows: int, columns: int | None
+                     ) -> tuple[tuple[int, ...], list[int]]:
+    """The weight shape with `rows` outputs and `columns` inputs (None: as it is), and the input shape to match."""
+    shape = list(layer.weight_shape)
+    if layer.op == "Conv":
+        out_axis, in_axis, channel_axis = 0, 1, 1
+    elif layer.op == "Gemm":
+        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        out_axis, in_axis, channel_axis = (0, 1, -1) if transposed else (1, 0, -1)
+    else:  # MatMul: (in, out)
+        out_axis, in_axis, channel_axis = 1, 0, -1
+    shape[out_axis] = rows
+    if columns is not None:
+        shape[in_axis] = columns
+        input_shape[channel_axis] = columns
+    return tuple(shape), input_shape

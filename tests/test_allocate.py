@@ -275,7 +275,7 @@ def test_a_unit_considers_every_subset_of_its_chains(narrowable):
         best = math.inf
         for subset in itertools.product(*[[None] + [c for c in e.candidates if c.error <= t] for e in unit.chains]):
             touched = {layer.name for e, c in zip(unit.chains, subset) if c is not None
-                       for layer in (e.chain.producer, *e.chain.readers)}
+                       for layer in e.chain.layers}
             cost = sum(a.dense["params"] if a.layer.name in touched else
                        min([a.dense["params"]] + [c.costs["params"] for c in a.candidates if c.error <= t])
                        for a in unit.layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from onnx_lowrank.elimination import ChannelElimination, Reader, keep_order
@@ -30,6 +30,7 @@ def _dependent_activations(rng, rows: int, independent: int, channels: int, taps
 
 
 @settings(max_examples=60, deadline=None)
+@example(seed=194, independent=5, extra=6, taps=1, readers=1, constant=False)  # its dropped channel carries 0.4%
 @given(seed=st.integers(0, 2**16), independent=st.integers(1, 6), extra=st.integers(1, 6),
        taps=st.sampled_from([1, 4, 9]), readers=st.integers(1, 3), constant=st.booleans())
 def test_exactly_dependent_channels_are_dropped_without_changing_any_output(seed, independent, extra, taps, readers,
@@ -48,9 +49,10 @@ def test_exactly_dependent_channels_are_dropped_without_changing_any_output(seed
         expected = x @ w.T + (0 if b is None else b)
         got = x[:, kept_columns] @ matrix.T + bias
         assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected)
-    assert elimination.errors([independent])[0] < 1e-2  # what the float32 sums can resolve
-    if independent > 1:
-        assert elimination.errors([independent - 1])[0] > 1e-2  # one independent channel less cannot be exact
+    exact = elimination.errors([independent])[0]
+    assert exact < 1e-2  # what the float32 sums can resolve
+    if independent > 1:  # one independent channel less cannot be exact (however little that channel carries)
+        assert elimination.errors([independent - 1])[0] > max(2 * exact, 1e-6)
 
 
 def test_the_error_of_a_width_is_the_measured_output_error():
@@ -87,3 +89,22 @@ def test_keep_order_pivots_on_the_largest_unexplained_variance():
     assert order.tolist() == [1, 2, 0] and rank == 3
     order, _ = keep_order(covariance, np.array([3.0, 1.0, 1.0]))  # channel 0 carries 9x the output weight
     assert order[0] == 0
+
+
+def test_readers_of_different_tensors_are_each_fitted_on_their_own():
+    """Two tensors of one set, the second a per-channel affine map of the first (a BatchNormalization between):
+    channel 2 is 2 x channel 0 in the first and another combination plus a constant in the second. One kept set
+    serves both, and each reader is exact only because it is folded with its own tensor's regression."""
+    rng = np.random.default_rng(7)
+    first = rng.standard_normal((500, 3))
+    first[:, 2] = 2 * first[:, 0]
+    second = first * np.array([1.5, -0.5, 3.0]) + np.array([0.2, 1.0, -2.0])
+    w1, w2 = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    readers = [Reader(w1, 1, _statistics(first), fit=0), Reader(w2, 1, _statistics(second), fit=1)]
+    elimination = ChannelElimination(readers, 3, [_statistics(first), _statistics(second)])
+    assert elimination.rank == 2
+    folded = elimination.fold(2)
+    assert 1 in folded.kept
+    for x, w, matrix, bias in zip((first, second), (w1, w2), folded.matrices, folded.biases):
+        assert np.allclose(x[:, folded.kept] @ matrix.T + bias, x @ w.T, rtol=1e-4, atol=1e-5)  # float32 sums
+    assert elimination.errors([2])[0] < 1e-3  # what the float32 sums can resolve
