@@ -443,3 +443,18 @@ def test_unknown_layer_output_is_an_error():
     missing = Layer(**{**layer.__dict__, "node_output": "nope"})
     with pytest.raises(ValueError, match="no node produces"):
         factorize_layers(model, [(missing, factorize(layer.read_matrix(), 1, 2))])
+
+
+def test_subnormal_values_of_new_weights_are_written_as_zeros():
+    """A factor entry below float32's smallest normal number is zero in effect but takes the slow path of x86 CPUs
+    in every product (a recogniser's decoder with 1,437 of them ran the whole model 2.7x slower): none is written."""
+    model = conv_model()
+    layer = layer_of(model, "y")
+    factors = factorize(layer.read_matrix(), 1, 3)
+    factors.decoder[0, :] = 1e-40  # subnormal in float32
+    factors.encoder[0, 0, :2] = -3e-39
+    new, _ = factorize_layers(model, [(layer, factors)])
+    tiny = np.finfo(np.float32).tiny
+    for array in initializers(new).values():
+        assert not np.any((array != 0) & (np.abs(array) < tiny))
+    assert np.count_nonzero(initializers(new)["W_lowrank_decoder"][0]) == 0
