@@ -77,22 +77,35 @@ METHODS = {
         Method("flops: data both", "auto", "calibration", metric="flops", method="both"),
         Method("latency: weight alds", "alds", "weight", metric="latency"),
         Method("latency: data auto", "auto", "calibration", metric="latency"),
+        Method("latency: data both", "auto", "calibration", metric="latency", method="both"),
     )
 }
+PAIRS = (("data both", "data auto"), ("flops: data both", "flops: data auto"),
+         ("latency: data both", "latency: data auto"))
+"""`both` (the default) and low rank alone at the same budgets: their models are kept and timed against each other."""
 DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if not m.refit)  # refit lost everywhere (issue 6)
 DEFAULT = "data both"  # the default with calibration data since issue 10
 BASELINE = "weight alds"
 WEIGHT_ONLY = ("weight uniform", "weight energy", "weight alds")
 
 
-def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats, reference, cache) -> tuple[list, float]:
+def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats, reference, cache) -> tuple:
     """Every method's points (named after the method), grouped into one sweep per (data, refit, metric, guard)
-    setting so each analysis runs once; and the seconds of each analysis (calibration + timing + decompositions)."""
-    points, unreachable, analysis_seconds = [], [], {}
+    setting so each analysis runs once; the seconds of each analysis (calibration + timing + decompositions); and
+    the compressed models of the methods in PAIRS, by (method name, budget)."""
+    points, unreachable, analysis_seconds, kept = [], [], {}, {}
+    paired = {name for pair in PAIRS for name in pair}
     groups: dict[tuple, list[Method]] = {}
     for method in methods:
         groups.setdefault((method.data, method.refit, method.metric, method.guard, method.method), []).append(method)
     for (data, refit, metric, guard, narrowing), group in groups.items():
+        written = []  # every scored model in point order, for the paired methods
+
+        def evaluate(model, keep=any(m.name in paired for m in group)):
+            if keep:
+                written.append(model)
+            return workload.score(runtime.session(model), reference)
+
         result = sweep(
             original,
             budgets,
@@ -107,20 +120,25 @@ def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats,
             method=narrowing,
             threads=THREADS,
             latency_cache=cache,
-            evaluate=lambda model: workload.score(runtime.session(model), reference),
+            evaluate=evaluate,
             progress=lambda cell, g=group: print(f"  {g[0].name.rsplit(' ', 1)[0]}.. {cell}", file=sys.stderr,
                                                  flush=True),
         )
         analysis_seconds[(data, refit, metric, guard, narrowing)] = result.analysis_seconds
         by_allocator = {m.allocator: m for m in group}
+        scored = iter(written)
         for point in result.points:
             method = by_allocator[point.allocator.split(":")[0]]
             chosen = point.allocator.split(":")[1] if ":" in point.allocator else None
             points.append((method, chosen, point))
+            if written:  # the hook scored every point's model, in order
+                model = next(scored)
+                if method.name in paired:
+                    kept[(method.name, point.budget)] = model
         unreachable += [(by_allocator[a].name, b, why) for a, b, why in result.unreachable]
     order = {name: i for i, name in enumerate(METHODS)}
     points.sort(key=lambda item: (order[item[0].name], -item[2].budget))
-    return points, unreachable, analysis_seconds
+    return points, unreachable, analysis_seconds, kept
 
 
 def _noise(original, feeds, repeats: int) -> float:
@@ -155,8 +173,9 @@ def _run(models, budgets, methods, out_dir: Path, latency_repeats: int, command:
         timed = onnx_lowrank.analyze(original, inputs=feeds, weight_only=True, threads=THREADS, latency_cache=cache)
         timing_seconds = time.perf_counter() - start
         realized = timed.costs["latency"].realized if "latency" in timed.costs else None
-        points, unreachable, analysis_seconds = _sweep_methods(original, workload, methods, budgets, feeds,
-                                                               latency_repeats, reference, cache)
+        points, unreachable, analysis_seconds, kept = _sweep_methods(original, workload, methods, budgets, feeds,
+                                                                     latency_repeats, reference, cache)
+        pairs = _pairs_timed(kept, feeds[0], 2 * latency_repeats)
         named = [replace(p, allocator=m.name) for m, _, p in points]
         plot = out_dir / "plots" / f"{name}.png"
         plot_frontier(
@@ -177,7 +196,7 @@ def _run(models, budgets, methods, out_dir: Path, latency_repeats: int, command:
             x=("budget", "budget (fraction of the method's metric kept)"),
         )
         sections.append(_section(name, workload, path, points, unreachable, analysis_seconds, noise,
-                                 (timing_seconds, realized),
+                                 (timing_seconds, realized), pairs,
                                  {"frontier": plot.relative_to(out_dir), "latency": speed_plot.relative_to(out_dir)},
                                  time.perf_counter() - model_start))
     results = out_dir / "RESULTS.md"
@@ -224,7 +243,24 @@ def _header(command: str, budgets, methods, seconds: float) -> str:
     )
 
 
-def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing, plots,
+def _pairs_timed(kept, feed, repeats: int) -> dict:
+    """(both method, budget) -> its model's latency over low rank alone's at the same budget, the two timed against
+    each other interleaved (so the ratio carries no noise of two separate measurements against the original), or
+    None when the two methods wrote the same model."""
+    ratios = {}
+    settings = RuntimeSettings(threads=THREADS)
+    for both, lowrank in PAIRS:
+        for (name, budget), model in kept.items():
+            other = kept.get((lowrank, budget))
+            if name != both or other is None:
+                continue
+            same = model.SerializeToString() == other.SerializeToString()
+            ratios[(both, budget)] = None if same else measure_latency_ratio(
+                other, model, [feed], repeats=repeats, settings=settings).ratio
+    return ratios
+
+
+def _section(name, workload, path, points, unreachable, analysis_seconds, noise, timing, pairs, plots,
              seconds: float) -> str:
     timing_seconds, realized = timing
     calibration = analysis_seconds.get(("calibration", False, "params", True, "lowrank"))
@@ -252,7 +288,7 @@ def _section(name, workload, path, points, unreachable, analysis_seconds, noise,
     for method, budget, why in unreachable:
         lines.append(f"\n{method} at {budget:g}: not reachable ({why})")
     lines.append("\n" + _winners(points) + "\n")
-    for check in (_acceptance(points), _both_against_lowrank(points), _speed(points, noise)):
+    for check in (_acceptance(points), _both_against_lowrank(points, pairs), _speed(points, noise)):
         if check:
             lines.append(check + "\n")
     lines += [f"![{name} {label}]({plot.as_posix()})\n" for label, plot in plots.items()]
@@ -271,25 +307,26 @@ def _winners(points) -> str:
     return "Best task metric per params budget: " + "; ".join(parts) + "." if parts else ""
 
 
-def _both_against_lowrank(points) -> str:
-    """`both` (the default) against low rank alone, budget by budget: output error at equal params, measured
-    latency at equal FLOPs."""
+def _both_against_lowrank(points, pairs) -> str:
+    """`both` (the default) against low rank alone, budget by budget: output error, and latency timed against each
+    other (`_pairs_timed`), at each metric's equal budgets."""
     def table(method: str) -> dict:
         return {p.budget: p for m, _, p in points if m.name == method}
 
     parts = []
-    for label, both, lowrank, what in (("params", "data both", "data auto", "out err"),
-                                       ("flops", "flops: data both", "flops: data auto", "latency")):
+    for both, lowrank in PAIRS:
         mixed, alone = table(both), table(lowrank)
-        cells = [f"{b:g}: {_measure(mixed[b], what):.3f} vs {_measure(alone[b], what):.3f}"
-                 for b in mixed if b in alone]
+        cells = []
+        for budget in (b for b in mixed if b in alone):
+            ratio = pairs.get((both, budget), "missing")
+            timed = ("same model" if ratio is None else "not timed" if ratio == "missing"
+                     else f"latency {ratio:.3f}x of low rank's")
+            cells.append(f"{budget:g}: out err {mixed[budget].output_error:.3f} vs {alone[budget].output_error:.3f}, "
+                         f"{timed}")
         if cells:
-            parts.append(f"{what} at equal {label} ({both} vs {lowrank}) " + ", ".join(cells))
-    return ("`both` against low rank alone: " + "; ".join(parts) + ".") if parts else ""
-
-
-def _measure(point, what: str) -> float:
-    return point.output_error if what == "out err" else (point.latency_ratio or float("nan"))
+            parts.append(f"{both} vs {lowrank}: " + "; ".join(cells))
+    return ("`both` against low rank alone at equal budgets (both timed against each other, interleaved): "
+            + ". ".join(parts) + ".") if parts else ""
 
 
 def _acceptance(points) -> str:

@@ -25,8 +25,8 @@ other (one reads what the other produces) save less than the sum of their saving
 and the layers they touch form one unit (`_Unit`; a layer no chain touches is a unit of its own). At every
 threshold a unit takes the cheapest of all its ways to stay under it: which of its chains are narrowed (every
 subset, up to MAX_CHAINS_PER_UNIT chains), each to its smallest width scoring under it, and the other layers
-factorized as they would be alone, counted exactly (`cost.narrowing_saving`). Units are independent, so the
-bisection above stays exact, and `both` can always do what either method alone does: its largest score is never
+factorized as they would be alone, counted exactly (each cost model's `narrowing_saving`). Units are independent,
+so the bisection above stays exact, and `both` can always do what either method alone does: its largest score is never
 above theirs.
 """
 
@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .analyze import Analysis, Candidate, ChainAnalysis, LayerAnalysis
-from .cost import MIN_SAVING, narrowing_saving
+from .cost import MIN_SAVING
 from .cost_models import METRICS, unavailable_reason
 from .errors import BudgetError, InvalidOptionError, invalid
 from .plan import Plan
 
-__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget"]
+__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget", "plan_cost"]
 
 
 @dataclass(frozen=True)
@@ -209,16 +209,16 @@ def _layer_stair(analysis: LayerAnalysis, metric: str, allocator: str, method: s
 
 
 def _chain_stair(entry: ChainAnalysis, metric: str, allocator: str) -> list[Option]:
-    """The chain's staircase: keep every channel (score 0), then each width, priced by what it saves alone (exact
-    costs are counted per unit: the saving falls with the width however the other chains are cut)."""
+    """The chain's staircase: keep every channel (score 0), then each width the metric prices, by what it saves
+    alone (exact costs are counted per unit: the saving falls with the width however the other chains are cut)."""
     options = [Option(0.0, 0.0, None)]
-    for c in entry.candidates:
+    for c in (c for c in entry.candidates if metric in c.savings):
         score = {"uniform": 1.0 - c.width / entry.chain.channels, "energy": c.error ** 2}.get(allocator, c.error)
         options.append(Option(score, -c.savings[metric], c.width))
     return _staircase(options)
 
 
-def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[Option]:
+def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str, saving: Callable) -> list[Option]:
     """The unit's options at every threshold t: the cheapest way to keep every member's score <= t, over which of
     its chains are narrowed (each to its smallest width scoring <= t; the layers it touches stay dense) and how the
     other layers are factorized. Costs are exact, so the min-max over units stays exact."""
@@ -249,7 +249,7 @@ def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str) -> list[O
             widths = tuple(chain_steps[i][t] for i in subset)
             if widths not in savings:
                 cuts = [(unit.chains[i].chain, chain_stairs[i][w].choice) for i, w in zip(subset, widths) if w > 0]
-                savings[widths] = narrowing_saving(cuts, metric) if cuts else 0.0
+                savings[widths] = saving(cuts) if cuts else 0.0
             cost = costs[t] - savings[widths]
             if cost < best_cost[t]:
                 best_cost[t], best_subset[t] = cost, subset
@@ -284,11 +284,9 @@ def _subsets(count: int) -> list[tuple[int, ...]]:
 def _stairs(analysis: Analysis, metric: str, allocator: str) -> tuple[list[list[Option]], float]:
     """Every unit's staircase, and what all their layers cost as they are."""
     units = _units(analysis)
-    if metric not in ("params", "flops") and any(unit.chains for unit in units):
-        raise InvalidOptionError(f"Narrowed layers are priced in params and FLOPs, not in {metric}: give --metric "
-                                 "params or flops with --method eliminate or both.")
     dense = sum(a.dense[metric] for unit in units for a in unit.layers)
-    return [_unit_stair(unit, metric, allocator, analysis.method) for unit in units], dense
+    saving = analysis.costs[metric].narrowing_saving
+    return [_unit_stair(unit, metric, allocator, analysis.method, saving) for unit in units], dense
 
 
 def _has_units(analysis: Analysis) -> bool:
@@ -328,7 +326,8 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
     fixed = total - dense
     smallest = fixed + sum(stair[-1].cost for stair in stairs)
     if budget * total < smallest:
-        guard = (" (only factorizations measured faster than their dense layer count; --allow-slower lifts that)"
+        forms = "factorizations" if analysis.method == "lowrank" else "factorized and narrowed layers"
+        guard = (f" (only {forms} measured faster than their dense layers count; --allow-slower lifts that)"
                  if analysis.guarded else "")
         if smallest >= total:
             raise BudgetError(
@@ -348,3 +347,27 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
     return Plan(layers=dict(sorted(layers.items(), key=lambda item: order[item[0]])), allocator=allocator,
                 metric=metric, budget=float(budget), threshold=threshold,
                 widths=dict(sorted(widths.items(), key=lambda item: order[item[0]])))
+
+
+def plan_cost(analysis: Analysis, plan: Plan, metric: str) -> float | None:
+    """The whole model's `metric` with `plan` written, as the analysis' cost models price it: the original total,
+    plus every factorized layer's change, minus what the narrowed layers save together. None when a cost model
+    cannot price the plan (or the analysis has no such model)."""
+    model = analysis.costs.get(metric)
+    if model is None:
+        return None
+    total = model.total
+    for entry in analysis.layers:
+        choice = plan.layers.get(entry.layer.name)
+        if choice is not None:
+            priced = model.factorized(entry.layer, *choice)
+            if priced is None:
+                return None
+            total += priced - entry.dense[metric]
+    if plan.widths:
+        chains = {entry.chain.name: entry.chain for entry in analysis.chains}
+        saved = model.narrowing_saving([(chains[name], width) for name, width in plan.widths.items()])
+        if saved is None:
+            return None
+        total -= saved
+    return total

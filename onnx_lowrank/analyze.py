@@ -33,7 +33,7 @@ from .svd import Factors
 
 __all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE",
            "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "METHODS",
-           "WIDTH_STEPS", "widths", "default_method"]
+           "WIDTH_STEPS", "widths", "width_alignment", "default_method"]
 
 METHODS = ("lowrank", "eliminate", "both")
 """lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
@@ -41,11 +41,10 @@ calibration data needed); both: each layer is narrowed or factorized, whichever 
 
 
 def default_method(calibrated: bool, metric: str | None = None) -> str:
-    """The method when none is given: `both` wherever narrowing applies (calibration data, a budget in params or
-    FLOPs), else `lowrank`. The benchmark chose it: on the calibration samples `both` never does worse
-    than low rank alone (its plans are among those judged), and on held-out data it moved the outputs less on three
-    of the five models (README, Neuron elimination)."""
-    return "both" if calibrated and metric in (None, "params", "flops") else "lowrank"
+    """The method when none is given: `both` with calibration data (narrowing needs it), else `lowrank`. The
+    benchmark chose it (README, Neuron elimination): on the calibration samples `both` never does worse than
+    low rank alone, whose plans are among those it judges."""
+    return "both" if calibrated else "lowrank"
 
 MIN_ROWS_PER_CHANNEL = 2
 """Calibration rows (positions) needed per channel of a chain before its channels are judged dependent."""
@@ -88,7 +87,7 @@ class WidthCandidate:
 
     width: int
     error: float  # relative output error of the readers on the calibration statistics (exact)
-    savings: Mapping[str, float]  # cost model name -> what the model saves (params, flops)
+    savings: Mapping[str, float]  # cost model name -> what the model saves (every model that can price it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,13 +285,21 @@ def widths(channels: int, rank: int, align: int = 1) -> list[int]:
     return sorted({-(-w // align) * align for w in steps} - {0} if align > 1 else steps)
 
 
+def width_alignment(chain: Chain, block: int) -> int:
+    """The multiple a chain's widths keep: onnxruntime's channel block when one of its layers is a 2-D Conv (its
+    blocked kernels pad channels up to the block, see `widths`), else 1."""
+    return block if any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in chain.layers) else 1
+
+
 def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],
-                   metrics: Sequence[str], block: int = 1) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
+                   costs: Mapping[str, CostModel], block: int = 1, guard: bool = False
+                   ) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
     """Width candidates of every chain, from its readers' calibration statistics and the channel statistics of the
-    tensors they are fitted on (`channels`, by tensor name; see `elimination`), and the chains skipped because the
-    samples are too few to tell which channels the others reproduce (with fewer rows than channels, every channel
-    looks like a combination of the others). With `block` > 1 (onnxruntime's channel block, when latencies are
-    measured) a chain with a 2-D Conv keeps widths on the block."""
+    tensors they are fitted on (`channels`, by tensor name; see `elimination`), each priced by every cost model
+    that can price it; and the chains skipped because the samples are too few to tell which channels the others
+    reproduce (with fewer rows than channels, every channel looks like a combination of the others). With `block`
+    > 1 (onnxruntime's channel block, when latencies are measured) a chain with a 2-D Conv keeps widths on the
+    block; with `guard`, only widths measured to save at least 1 - GUARD_RATIO of its layers' time are kept."""
     usable, skipped = [], []
     for chain in chains:
         rows = min(channels[name].count for name in chain.fits)
@@ -302,6 +309,7 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
             skipped += [Skipped(name=p.name, op=p.op, reason=reason) for p in chain.producers]
         else:
             usable.append(chain)
+    latency = costs.get("latency")
 
     def one(chain: Chain) -> ChainAnalysis:
         fits = chain.fits
@@ -309,15 +317,19 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
                    for r, tensor in zip(chain.readers, chain.fitted_on)]
         elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits])
         n = chain.channels
-        blocked = any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in chain.layers)
         dense = sum(cost.dense_params(layer) for layer in chain.layers)
+        dense_ms = sum(latency.dense(layer) for layer in chain.layers) if latency is not None else None
         offered = []
-        for width in widths(n, elimination.rank, block if blocked else 1):
+        for width in widths(n, elimination.rank, width_alignment(chain, block)):
             if width >= n:
                 continue
-            savings = {metric: cost.narrowing_saving([(chain, width)], metric) for metric in metrics}
-            if savings["params"] >= cost.MIN_SAVING * dense and None not in savings.values():
-                offered.append((width, savings))
+            savings = {name: model.narrowing_saving([(chain, width)]) for name, model in costs.items()}
+            savings = {name: value for name, value in savings.items() if value is not None}
+            if savings["params"] < cost.MIN_SAVING * dense:
+                continue
+            if guard and savings.get("latency", 0.0) < (1.0 - GUARD_RATIO) * dense_ms:
+                continue  # the never-slower guard, as for factorized layers
+            offered.append((width, savings))
         errors = elimination.errors([w for w, _ in offered]) if offered else []
         candidates = tuple(WidthCandidate(width=w, error=float(e), savings=sv) for (w, sv), e in zip(offered, errors))
         return ChainAnalysis(chain=chain, elimination=elimination, candidates=candidates)

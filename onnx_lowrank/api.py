@@ -18,7 +18,7 @@ import onnx
 
 from .allocate import allocate, smallest_budget
 from .analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
-                      factors_of)
+                      factors_of, width_alignment)
 from .chains import find_chains
 from .calibrate import calibrate
 from .cost_models import LatencyCost
@@ -28,7 +28,7 @@ from .options import checked
 from .inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
 from .latency import measure_latency_ratio
 from .latency_cache import LatencyCache, default_cache_path, model_key
-from .layer_timing import block_size, measure_layers, realized_fraction
+from .layer_timing import block_size, measure_layers, narrowing_grid, realized_fraction, realized_narrowing
 from .load import check_model, load_model
 from .parallel import single_threaded_blas
 from .passes import eliminate_channels, factorize_layers
@@ -247,7 +247,8 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
     timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
                                           for view in layer.views())
     if workspace.speed.measure and timeable and discovery.layers:
-        latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, progress)
+        latency = _measure_latency(workspace, discovery.layers, shapes, max_groups, progress,
+                                   () if chains is None else chains.chains)
     total = len(discovery.layers)
     counter = iter(range(1, total + 1))
     analysis = analyze_layers(
@@ -266,38 +267,54 @@ def _analyze_serial(workspace: _Workspace, exclude, max_groups, rank_multiple, s
     )
     if method == "lowrank":
         return replace(analysis, notes=workspace.notes)
-    metrics = [name for name in analysis.costs if name in ("params", "flops")]
     block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths
-    narrowable, too_few = analyze_chains(chains.chains, statistics, channel_statistics, metrics, block)
+    narrowable, too_few = analyze_chains(chains.chains, statistics, channel_statistics, analysis.costs, block,
+                                         guard=analysis.guarded)
     return replace(analysis, notes=workspace.notes, method=method, unnarrowed=chains.skipped + too_few,
                    chains=narrowable)
 
 
 def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max_groups: int,
-                     progress: Progress | None) -> LatencyCost:
-    """Time every layer's dense and factorized forms (or read them from the cache), the whole original model, and
-    the fraction of the layers' savings a factorized model really delivers (`layer_timing.realized_fraction`).
+                     progress: Progress | None, chains: Sequence = ()) -> LatencyCost:
+    """Time every layer's dense and factorized forms, and the narrowed forms of the layers `chains` may cut (or
+    read them from the cache), the whole original model, and the fractions of the layers' savings a factorized and
+    a narrowed model really deliver (`layer_timing.realized_fraction`, `realized_narrowing`).
 
     The whole-model numbers are cached with the layers' and measured again whenever a layer was: every part of the
     prediction then comes from the same period of this machine's speed.
     """
     speed = workspace.speed
     cache = speed.open_cache()
+    block = block_size()
+    narrowing: dict[str, tuple[list[int], list[int]]] = {}
+    for chain in chains:
+        grid = narrowing_grid(chain.channels, width_alignment(chain, block))
+        for layer in chain.producers:
+            narrowing[layer.name] = (grid, narrowing.get(layer.name, ([], []))[1])
+        for layer in chain.readers:
+            narrowing[layer.name] = (narrowing.get(layer.name, ([], []))[0], grid)
     timings = measure_layers(
         workspace.model, layers, shapes, speed.settings, cache, max_groups=max_groups,
         progress=None if progress is None else lambda done, total: progress("timing layers", done, total),
+        narrowing=narrowing,
     )
     feed = workspace.timing_feed()
     key = model_key(workspace.model, {name: value.shape for name, value in feed.items()}, speed.settings)
-    keys = (None, None) if key is None else (key + "/total", key + "/realized")
-    total, realized = (None, None) if key is None or cache.changed else (cache.get(keys[0]), cache.get(keys[1]))
+    keys = (None, None, None) if key is None else (key + "/total", key + "/realized", key + "/narrowed")
+    cached = (None, None, None) if key is None or cache.changed else tuple(cache.get(k) for k in keys)
+    total, realized, narrowed = cached
     if total is None or realized is None:
         total, realized = realized_fraction(workspace.model, layers, timings, feed, speed.settings)
-        if key is not None:
-            cache.put(keys[0], total)
-            cache.put(keys[1], realized)
+    latency = LatencyCost(total=total, timings=timings, realized=realized)
+    if chains and narrowed is None:
+        narrowed = realized_narrowing(workspace.model, chains, latency, feed, speed.settings)
+    latency = replace(latency, realized_narrowing=1.0 if narrowed is None else narrowed)
+    if key is not None:
+        for name, value in zip(keys, (total, realized, narrowed)):
+            if value is not None:
+                cache.put(name, value)
     cache.save()
-    return LatencyCost(total=total, timings=timings, realized=realized)
+    return latency
 
 
 @checked
@@ -421,13 +438,14 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     after_shapes = workspace.shapes_of(compressed) if changed else None
     before = {name: cost_model.total for name, cost_model in analysis.costs.items()}
     after = {}
+    widths = [(chain, len(folded.kept)) for chain, folded in cuts]
     for name, cost_model in analysis.costs.items():
         counted = cost_model.count(compressed, after_shapes) if changed else before[name]
-        if counted is None and plan.widths:  # the latency model does not price narrowed layers: no prediction
-            after[name] = None
-        else:
-            after[name] = counted if counted is not None else _predicted(before[name],
-                                                                         [row.costs[name] for row in rows])
+        if counted is None:  # predicted: every factorized layer's change, and what the narrowed layers save
+            predicted = _predicted(before[name], [row.costs[name] for row in rows])
+            saved = cost_model.narrowing_saving(widths) if widths else 0.0
+            counted = None if predicted is None or saved is None else predicted - saved
+        after[name] = counted
     report = Report(
         layers=tuple(rows),
         skipped=analysis.skipped,
@@ -638,8 +656,8 @@ def _narrowed_row(entry, width: int, folded, analysis: Analysis) -> NarrowedRow:
     """The report row of one narrowed layer: its channels before and after, its readers, the error and savings."""
     chain = entry.chain
     planned = next((c for c in entry.candidates if c.width == width), None)
-    savings = {name: cost.narrowing_saving([(chain, width)], name) for name in analysis.costs
-               if name in ("params", "flops")}
+    savings = {name: model.narrowing_saving([(chain, width)]) for name, model in analysis.costs.items()}
+    savings = {name: value for name, value in savings.items() if value is not None}
     return NarrowedRow(name=chain.name, op=chain.producers[0].op, readers=tuple(r.name for r in chain.readers),
                        channels=chain.channels, width=width, error=entry.elimination.error_of(folded),
                        planned_error=None if planned is None else planned.error, savings=savings)

@@ -22,7 +22,7 @@ from .discover import Layer
 from .graphs import nested_nodes, subgraphs
 
 __all__ = ["dense_params", "factorized_params", "is_smaller", "dense_flops", "factorized_flops", "model_params",
-           "model_flops", "narrowing_saving", "MIN_SAVING"]
+           "model_flops", "narrowed_shapes", "narrowing_saving", "MIN_SAVING"]
 
 MIN_SAVING = 0.1
 """A factorization must save at least this fraction of its layer's parameters (and FLOPs) to be a candidate. Below
@@ -60,30 +60,34 @@ def is_smaller(layer: Layer, k: int, rank: int, bias_correction: bool = False) -
             and factorized_params(layer, k, rank, bias_correction) <= keep * dense_params(layer))
 
 
-def narrowing_saving(cuts: Sequence[tuple[Chain, int]], metric: str) -> float | None:
-    """Params or FLOPs that narrowing every chain to its width saves, counted exactly: a layer that produces one
-    cut chain and reads another (or reads and writes one set, inside a residual block) keeps (kept rows) x (kept
-    input channels) x taps weights, not the sum of the two savings. None when FLOPs are asked for and some layer's
-    positions are unknown."""
-    rows: dict[str, int] = {}
-    columns: dict[str, int] = {}
-    layers: dict[str, Layer] = {}
-    saving = 0.0
+def narrowed_shapes(cuts: Sequence[tuple[Chain, int]]) -> dict[str, tuple[Layer, int, int]]:
+    """Every layer that narrowing every chain to its width changes: (layer, output channels kept, input channels
+    kept). A layer that produces one cut chain and reads another (or reads and writes one set, inside a residual
+    block) loses both."""
+    shapes: dict[str, tuple[Layer, int, int]] = {}
     for chain, width in cuts:
         for producer in chain.producers:
-            layers[producer.name] = producer
-            rows[producer.name] = width
+            layer, _, columns = shapes.get(producer.name, (producer, producer.out_channels, producer.in_channels))
+            shapes[producer.name] = (layer, width, columns)
         for reader in chain.readers:
-            layers[reader.name] = reader
-            columns[reader.name] = width
-        if metric == "params":
-            saving += (chain.channels - width) * chain.channel_params
-    for name, layer in layers.items():
-        kept = rows.get(name, layer.out_channels) * columns.get(name, layer.in_channels) * layer.taps
+            layer, rows, _ = shapes.get(reader.name, (reader, reader.out_channels, reader.in_channels))
+            shapes[reader.name] = (layer, rows, width)
+    return shapes
+
+
+def narrowing_saving(cuts: Sequence[tuple[Chain, int]], metric: str) -> float | None:
+    """Params or FLOPs that narrowing every chain to its width saves, counted exactly (`narrowed_shapes`): a layer
+    that loses rows and columns keeps (kept rows) x (kept input channels) x taps weights, not the sum of the two
+    savings. None when FLOPs are asked for and some layer's positions are unknown."""
+    saving = 0.0
+    if metric == "params":
+        saving += sum((chain.channels - width) * chain.channel_params for chain, width in cuts)
+    for layer, rows, columns in narrowed_shapes(cuts).values():
+        kept = rows * columns * layer.taps
         if metric == "params":
             saving += layer.weight_size - kept
-            if name in columns:
-                saving -= _reader_bias_growth(layer, rows.get(name, layer.out_channels))
+            if columns != layer.in_channels:
+                saving -= _reader_bias_growth(layer, rows)
         elif layer.output_positions is None:
             return None
         else:

@@ -1,8 +1,8 @@
 """Named cost models: what a layer costs dense and factorized, and what the whole model costs. One registry.
 
 A budget is a fraction of one of these (`--metric`), the allocator adds up whichever one it is given, and the
-report prints every one the analysis has. Adding a cost = one class with `dense`, `factorized` and `total`, built
-in `build_cost_models`; nothing else switches on metric names.
+report prints every one the analysis has. Adding a cost = one class with `dense`, `factorized`,
+`narrowing_saving` and `total`, built in `build_cost_models`; nothing else switches on metric names.
 
 - `params`: weight elements (see `cost`), with the folded-bias and bias-correction accounting.
 - `flops`: 2 x MACs at the model's concrete input shapes (see `cost`); needs them.
@@ -25,6 +25,7 @@ from typing import Protocol
 import onnx
 
 from . import cost
+from .chains import Chain
 from .discover import Layer
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
@@ -61,6 +62,11 @@ class CostModel(Protocol):
         measured by verification instead)."""
         ...
 
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        """What narrowing every chain to its width saves, counted exactly (chains that touch each other save less
+        than the sum of their savings); None when this model cannot price one of the narrowed layers."""
+        ...
+
 
 @dataclass(frozen=True)
 class ParamsCost:
@@ -78,6 +84,9 @@ class ParamsCost:
     def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
         return cost.model_params(model)
 
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        return cost.narrowing_saving(cuts, "params")
+
 
 @dataclass(frozen=True)
 class FlopsCost:
@@ -93,6 +102,9 @@ class FlopsCost:
 
     def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
         return None if shapes is None else cost.model_flops(model, shapes)
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        return cost.narrowing_saving(cuts, "flops")
 
 
 def interpolate(points: Sequence[tuple[int, float]], rank: int) -> float:
@@ -132,10 +144,13 @@ class FormTiming:
 
 @dataclass(frozen=True)
 class LayerTiming:
-    """One layer's measured dense time and its factorized forms, by k."""
+    """One layer's measured dense time, its factorized forms by k, and, for a layer that can lose channels, its
+    time with fewer output channels (`rows`: channels kept -> ms) or fewer input channels (`columns`)."""
 
     dense_ms: float
     forms: Mapping[int, FormTiming] = field(default_factory=dict)
+    rows: FormTiming | None = None
+    columns: FormTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -143,12 +158,16 @@ class LatencyCost:
     """Milliseconds: each layer from its timings, the rest of the model as measured.
 
     A factorized layer costs its dense time minus `realized` times the saving measured on the layer alone: the
-    fraction of such savings a factorized model really delivered when timed whole (`layer_timing`).
+    fraction of such savings a factorized model really delivered when timed whole (`layer_timing`). A narrowed
+    layer is priced from its times with fewer output and with fewer input channels (the two ratios to dense
+    multiplied when it loses both), its saving scaled by `realized_narrowing`, the fraction a narrowed model
+    delivered (more than 1 where the per-channel ops and depthwise convs between shrink too).
     """
 
     total: float  # measured median of the original model
     timings: Mapping[str, LayerTiming]  # layer name -> timing
     realized: float = 1.0
+    realized_narrowing: float = 1.0
     name: str = "latency"
     unit: str = "ms"
 
@@ -169,6 +188,29 @@ class LatencyCost:
 
     def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
         return None
+
+    def narrowed(self, layer: Layer, rows: int, columns: int) -> float | None:
+        """The layer's measured time with `rows` output and `columns` input channels (interpolated between the
+        timed widths; None when a needed width was not timed)."""
+        timing = self.timings.get(layer.name)
+        if timing is None:
+            return None
+        ms = timing.dense_ms
+        for kept, full, form in ((rows, layer.out_channels, timing.rows), (columns, layer.in_channels, timing.columns)):
+            if kept != full:
+                if form is None:
+                    return None
+                ms *= interpolate([*form.points, (full, timing.dense_ms)], kept) / max(timing.dense_ms, 1e-12)
+        return ms
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        saving = 0.0
+        for layer, rows, columns in cost.narrowed_shapes(cuts).values():
+            ms = self.narrowed(layer, rows, columns)
+            if ms is None:
+                return None
+            saving += self.timings[layer.name].dense_ms - ms
+        return self.realized_narrowing * saving
 
 
 def build_cost_models(

@@ -30,24 +30,28 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from . import cost, runtime
-from .analyze import group_counts
-from .cost_models import FormTiming, LayerTiming
+from .analyze import group_counts, widths
+from .chains import Chain
+from .cost_models import FormTiming, LatencyCost, LayerTiming
+from .elimination import Folded
 from .discover import Layer, discover
 from .latency import measure_latency_ratio, model_latency
 from .latency_cache import LatencyCache, variant_key
-from .passes import factorize_layers
+from .passes import eliminate_channels, factorize_layers
 from .passes.isolate import ISOLATED_INPUT, isolate_layer
 from .runtime import RuntimeSettings
 from .svd import Factors
 
 __all__ = ["block_size", "blocked", "rank_grid", "largest_candidate_rank", "layer_key", "measure_layers",
-           "time_sessions", "realized_fraction", "MIN_REALIZED", "MAX_REALIZED"]
+           "narrowing_grid", "time_sessions", "realized_fraction", "realized_narrowing", "MIN_REALIZED",
+           "MAX_REALIZED"]
 
 ROUNDS = 7
 """Interleaved rounds per variant; the median is kept."""
@@ -116,10 +120,13 @@ def layer_key(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int]) 
     }
 
 
-def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray], rounds: int = ROUNDS) -> list[float]:
-    """Median milliseconds per run of every session, timed interleaved in `rounds` rounds after a warm-up run."""
+def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+                  rounds: int = ROUNDS) -> list[float]:
+    """Median milliseconds per run of every session, timed interleaved in `rounds` rounds after a warm-up run.
+    `feed`: one for every session, or a feed each (a layer narrowed to fewer input channels reads a smaller one)."""
+    feeds = list(feed) if not isinstance(feed, Mapping) else [feed] * len(sessions)
     first = []
-    for sess in sessions:
+    for sess, feed in zip(sessions, feeds):
         sess.run(None, feed)
         start = time.perf_counter()
         sess.run(None, feed)
@@ -127,7 +134,7 @@ def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray], rounds: in
     repeats = [max(1, min(MAX_REPEATS, math.ceil(BLOCK_SECONDS / max(t, 1e-7)))) for t in first]
     samples: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
-        for sess, count, times in zip(sessions, repeats, samples):
+        for sess, feed, count, times in zip(sessions, feeds, repeats, samples):
             start = time.perf_counter()
             for _ in range(count):
                 sess.run(None, feed)
@@ -154,6 +161,16 @@ def _forms(layer: Layer, max_groups: int, block: int) -> dict[int, tuple[list[in
     return forms
 
 
+NARROWED_POINTS = 4
+"""Widths timed per narrowed role of a layer (fewer output channels, fewer input channels)."""
+
+
+def narrowing_grid(channels: int, align: int) -> list[int]:
+    """The widths to time a layer at when `channels` of its output (or input) channels may be cut: at most
+    NARROWED_POINTS of the widths a chain may keep (`analyze.widths`, on the channel block `align`), evenly spread."""
+    return _spread([w for w in widths(channels, 0, align) if w < channels], NARROWED_POINTS)
+
+
 def measure_layers(
     model: onnx.ModelProto,
     layers: Sequence[Layer],
@@ -162,27 +179,32 @@ def measure_layers(
     cache: LatencyCache,
     max_groups: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    narrowing: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> dict[str, LayerTiming]:
     """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them;
-    new timings are put in the cache, which the caller saves."""
+    new timings are put in the cache, which the caller saves. `narrowing`: layer name -> (the output channel counts,
+    the input channel counts) to time it narrowed at (`narrowing_grid`)."""
     block = block_size()
+    narrowing = narrowing or {}
     timings = {}
     for index, layer in enumerate(layers, 1):
         forms = _forms(layer, max_groups, block)
         # A shared weight: every node reading it is timed (each at its own input shape; equal ones come from the
-        # cache) and the times add up, since every node runs.
+        # cache) and the times add up, since every node runs. Chains never narrow one.
+        grids = narrowing.get(layer.name, ((), ())) if not layer.shared else ((), ())
         timings[layer.name] = _summed([_measure_layer(model, view, tuple(shapes[view.input_name]), settings, cache,
-                                                      forms) for view in layer.views()])
+                                                      forms, grids) for view in layer.views()])
         if progress is not None:
             progress(index, len(layers))
     return timings
 
 
-def _measure_layer(model, layer, input_shape, settings, cache, forms) -> LayerTiming:
+def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing=((), ())) -> LayerTiming:
     description = layer_key(model, layer, input_shape)
-    variants: list[tuple[int, int] | None] = [None]
+    variants: list[tuple | None] = [None]
     for k, (grid, _) in forms.items():
         variants += [(k, r) for r in grid]
+    variants += [("rows", w) for w in narrowing[0]] + [("columns", w) for w in narrowing[1]]
     keys = [variant_key(description, variant, settings) for variant in variants]
     # Any variant missing: time them all again, together, so a layer's times all come from one period (a layer's
     # dense time cached minutes ago against variants timed now would carry the machine's drift into the ratio).
@@ -191,17 +213,31 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms) -> LayerTi
         isolated = isolate_layer(model, layer, input_shape)
         (alone,) = discover(isolated, shapes={ISOLATED_INPUT: input_shape}).layers
         rng = np.random.default_rng(0)
-        models = [isolated if variant is None else
-                  factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0]
-                  for variant, _ in missing]
+        models, feeds = [], []
+        for variant, _ in missing:
+            shape = list(input_shape)
+            if variant is None:
+                models.append(isolated)
+            elif variant[0] == "rows":
+                models.append(isolate_layer(model, layer, input_shape, rows=variant[1]))
+            elif variant[0] == "columns":
+                models.append(isolate_layer(model, layer, input_shape, columns=variant[1]))
+                shape[1 if layer.op == "Conv" else -1] = variant[1]
+            else:
+                models.append(factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0])
+            feeds.append(shape)
         sessions = [runtime.session(m, settings=settings, timing=True) for m in models]
-        feed = {ISOLATED_INPUT: rng.standard_normal(input_shape).astype(layer.dtype)}
-        for (_, key), ms in zip(missing, time_sessions(sessions, feed)):
+        data = {}
+        feeds = [{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}
+                 for shape in feeds]
+        for (_, key), ms in zip(missing, time_sessions(sessions, feeds)):
             cache.put(key, ms)
     measured = {variant: cache.get(key) for variant, key in zip(variants, keys)}
     result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
               for k, (grid, align) in forms.items()}
-    return LayerTiming(dense_ms=measured[None], forms=result)
+    narrowed = [FormTiming(points=tuple((w, measured[(role, w)]) for w in grid)) if grid else None
+                for role, grid in zip(("rows", "columns"), narrowing)]
+    return LayerTiming(dense_ms=measured[None], forms=result, rows=narrowed[0], columns=narrowed[1])
 
 
 def _summed(parts: Sequence[LayerTiming]) -> LayerTiming:
@@ -246,3 +282,36 @@ def realized_fraction(
     saved = comparison.original_ms - comparison.compressed_ms
     fraction = saved / predicted if predicted > 0 else 1.0
     return comparison.original_ms, float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))
+
+
+def realized_narrowing(
+    model: onnx.ModelProto,
+    chains: Sequence[Chain],
+    latency: LatencyCost,
+    feed: Mapping[str, np.ndarray],
+    settings: RuntimeSettings,
+    rounds: int = 20,
+) -> float:
+    """The fraction of the narrowed layers' predicted savings that a probe model — every chain narrowed to its
+    smallest timed width, with random folds — really delivers, timed interleaved against the original. More than
+    1 where the per-channel ops and depthwise convs between shrink too, which no layer timing shows. 1.0 when no
+    chain could be priced."""
+    rng = np.random.default_rng(0)
+    cuts, widths_of = [], []
+    for chain in chains:
+        timing = latency.timings.get(chain.producers[0].name)
+        if timing is None or timing.rows is None:
+            continue
+        width = timing.rows.points[0][0]
+        folded = Folded(kept=np.arange(width),
+                        matrices=tuple(rng.standard_normal((r.out_channels, width * r.taps)) for r in chain.readers),
+                        biases=tuple(np.zeros(r.out_channels) for r in chain.readers))
+        cuts.append((chain, folded))
+        widths_of.append((chain, width))
+    predicted = replace(latency, realized_narrowing=1.0).narrowing_saving(widths_of) if cuts else None
+    if not predicted or predicted <= 0:
+        return 1.0
+    probe, _ = eliminate_channels(model, cuts)
+    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings)
+    fraction = (comparison.original_ms - comparison.compressed_ms) / predicted
+    return float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))

@@ -7,6 +7,11 @@ worst relative output error wins. The uniform baseline is always among them, so 
 the calibration data. With `--method both` the plans of each method alone (only factorized, only narrowed) are
 among them too, so `both` never loses to either on the calibration data. Costs one extra pass over the calibration
 samples per plan.
+
+When layers are timed, a plan whose error the samples cannot tell from the best one's is as good, and the fastest
+of those wins: "cannot tell" is a difference of less than two standard errors, the standard error of the paired
+difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
+resolution is coarse, so more calibration samples make the judge sharper.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ from dataclasses import replace
 
 import onnx
 
-from .allocate import allocate
+from .allocate import allocate, plan_cost
 from .analyze import Analysis, cuts_of, factors_of
 from .errors import BudgetError
 from .inputs import Samples
 from .passes import eliminate_channels, factorize_layers
 from .plan import Plan
-from .verify import verify_many
+from .verify import Verification, verify_many
 
 __all__ = ["CANDIDATE_ALLOCATORS", "choose_plan"]
 
@@ -52,12 +57,34 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     models = (factorize_layers(eliminate_channels(model, cuts_of(analysis, p.widths))[0],
                                ((layer, f) for layer, f, _ in factors_of(analysis, p.layers)))[0]
               for p in plans.values())  # each written when its session is made, then let go
-    checks = verify_many(model, models, samples)
-    errors = {name: _score(check.worst_relative_l2) for name, check in zip(plans, checks)}
-    best = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
+    checks = dict(zip(plans, verify_many(model, models, samples)))
+    errors = {name: _score(check.worst_relative_l2) for name, check in checks.items()}
+    least = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
     scores = ", ".join(f"{name} {errors[name]:.4g}" for name in plans)
-    note = f"auto: {best} (output error on {samples.count} calibration samples: {scores})"
+    best, faster = least, ""
+    times = {name: plan_cost(analysis, plan, "latency") for name, plan in plans.items()}
+    if all(t is not None for t in times.values()):
+        tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
+        best = min(tied, key=lambda name: (times[name], errors[name]))
+        if best != least:
+            faster = (f"; within two standard errors of {least}'s and predicted faster: {times[best]:.3g} ms "
+                      f"against {times[least]:.3g} ms")
+    note = f"auto: {best} (output error on {samples.count} calibration samples: {scores}{faster})"
     return replace(plans[best], allocator=best, notes=(note,))
+
+
+def _indistinguishable(candidate: Verification, best: Verification) -> bool:
+    """Whether the samples cannot tell `candidate`'s worst output error from `best`'s: their difference is below
+    two standard errors (jackknife: the difference with each sample left out in turn)."""
+    difference = _score(candidate.worst_relative_l2) - _score(best.worst_relative_l2)
+    if difference <= 0:
+        return True
+    left_out = [a - b for a, b in zip(candidate.leave_one_out(), best.leave_one_out())]
+    if len(left_out) < 2 or not all(math.isfinite(d) for d in left_out):
+        return False
+    n, mean = len(left_out), sum(left_out) / len(left_out)
+    standard_error = math.sqrt((n - 1) / n * sum((d - mean) ** 2 for d in left_out))
+    return difference < 2 * standard_error
 
 
 def _score(error: float) -> float:

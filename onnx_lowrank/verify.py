@@ -45,6 +45,16 @@ class Verification:
     outputs: tuple[OutputComparison, ...]
     samples: int  # feeds run
     rows: int | None = None  # items in them (the first input's batch dimension summed over feeds)
+    squares: tuple[tuple[tuple[float, float], ...], ...] = ()  # per output, per feed: (||a - b||^2, ||a||^2)
+
+    def leave_one_out(self) -> list[float]:
+        """The worst relative L2 error with each feed left out in turn (what a jackknife of it is made of)."""
+        if self.samples < 2 or not self.squares:
+            return []
+        totals = [(sum(d for d, _ in output), sum(r for _, r in output)) for output in self.squares]
+        return [max((_relative(diff - output[i][0], ref - output[i][1])
+                     for (diff, ref), output in zip(totals, self.squares)), default=0.0)
+                for i in range(self.samples)]
 
     def describe(self) -> str:
         """'16 samples', or '12 rows in 1 batch' when a feed holds a batch."""
@@ -73,6 +83,13 @@ class Verification:
             "worst_relative_l2": _json_number(self.worst_relative_l2),
             "outputs": [o.to_dict() for o in self.outputs],
         }
+
+
+def _relative(diff_sq: float, ref_sq: float) -> float:
+    diff, ref = math.sqrt(max(diff_sq, 0.0)), math.sqrt(max(ref_sq, 0.0))
+    if ref > 0:
+        return diff / ref
+    return 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
 
 
 def _json_number(value: object) -> object:
@@ -136,13 +153,15 @@ class _Accumulator:
         self.scores = True
         self.agree = 0
         self.positions = 0
+        self.squares: list[tuple[float, float]] = []  # per feed
 
     def add(self, reference: np.ndarray, compressed: np.ndarray) -> None:
         a = np.asarray(reference, dtype=np.float64).ravel()
         b = np.asarray(compressed, dtype=np.float64).ravel()
         diff = a - b
-        self.diff_sq += float(diff @ diff)
-        self.ref_sq += float(a @ a)
+        self.squares.append((float(diff @ diff), float(a @ a)))
+        self.diff_sq += self.squares[-1][0]
+        self.ref_sq += self.squares[-1][1]
         self.cmp_sq += float(b @ b)
         self.dot += float(a @ b)
         if diff.size:
@@ -153,11 +172,8 @@ class _Accumulator:
             self.positions += int(np.prod(reference.shape[:-1]))
 
     def result(self, name: str) -> OutputComparison:
-        diff, ref, cmp = math.sqrt(self.diff_sq), math.sqrt(self.ref_sq), math.sqrt(self.cmp_sq)
-        if ref > 0:
-            relative = diff / ref
-        else:
-            relative = 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
+        ref, cmp = math.sqrt(self.ref_sq), math.sqrt(self.cmp_sq)
+        relative = _relative(self.diff_sq, self.ref_sq)
         if ref > 0 and cmp > 0:
             cosine = min(1.0, max(-1.0, self.dot / (ref * cmp)))
         elif math.isnan(ref) or math.isnan(cmp):
@@ -225,4 +241,5 @@ def verify_many(
             progress(samples)
     if not samples:
         raise InputDataError("No samples to verify on; give at least one feed (random inputs or an .npz)")
-    return [Verification(tuple(acc[name].result(name) for name in names), samples, rows) for acc in sums]
+    return [Verification(tuple(acc[name].result(name) for name in names), samples, rows,
+                         squares=tuple(tuple(acc[name].squares) for name in names)) for acc in sums]

@@ -269,7 +269,7 @@ def test_a_unit_considers_every_subset_of_its_chains(narrowable):
 
     _, analysis = narrowable
     unit = next(u for u in _units(analysis) if len(u.chains) == 2)
-    stair = _unit_stair(unit, "params", "alds", "both")
+    stair = _unit_stair(unit, "params", "alds", "both", analysis.costs["params"].narrowing_saving)
     for option in stair:
         t = option.score
         best = math.inf

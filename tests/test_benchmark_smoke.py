@@ -11,7 +11,7 @@ import pytest
 from benchmarks import run
 
 
-SMOKE_METHODS = ("weight alds", "data both")
+SMOKE_METHODS = ("weight alds", "data both", "data auto")
 
 
 @pytest.fixture
@@ -28,8 +28,9 @@ def test_runner_writes_results_and_plot(tmp_path, without_guard):
                      "--repeats", "2", "--out", str(tmp_path)])
     assert code == 0
     results = (tmp_path / "RESULTS.md").read_text()
-    rows = [line for line in results.splitlines() if re.match(r"\| (weight alds|data both \([^|]+\)) \| 0\.7 \|", line)]
-    assert len(rows) == 2
+    rows = [line for line in results.splitlines()
+            if re.match(r"\| (weight alds|data (both|auto) \([^|]+\)) \| 0\.7 \|", line)]
+    assert len(rows) == 3
     header = _cells(next(line for line in results.splitlines() if line.startswith("| method |")))
     for row in rows:
         cell = dict(zip(header, _cells(row)))
@@ -38,6 +39,9 @@ def test_runner_writes_results_and_plot(tmp_path, without_guard):
                                                                             "out err"))
         assert 0.6 < params <= 0.7 and 0 < flops <= 1 and latency > 0 and 0 <= task <= 1 and out_err >= 0
     assert "Default (`data both`) against weight-only: 0.7: out err" in results
+    # both against low rank alone, their models timed against each other (or the same model written twice)
+    assert re.search(r"data both vs data auto: 0\.7: out err [0-9.]+ vs [0-9.]+, (same model|latency [0-9.]+x)",
+                     results)
     for plot in ("ppocr-cls.png", "ppocr-cls-latency.png"):  # the frontier, and latency against the budget
         assert re.search(rf"!\[[^\]]+\]\(plots/{re.escape(plot)}\)", results), plot
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000

@@ -59,12 +59,25 @@ def test_eliminate_without_samples_is_refused_in_one_line(tmp_path, capsys, cnn)
     assert not (tmp_path / "c.onnx").exists()
 
 
-def test_a_latency_budget_is_refused_for_narrowing(tmp_path, capsys, cnn):
+def test_a_latency_budget_is_spent_on_narrowed_layers_priced_by_their_timings(tmp_path, cnn):
+    """Narrowed layers are timed like factorized ones: a latency budget with --method eliminate narrows layers
+    until the predicted latency fits, and the report's prediction is what the plan was made with."""
+    from onnx_lowrank import analyze, compress, plan
+
     model, samples = cnn
-    code = main(["compress", str(model), str(tmp_path / "c.onnx"), "--budget", "0.8", "--method", "eliminate",
-                 "--metric", "latency", "--inputs", str(samples), "--allow-slower", "--quiet"])
-    error = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in error and "params and FLOPs" in error
+    analysis = analyze(str(model), inputs=str(samples), method="eliminate", latency_cache=tmp_path / "cache.json")
+    timings = analysis.costs["latency"].timings
+    priced = [entry for entry in analysis.chains if entry.candidates]  # a 16-channel chain has no width on a
+    assert priced  # 16-channel block (AVX-512): nothing to time or offer
+    for entry in priced:
+        assert timings[entry.chain.producers[0].name].rows is not None
+        assert all(timings[r.name].columns is not None for r in entry.chain.readers)
+        assert all("latency" in c.savings and c.savings["latency"] > 0 for c in entry.candidates)
+    chosen = plan(analysis, 0.95, metric="latency", allocator="alds")
+    assert chosen.widths and not chosen.layers
+    _, report = compress(str(model), 0.95, metric="latency", method="eliminate", inputs=str(samples),
+                         allocator="alds", verify=False, latency_cache=tmp_path / "cache.json")
+    assert report.narrowed and report.ratio("latency") <= 0.95 + 1e-9
 
 
 def test_analyze_lists_why_layers_cannot_be_narrowed(tmp_path, cnn):
@@ -89,14 +102,17 @@ def test_plan_widths_round_trip_and_bad_widths_are_refused():
         Plan.from_dict({"layers": {}, "widths": {"b": 0}})
 
 
-def test_no_latency_is_predicted_for_a_narrowed_model(cnn):
-    """The latency model prices factorized layers only: a model with narrowed layers gets no prediction (the
-    measured ratio, when verification times both models, is the only latency number)."""
+def test_latency_is_predicted_for_a_narrowed_model_from_its_timed_widths(tmp_path, cnn):
+    """The whole model's predicted latency is the original's minus what the narrowed layers save (their timings
+    with fewer channels, exactly counted where two narrowed layers touch, scaled by the narrowed probe)."""
     from onnx_lowrank import compress
 
     model, samples = cnn
-    _, report = compress(str(model), 0.8, method="eliminate", inputs=str(samples), verify=False)
-    assert report.narrowed and report.after.get("latency") is None and report.ratio("latency") is None
+    _, report = compress(str(model), 0.8, method="eliminate", inputs=str(samples), verify=False,
+                         latency_cache=tmp_path / "cache.json")
+    latency = report.before["latency"]
+    assert report.narrowed and report.after["latency"] < latency
+    assert all("latency" in row.savings for row in report.narrowed)
 
 
 def test_analyze_prints_and_writes_the_narrowable_layers(tmp_path, capsys, cnn):
@@ -133,7 +149,7 @@ def test_both_is_the_default_with_calibration_data_and_lowrank_otherwise(cnn):
     model_path, samples = cnn
     assert onnx_lowrank.analyze(str(model_path), calibration=str(samples), allow_slower=True).method == "both"
     assert onnx_lowrank.analyze(str(model_path), input_shapes=["x:1x3x16x16"], allow_slower=True).method == "lowrank"
-    assert [default_method(True, metric) for metric in ("params", "flops", "latency")] == ["both", "both", "lowrank"]
+    assert [default_method(True, metric) for metric in ("params", "flops", "latency")] == ["both"] * 3
     assert default_method(False, "params") == "lowrank"
 
 
