@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 import onnx
 
-from .allocate import allocate, smallest_budget
+from .allocate import allocate, plan_cost, smallest_budget
 from .analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
                       factors_of, width_alignment)
 from .chains import find_chains
@@ -305,7 +305,7 @@ def _measure_latency(workspace: _Workspace, layers: Sequence[Layer], shapes, max
     total, realized, narrowed = cached
     if total is None or realized is None:
         total, realized = realized_fraction(workspace.model, layers, timings, feed, speed.settings)
-    latency = LatencyCost(total=total, timings=timings, realized=realized)
+    latency = LatencyCost(total=total, timings=timings, realized=realized, settings=speed.settings)
     if chains and narrowed is None:
         narrowed = realized_narrowing(workspace.model, chains, latency, feed, speed.settings)
     latency = replace(latency, realized_narrowing=1.0 if narrowed is None else narrowed)
@@ -438,14 +438,9 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
     after_shapes = workspace.shapes_of(compressed) if changed else None
     before = {name: cost_model.total for name, cost_model in analysis.costs.items()}
     after = {}
-    widths = [(chain, len(folded.kept)) for chain, folded in cuts]
     for name, cost_model in analysis.costs.items():
         counted = cost_model.count(compressed, after_shapes) if changed else before[name]
-        if counted is None:  # predicted: every factorized layer's change, and what the narrowed layers save
-            predicted = _predicted(before[name], [row.costs[name] for row in rows])
-            saved = cost_model.narrowing_saving(widths) if widths else 0.0
-            counted = None if predicted is None or saved is None else predicted - saved
-        after[name] = counted
+        after[name] = counted if counted is not None else plan_cost(analysis, plan, name)  # a time: predicted
     report = Report(
         layers=tuple(rows),
         skipped=analysis.skipped,
@@ -468,13 +463,6 @@ def _apply(workspace: _Workspace, plan: Plan, run_verify: bool, analysis: Analys
         narrowed=narrowed_rows,
     )
     return compressed, report
-
-
-def _predicted(total: float, layer_costs: Sequence[tuple[float | None, float | None]]) -> float | None:
-    """The whole model's cost with every layer as written: the original total plus each layer's change."""
-    if any(before is None or after is None for before, after in layer_costs):
-        return None
-    return total + sum(after - before for before, after in layer_costs)
 
 
 def _speed_note(workspace: _Workspace, analysis: Analysis) -> str | None:

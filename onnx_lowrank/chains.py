@@ -54,6 +54,8 @@ SPATIAL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool"
                          "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"})
 """Ops over the spatial axes of NCHW channels, each channel alone (Resize only with scales of 1 on N and C, the
 reductions only over axes other than C, keeping them)."""
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                        "MatMulInteger"})
 _AVERAGES = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
 """Linear and the same on every channel: a reader after them is fitted on the tensor before them."""
 
@@ -315,8 +317,12 @@ def _pass_problem(node: onnx.NodeProto, region: set[str], constants: FoldedConst
         if not all(_separable(name, constants, channels, axis, rank) is not None for name in others):
             return parameters
         return None
-    if node.op_type == "Conv":
-        return None if _depthwise(node, constants, channels, axis) else coupled
+    if node.op_type == "Conv" and _depthwise(node, constants, channels, axis):
+        return None
+    if node.op_type in _LAYER_OPS:  # a layer discovery skipped (or --exclude kept dense) cannot lose channels
+        role = "joined with those of" if joined else "read by"
+        return (f"its channels are {role} {described}, which is not a layer this tool rewrites (see the skipped "
+                "layers)")
     if node.op_type in SPATIAL_OPS:
         return None if axis == 1 and _spatial(node, constants, rank) else coupled
     if node.op_type in BINARY_OPS and len(node.input) == 2:

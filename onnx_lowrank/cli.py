@@ -234,7 +234,7 @@ def _analysis_dict(analysis) -> dict:
         "method": analysis.method,
         "narrowable": [
             {"name": c.chain.name, "op": c.chain.producers[0].op, "channels": c.chain.channels,
-             "readers": [r.name for r in c.chain.readers],
+             "producers": [p.name for p in c.chain.producers], "readers": [r.name for r in c.chain.readers],
              "candidates": [{"width": w.width, "error": w.error, **w.savings} for w in c.candidates]}
             for c in analysis.chains
         ],

@@ -27,6 +27,7 @@ import onnx
 from . import cost
 from .chains import Chain
 from .discover import Layer
+from .runtime import RuntimeSettings
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
            "interpolate", "build_cost_models", "unavailable_reason"]
@@ -168,6 +169,7 @@ class LatencyCost:
     timings: Mapping[str, LayerTiming]  # layer name -> timing
     realized: float = 1.0
     realized_narrowing: float = 1.0
+    settings: RuntimeSettings = RuntimeSettings()  # the session options everything was timed with
     name: str = "latency"
     unit: str = "ms"
 

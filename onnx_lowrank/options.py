@@ -123,9 +123,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            "calibration samples; alds (default without): min-max error over (k, rank); uniform/energy: classic k=1 "
            "baselines", requirement=f"one of {', '.join(ALLOCATOR_CHOICES)}", valid=lambda v: v in ALLOCATOR_CHOICES,
            argparse={"choices": ALLOCATOR_CHOICES}),
-    Option("method", "both (default with calibration data and a params or flops budget): each layer narrowed or "
-           "factorized, in one allocation; lowrank (default otherwise): factorize layers; eliminate: narrow layers, "
-           "dropping output channels the others reproduce (needs --calibration or --inputs)",
+    Option("method", "both (default with calibration data): each layer narrowed or factorized, in one "
+           "allocation; lowrank (default without): factorize layers; eliminate: narrow layers, dropping output "
+           "channels the others reproduce (needs --calibration or --inputs)",
            requirement=f"one of {', '.join(METHODS)}", valid=lambda v: v in METHODS, argparse={"choices": METHODS}),
     Option("allocators", f"one or more of {','.join(ALLOCATOR_CHOICES)}, comma-separated (default: auto with "
            "calibration data, alds without)", flag="--allocator",

@@ -373,7 +373,7 @@ def _render_narrowable(analysis: Analysis, console: Console, error_levels: tuple
     table = Table(title="Narrowable (output channels kept at a given relative output error of the readers)",
                   title_justify="left")
     fit = _shortener(console, [entry.chain.name for entry in analysis.chains])
-    for column in ("layer", "op", "channels", "readers"):
+    for column in ("layer", "op", "channels", "producers", "readers"):
         table.add_column(column, overflow="fold", no_wrap=column == "layer", justify="left" if column in
                          ("layer", "op") else "right")
     for level in error_levels:
@@ -382,10 +382,13 @@ def _render_narrowable(analysis: Analysis, console: Console, error_levels: tuple
         cells = [str(min((c.width for c in entry.candidates if c.error <= level), default=entry.chain.channels))
                  for level in error_levels]
         table.add_row(fit(entry.chain.name), entry.chain.producers[0].op, str(entry.chain.channels),
-                      str(len(entry.chain.readers)), *cells)
+                      str(len(entry.chain.producers)), str(len(entry.chain.readers)), *cells)
     if analysis.chains:
         console.print(table)
-    console.print(f"{len(analysis.chains)} narrowable layers; {len(analysis.unnarrowed)} not narrowable")
+    coupled = sum(1 for entry in analysis.chains if len(entry.chain.producers) > 1)
+    layers = sum(len(entry.chain.producers) for entry in analysis.chains)
+    console.print(f"{layers} narrowable layers in {len(analysis.chains)} sets of channels ({coupled} coupled: "
+                  f"several producers, cut together); {len(analysis.unnarrowed)} not narrowable")
     general = [Skipped(s.name, s.op, re.sub(r" '[^']*'", "", s.reason)) for s in analysis.unnarrowed]  # by op
     for count, op, reason, example in skip_summary(general):
         console.print(f"  {count} {op}: {reason} (e.g. {fit(example)})")

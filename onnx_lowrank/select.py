@@ -11,7 +11,9 @@ samples per plan.
 When layers are timed, a plan whose error the samples cannot tell from the best one's is as good, and the fastest
 of those wins: "cannot tell" is a difference of less than two standard errors, the standard error of the paired
 difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
-resolution is coarse, so more calibration samples make the judge sharper.
+resolution is coarse, so more calibration samples make the judge sharper. "Fastest" is measured: those plans'
+models are timed against each other, interleaved, with the deployment's session settings (predictions rank plans
+whose times differ by a few percent less reliably than that).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from dataclasses import replace
 
 import onnx
 
-from .allocate import allocate, plan_cost
+from . import runtime
+from .allocate import allocate
 from .analyze import Analysis, cuts_of, factors_of
 from .errors import BudgetError
 from .inputs import Samples
+from .layer_timing import time_sessions
 from .passes import eliminate_channels, factorize_layers
 from .plan import Plan
 from .verify import Verification, verify_many
@@ -54,23 +58,40 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     if len(plans) == 1 or not analysis.layers:
         name, only = next(iter(plans.items()))
         return replace(only, allocator=name, notes=(f"auto: {name} (the only distinct plan)",))
-    models = (factorize_layers(eliminate_channels(model, cuts_of(analysis, p.widths))[0],
-                               ((layer, f) for layer, f, _ in factors_of(analysis, p.layers)))[0]
-              for p in plans.values())  # each written when its session is made, then let go
+    models = (_written(model, analysis, p) for p in plans.values())  # each written when its session is made
     checks = dict(zip(plans, verify_many(model, models, samples)))
     errors = {name: _score(check.worst_relative_l2) for name, check in checks.items()}
     least = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
     scores = ", ".join(f"{name} {errors[name]:.4g}" for name in plans)
     best, faster = least, ""
-    times = {name: plan_cost(analysis, plan, "latency") for name, plan in plans.items()}
-    if all(t is not None for t in times.values()):
-        tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
+    tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
+    if "latency" in analysis.costs and len(tied) > 1:
+        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)))
         best = min(tied, key=lambda name: (times[name], errors[name]))
         if best != least:
-            faster = (f"; within two standard errors of {least}'s and predicted faster: {times[best]:.3g} ms "
+            faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
                       f"against {times[least]:.3g} ms")
     note = f"auto: {best} (output error on {samples.count} calibration samples: {scores}{faster})"
     return replace(plans[best], allocator=best, notes=(note,))
+
+
+JUDGE_ROUNDS = 20
+"""Interleaved rounds when the judge times the plans it cannot tell apart (medians)."""
+
+
+def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, Plan],
+                   feed: dict) -> dict[str, float]:
+    """Median milliseconds of every plan's model on `feed`, all timed interleaved with the session settings the
+    analysis timed its layers with."""
+    settings = analysis.costs["latency"].settings
+    sessions = [runtime.session(_written(model, analysis, plan), settings=settings, timing=True)
+                for plan in plans.values()]
+    return dict(zip(plans, time_sessions(sessions, feed, rounds=JUDGE_ROUNDS)))
+
+
+def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    narrowed = eliminate_channels(model, cuts_of(analysis, plan.widths))[0]
+    return factorize_layers(narrowed, ((layer, f) for layer, f, _ in factors_of(analysis, plan.layers)))[0]
 
 
 def _indistinguishable(candidate: Verification, best: Verification) -> bool:

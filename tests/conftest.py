@@ -113,6 +113,17 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 # ------------------------------------------------------------------------------------------------------------ models
 
 
+def assert_same_outputs(model: onnx.ModelProto, changed: onnx.ModelProto, feeds, tolerance: float = 1e-5) -> None:
+    """Every output of `changed` within `tolerance` (relative L2) of `model`'s on every feed, in onnxruntime."""
+    from onnx_lowrank import runtime
+
+    before, after = runtime.session(model), runtime.session(changed)
+    for feed in feeds:
+        expected, got = runtime.run(before, feed), runtime.run(after, feed)
+        for name, value in expected.items():
+            assert np.linalg.norm(got[name] - value) <= tolerance * max(np.linalg.norm(value), 1e-6), name
+
+
 def build_cnn(
     seed: int = 0,
     *,

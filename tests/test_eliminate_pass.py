@@ -17,6 +17,8 @@ from onnx_lowrank.discover import discover
 from onnx_lowrank.elimination import ChannelElimination, Reader
 from onnx_lowrank.passes import eliminate_channels
 
+from conftest import assert_same_outputs
+
 
 def _dependent_rows(rng, channels: int, independent: int, columns: int, activation: str):
     """A producer weight (channels, columns) and bias whose outputs after `activation` have `independent`
@@ -147,14 +149,6 @@ def _narrowed(model, shapes, seed=0, width=None):
     return narrowed, chain, width, feeds
 
 
-def _assert_same_outputs(model, narrowed, feeds, tolerance=1e-5):
-    before, after = runtime.session(model), runtime.session(narrowed)
-    for feed in feeds:
-        expected, got = runtime.run(before, feed), runtime.run(after, feed)
-        for name, value in expected.items():
-            assert np.linalg.norm(got[name] - value) <= tolerance * max(np.linalg.norm(value), 1e-6), name
-
-
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), independent=st.integers(2, 5), extra=st.integers(1, 5),
        activation=st.sampled_from(["Relu", "Identity", "SiLU", "Tanh"]), batchnorm=st.booleans(),
@@ -172,7 +166,7 @@ def test_conv_chains_with_dependent_channels_shrink_without_changing_outputs(see
     weights = {t.name: numpy_helper.to_array(t) for t in narrowed.graph.initializer}
     producer = next(n for n in narrowed.graph.node if n.name == "producer")
     assert weights[producer.input[1]].shape[0] == width
-    _assert_same_outputs(model, narrowed, feeds)
+    assert_same_outputs(model, narrowed, feeds)
 
 
 @settings(max_examples=25, deadline=None)
@@ -185,7 +179,7 @@ def test_matmul_chains_with_dependent_channels_shrink_without_changing_outputs(s
     model, shapes = _matmul_chain(rng, independent + extra, independent, activation, readers, gemm)
     narrowed, chain, width, feeds = _narrowed(model, shapes)
     assert width < independent + extra
-    _assert_same_outputs(model, narrowed, feeds)
+    assert_same_outputs(model, narrowed, feeds)
 
 
 def test_a_constant_channel_read_with_zero_padding_is_approximate_at_the_border():

@@ -1,8 +1,9 @@
 """The `auto` judge (`select`): the plan whose outputs move least on the calibration samples, unless another plan's
-error cannot be told from it (two jackknife standard errors) and it is predicted faster."""
+error cannot be told from it (two jackknife standard errors) and it is measured faster."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -62,14 +63,32 @@ def test_the_judge_takes_the_fastest_plan_the_samples_cannot_tell_from_the_best(
         assert judged_plans == list(checks)
         return [checks[name] for name in judged_plans]
 
+    timed = []
+
+    def fake_times(model, analysis, plans, feed):
+        timed.append(sorted(plans))
+        return {name: times[name] for name in plans}
+
     monkeypatch.setattr(select, "allocate", allocate)
     monkeypatch.setattr(select, "verify_many", fake_verify)
-    monkeypatch.setattr(select, "plan_cost", lambda analysis, plan, metric: times[plan.allocator])
-    chosen = select.choose_plan(model, analysis, 0.5, "params", onnx_lowrank.inputs.Samples.given(feeds, "test"))
+    monkeypatch.setattr(select, "measured_times", fake_times)
+    samples = onnx_lowrank.inputs.Samples.given(feeds, "test")
+    timed_analysis = dataclasses.replace(analysis, costs={**analysis.costs, "latency": None})  # as if timed
+    chosen = select.choose_plan(model, timed_analysis, 0.5, "params", samples)
+    assert timed == [["alds", "uniform"]]  # only the plans the samples cannot tell apart are timed
     assert chosen.allocator == "uniform"  # energy is faster still, but worse on every sample
-    assert "within two standard errors of alds's and predicted faster" in chosen.notes[0]
+    assert "within two standard errors of alds's and measured faster" in chosen.notes[0]
 
-    monkeypatch.setattr(select, "plan_cost", lambda analysis, plan, metric: None)  # layers not timed
-    judged_plans.clear()
-    assert select.choose_plan(model, analysis, 0.5, "params",
-                              onnx_lowrank.inputs.Samples.given(feeds, "test")).allocator == "alds"
+    judged_plans.clear()  # layers not timed (--allow-slower): the smallest error wins
+    assert select.choose_plan(model, analysis, 0.5, "params", samples).allocator == "alds"
+    assert len(timed) == 1
+
+
+def test_tied_plans_are_timed_as_written_models(tmp_path):
+    rng = np.random.default_rng(1)
+    model = build_cnn()
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    analysis = onnx_lowrank.analyze(model, calibration=feeds, method="both", latency_cache=tmp_path / "c.json")
+    plans = {name: select.allocate(analysis, 0.8, metric="params", allocator=name) for name in ("alds", "uniform")}
+    times = select.measured_times(model, analysis, plans, feeds[0])
+    assert set(times) == {"alds", "uniform"} and all(ms > 0 for ms in times.values())
