@@ -135,9 +135,7 @@ class ChannelElimination:
             embedded[:, folded.kept, :] = matrix.reshape(out, len(folded.kept), taps)
             difference = reader.matrix - embedded.reshape(out, self.channels * taps)
             shift = (np.zeros(out) if reader.bias is None else reader.bias) - bias
-            sigma = reader.statistics.covariance
-            mean_error = difference @ reader.statistics.mean + shift
-            total += float(np.einsum("ij,ij->", difference @ sigma, difference)) + float(mean_error @ mean_error)
+            total += _mean_square(difference, shift, reader.statistics)
         return float(np.sqrt(max(total, 0.0) / self._variance))
 
 
@@ -199,6 +197,17 @@ def _symmetric(matrix: np.ndarray) -> np.ndarray:
     return (matrix + matrix.T) / 2
 
 
+def _mean_square(difference: np.ndarray, shift: np.ndarray, statistics: InputStatistics) -> float:
+    """E|D x + s|^2 over the calibration rows, from the raw sums: tr(D (G/n) D^T) + 2 s^T D mean + s^T s.
+
+    The same number as tr(D Sigma D^T) + |D mean + s|^2 without forming the covariance (a (d, d) copy per call)."""
+    moved = difference @ statistics.mean
+    square = float(np.einsum("ij,ij->", difference @ statistics.gram, difference)) / max(statistics.count, 1)
+    return square + 2.0 * float(shift @ moved) + float(shift @ shift)
+
+
 def _output_variance(reader: Reader) -> float:
     """trace(W Sigma W^T): the output variance the reader produces on the calibration data."""
-    return float(np.einsum("ij,ij->", reader.matrix @ reader.statistics.covariance, reader.matrix))
+    outputs_mean = reader.matrix @ reader.statistics.mean
+    return _mean_square(reader.matrix, np.zeros(reader.matrix.shape[0]), reader.statistics) - float(
+        outputs_mean @ outputs_mean)

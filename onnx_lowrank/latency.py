@@ -5,7 +5,7 @@ so the claim is measured, not derived from MAC counts. The two models are timed 
 original, one of the compressed, round after round — rather than one after the other: CPU frequency, thermal state
 and background load drift over seconds, and interleaving exposes both models to the same drift, so the ratio stays
 honest even when the absolute times do not. ORT's worker threads would keep spinning ~50 ms after a run and steal a
-core from the other model; the sessions stop them at the end of each run instead (`runtime.session(timing=True)`),
+core from the other model; the sessions stop them at the end of each run instead (`runtime.session`),
 which is also faster than pausing between runs (measured: a pause lets the next run start cold, 2-4x slower on a
 small conv). Medians discard the occasional preempted run.
 """
@@ -70,8 +70,8 @@ def measure_latency_ratio(
         raise InvalidOptionError(f"The 'pause_s' parameter must be >= 0 seconds. Got {pause_s!r} instead.")
 
     settings = settings or RuntimeSettings(threads=None if threads is None else int(threads))
-    sessions = (runtime.session(original, settings=settings, timing=True),
-                runtime.session(compressed, settings=settings, timing=True))
+    sessions = (runtime.session(original, settings=settings),
+                runtime.session(compressed, settings=settings))
     prepared = [dict(feed) for feed in feeds]
     for i in range(max(1, int(warmup))):  # at least one untimed round: it also checks the feeds
         for sess in sessions:
@@ -94,7 +94,7 @@ def model_latency(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], settin
                   repeats: int = 15, warmup: int = 3) -> float:
     """Median milliseconds of one run of `model` on `feed`, after `warmup` untimed runs: the whole-model time the
     latency cost model starts from."""
-    sess = runtime.session(model, settings=settings, timing=True)
+    sess = runtime.session(model, settings=settings)
     for _ in range(max(1, warmup)):
         runtime.run(sess, feed)
     times = []

@@ -226,7 +226,7 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing=
             else:
                 models.append(factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0])
             feeds.append(shape)
-        sessions = [runtime.session(m, settings=settings, timing=True) for m in models]
+        sessions = [runtime.session(m, settings=settings) for m in models]
         data = {}
         feeds = [{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}
                  for shape in feeds]

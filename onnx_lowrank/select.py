@@ -84,7 +84,7 @@ def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, 
     """Median milliseconds of every plan's model on `feed`, all timed interleaved with the session settings the
     analysis timed its layers with."""
     settings = analysis.costs["latency"].settings
-    sessions = [runtime.session(_written(model, analysis, plan), settings=settings, timing=True)
+    sessions = [runtime.session(_written(model, analysis, plan), settings=settings)
                 for plan in plans.values()]
     return dict(zip(plans, time_sessions(sessions, feed, rounds=JUDGE_ROUNDS)))
 
