@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .discover import ConstantTable, Discovery, Layer, Skipped, node_attributes, readers_of
+from .discover import LAYER_OPS, ConstantTable, Discovery, Layer, Skipped, node_attributes, readers_of
 from .folded import FoldedConstants
 from .patches import ConvGeometry
 
@@ -54,8 +54,6 @@ SPATIAL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool"
                          "Resize", "Upsample", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"})
 """Ops over the spatial axes of NCHW channels, each channel alone (Resize only with scales of 1 on N and C, the
 reductions only over axes other than C, keeping them)."""
-_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                        "MatMulInteger"})
 _AVERAGES = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
 """Linear and the same on every channel: a reader after them is fitted on the tensor before them."""
 
@@ -319,7 +317,7 @@ def _pass_problem(node: onnx.NodeProto, region: set[str], constants: FoldedConst
         return None
     if node.op_type == "Conv" and _depthwise(node, constants, channels, axis):
         return None
-    if node.op_type in _LAYER_OPS:  # a layer discovery skipped (or --exclude kept dense) cannot lose channels
+    if node.op_type in LAYER_OPS:  # a layer discovery skipped (or --exclude kept dense) cannot lose channels
         role = "joined with those of" if joined else "read by"
         return (f"its channels are {role} {described}, which is not a layer this tool rewrites (see the skipped "
                 "layers)")

@@ -21,7 +21,7 @@ from .graphs import consumed_names, nested_nodes, subgraphs
 from .patches import ConvGeometry
 from .runtime import tensor_array
 
-__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover", "ConstantTable", "readers_of", "node_attributes"]
+__all__ = ["Layer", "Consumer", "Skipped", "Discovery", "discover", "ConstantTable", "readers_of", "node_attributes", "LAYER_OPS"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +136,9 @@ _NOT_REWRITTEN = {
 }
 """Default-domain layers with a weight that we list as skipped, so the report names them instead of ignoring them."""
 
+LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul", *_NOT_REWRITTEN})
+"""Every op this module reports on: the layers it rewrites and those it lists as skipped."""
+
 
 def discover(
     model: onnx.ModelProto,
@@ -207,7 +210,7 @@ def _subgraph_layers(graph: onnx.GraphProto) -> list[Skipped]:
     are not rewritten: listed so that a model whose layers all live there is not reported as having none."""
     found = []
     for inner, holder in nested_nodes(graph):
-        if inner.op_type in ("Conv", "Gemm", "MatMul", *_NOT_REWRITTEN) and inner.domain in ("", "ai.onnx"):
+        if inner.op_type in LAYER_OPS and inner.domain in ("", "ai.onnx"):
             article = "an" if holder.op_type[0] in "AEIOU" else "a"
             reason = f"in {article} {holder.op_type} body: subgraphs are not rewritten"
             found.append(Skipped(name=inner.name or inner.output[0], op=inner.op_type, reason=reason))

@@ -208,6 +208,4 @@ def _mean_square(difference: np.ndarray, shift: np.ndarray, statistics: InputSta
 
 def _output_variance(reader: Reader) -> float:
     """trace(W Sigma W^T): the output variance the reader produces on the calibration data."""
-    outputs_mean = reader.matrix @ reader.statistics.mean
-    return _mean_square(reader.matrix, np.zeros(reader.matrix.shape[0]), reader.statistics) - float(
-        outputs_mean @ outputs_mean)
+    return _mean_square(reader.matrix, -(reader.matrix @ reader.statistics.mean), reader.statistics)
