@@ -29,10 +29,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `benchmarks.workloads` when run as a script from anywhere
 
 import onnx_lowrank  # noqa: E402
-from onnx_lowrank import runtime  # noqa: E402
-from onnx_lowrank.latency import measure_latency_ratio  # noqa: E402
-from onnx_lowrank.plot import plot_frontier  # noqa: E402
-from onnx_lowrank.runtime import RuntimeSettings  # noqa: E402
+from onnx_lowrank.graph import runtime  # noqa: E402
+from onnx_lowrank.stages.timing import measure_latency_ratio  # noqa: E402
+from onnx_lowrank.cli.plot import plot_frontier  # noqa: E402
+from onnx_lowrank.graph.runtime import RuntimeSettings  # noqa: E402
 from onnx_lowrank.sweep import sweep  # noqa: E402
 
 from benchmarks.workloads import model_path, workloads  # noqa: E402

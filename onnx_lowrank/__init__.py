@@ -4,12 +4,12 @@
 >>> model, report = onnx_lowrank.compress("model.onnx", budget=0.5, input_shapes=["x:1x3x224x224"])  # doctest: +SKIP
 """
 
-from .analyze import Analysis
-from .api import analyze, apply, compress, plan
-from .errors import BudgetError, InputDataError, InvalidModelError, InvalidOptionError, LowRankError
-from .plan import Plan
-from .report import Report
-from .verify import Verification
+from onnx_lowrank.stages.analyze import Analysis
+from onnx_lowrank.api import analyze, apply, compress, plan
+from onnx_lowrank.errors import BudgetError, InputDataError, InvalidModelError, InvalidOptionError, LowRankError
+from onnx_lowrank.plan import Plan
+from onnx_lowrank.stages.report import Report
+from onnx_lowrank.stages.verify import Verification
 
 __version__ = "0.1.0"
 

@@ -16,32 +16,32 @@ from functools import cached_property
 import numpy as np
 import onnx
 
-from .allocate import allocate, plan_cost, smallest_budget
-from .analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
+from onnx_lowrank.stages.allocate import allocate, plan_cost, smallest_budget
+from onnx_lowrank.stages.analyze import (OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, cuts_of, default_method,
                       factors_of, width_alignment)
-from .chains import find_chains
-from .calibrate import calibrate
-from .cost_models import LatencyCost
-from .discover import Layer, discover
-from .errors import InvalidModelError, InvalidOptionError
-from .options import checked
-from .inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
-from .latency import measure_latency_ratio
-from .latency_cache import LatencyCache, default_cache_path, model_key
-from .layer_timing import block_size, measure_layers, narrowing_grid, realized_fraction, realized_narrowing
-from .load import check_model, load_model
-from .parallel import single_threaded_blas
-from .passes import eliminate_channels, factorize_layers
-from .passes.constant_inputs import constant_initializer_inputs
-from .plan import Plan
-from .projection import DEFAULT_SHRINKAGE
-from .refit import refit_factors
-from . import cost
-from .report import LayerRow, NarrowedRow, Report, SearchStep, nothing_to_compress
-from .runtime import DEFAULT_PROVIDER, RuntimeSettings
-from .select import choose_plan
-from .shapes import tensor_shapes
-from .verify import verify
+from onnx_lowrank.stages.channel_sets import find_chains
+from onnx_lowrank.stages.calibrate import calibrate
+from onnx_lowrank.stages.cost_models import LatencyCost
+from onnx_lowrank.stages.discover import Layer, discover
+from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
+from onnx_lowrank.options import checked
+from onnx_lowrank.graph.inputs import Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from onnx_lowrank.stages.timing import measure_latency_ratio
+from onnx_lowrank.stages.latency_cache import LatencyCache, default_cache_path, model_key
+from onnx_lowrank.stages.layer_timing import block_size, measure_layers, narrowing_grid, realized_fraction, realized_narrowing
+from onnx_lowrank.graph.load import check_model, load_model
+from onnx_lowrank.stages.parallel import single_threaded_blas
+from onnx_lowrank.passes import eliminate_channels, factorize_layers
+from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
+from onnx_lowrank.plan import Plan
+from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
+from onnx_lowrank.stages.refit import refit_factors
+from onnx_lowrank.stages import costs as cost
+from onnx_lowrank.stages.report import LayerRow, NarrowedRow, Report, SearchStep, nothing_to_compress
+from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER, RuntimeSettings
+from onnx_lowrank.stages.judge import choose_plan
+from onnx_lowrank.graph.shapes import tensor_shapes
+from onnx_lowrank.stages.verify import verify
 
 __all__ = ["analyze", "plan", "apply", "compress"]
 

@@ -23,12 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocate import ALLOCATORS
-from .analyze import METHODS
-from .cost_models import METRICS
-from .errors import InvalidOptionError, invalid
-from .projection import DEFAULT_SHRINKAGE
-from .runtime import DEFAULT_PROVIDER
+from onnx_lowrank.stages.allocate import ALLOCATORS
+from onnx_lowrank.stages.analyze import METHODS
+from onnx_lowrank.stages.cost_models import METRICS
+from onnx_lowrank.errors import InvalidOptionError, invalid
+from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
+from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 
 __all__ = ["Option", "OPTIONS", "ALLOCATOR_CHOICES", "add_flags", "check", "checked", "keywords_for"]
 

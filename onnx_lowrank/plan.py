@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidOptionError
+from onnx_lowrank.errors import InvalidOptionError
 
 __all__ = ["Plan"]
 

@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import api
-from .analyze import default_method
-from .errors import BudgetError, InvalidOptionError
-from .options import checked
-from .report import nothing_to_compress
-from .inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
-from .projection import DEFAULT_SHRINKAGE
-from .latency import measure_latency_ratio
-from .load import load_model
-from .runtime import DEFAULT_PROVIDER, RuntimeSettings
-from .verify import verify
+from onnx_lowrank import api
+from onnx_lowrank.stages.analyze import default_method
+from onnx_lowrank.errors import BudgetError, InvalidOptionError
+from onnx_lowrank.options import checked
+from onnx_lowrank.stages.report import nothing_to_compress
+from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
+from onnx_lowrank.stages.timing import measure_latency_ratio
+from onnx_lowrank.graph.load import load_model
+from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER, RuntimeSettings
+from onnx_lowrank.stages.verify import verify
 
 __all__ = ["SweepPoint", "Sweep", "sweep"]
 

@@ -115,7 +115,7 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 def assert_same_outputs(model: onnx.ModelProto, changed: onnx.ModelProto, feeds, tolerance: float = 1e-5) -> None:
     """Every output of `changed` within `tolerance` (relative L2) of `model`'s on every feed, in onnxruntime."""
-    from onnx_lowrank import runtime
+    from onnx_lowrank.graph import runtime
 
     before, after = runtime.session(model), runtime.session(changed)
     for feed in feeds:

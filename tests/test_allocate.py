@@ -9,15 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from onnx_lowrank.cost_models import FlopsCost
+from onnx_lowrank.stages.cost_models import FlopsCost
 import onnx
 import onnx.numpy_helper
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.allocate import Option, allocate, minmax_select
-from onnx_lowrank.analyze import analyze_layers
-from onnx_lowrank.discover import Discovery, Layer
+from onnx_lowrank.stages.allocate import Option, allocate, minmax_select
+from onnx_lowrank.stages.analyze import analyze_layers
+from onnx_lowrank.stages.discover import Discovery, Layer
 from onnx_lowrank.errors import BudgetError, InvalidOptionError
 
 
@@ -239,8 +239,8 @@ def test_both_is_never_worse_than_either_method_alone_and_its_cost_is_exact(narr
     """Every plan of one method alone is a plan `both` may choose, so its min-max threshold is at most theirs; and
     the written model keeps at most the budget (narrowed layers that touch each other are counted exactly)."""
     from onnx_lowrank import apply
-    from onnx_lowrank.cost import model_flops, model_params
-    from onnx_lowrank.shapes import tensor_shapes
+    from onnx_lowrank.stages.costs import model_flops, model_params
+    from onnx_lowrank.graph.shapes import tensor_shapes
 
     model, analysis = narrowable
     thresholds = {}
@@ -264,8 +264,8 @@ def test_a_unit_considers_every_subset_of_its_chains(narrowable):
     against brute force over the chains' widths and the free layers' candidates."""
     import itertools
 
-    from onnx_lowrank.allocate import _unit_stair, _units
-    from onnx_lowrank.cost import narrowing_saving
+    from onnx_lowrank.stages.allocate import _unit_stair, _units
+    from onnx_lowrank.stages.costs import narrowing_saving
 
     _, analysis = narrowable
     unit = next(u for u in _units(analysis) if len(u.chains) == 2)
@@ -285,7 +285,7 @@ def test_a_unit_considers_every_subset_of_its_chains(narrowable):
 
 
 def test_widths_keep_the_channel_block_when_asked():
-    from onnx_lowrank.analyze import widths
+    from onnx_lowrank.stages.analyze import widths
 
     assert widths(64, 0) == list(range(4, 64, 4))
     assert 21 in widths(64, 21) and widths(64, 21, align=8) == [8, 16, 24, 32, 40, 48, 56, 64]

@@ -22,8 +22,12 @@ from conftest import (
 )
 
 import onnx_lowrank
-from onnx_lowrank import BudgetError, InvalidOptionError, LowRankError, Plan, Report
-from onnx_lowrank.discover import discover
+from onnx_lowrank import BudgetError
+from onnx_lowrank import InvalidOptionError
+from onnx_lowrank import LowRankError
+from onnx_lowrank import Plan
+from onnx_lowrank import Report
+from onnx_lowrank.stages.discover import discover
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 

@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from onnx_lowrank import cost
-from onnx_lowrank.calibrate import collect_statistics
-from onnx_lowrank.decomposition import WeightDecomposition
-from onnx_lowrank.discover import Layer, discover
+from onnx_lowrank.stages import costs as cost
+from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.math.decomposition import WeightDecomposition
+from onnx_lowrank.stages.discover import Layer, discover
 from onnx_lowrank.passes import factorize_layers
-from onnx_lowrank.projection import OutputDecomposition
-from onnx_lowrank.svd import Factors, reconstruct
+from onnx_lowrank.math.projection import OutputDecomposition
+from onnx_lowrank.math.svd import Factors, reconstruct
 
 BN_EPSILON = 1e-3
 

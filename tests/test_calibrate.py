@@ -17,9 +17,9 @@ from conftest import make_model, rng_for, run, tensor, weights
 from onnx import helper
 
 import onnx_lowrank
-from onnx_lowrank.calibrate import collect_statistics
-from onnx_lowrank.decomposition import WeightDecomposition
-from onnx_lowrank.discover import discover
+from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.math.decomposition import WeightDecomposition
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import factorize_layers
 
 RTOL = 1e-5

@@ -16,13 +16,14 @@ import pytest
 from conftest import CNN_LAYERS, build_cnn, build_gemm, build_matmul, run, save, sha256
 
 import onnx_lowrank
-import onnx_lowrank.inputs
-from onnx_lowrank import InvalidOptionError, Plan
-from onnx_lowrank.calibrate import collect_statistics
-from onnx_lowrank.cli import main
-from onnx_lowrank.discover import discover
+import onnx_lowrank.graph.inputs
+from onnx_lowrank import InvalidOptionError
+from onnx_lowrank import Plan
+from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.cli.main import main
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.sweep import sweep
-from onnx_lowrank.verify import verify
+from onnx_lowrank.stages.verify import verify
 
 CANDIDATES = ("alds", "uniform", "energy")
 FAST = ["--allow-slower"]  # the toy layers are never faster factorized: lift the never-slower guard (the CLI flag)
@@ -321,7 +322,7 @@ def test_calibration_from_a_folder_of_varying_sizes(dynamic_folder):
     assert report.calibrated_on == str(folder) and report.in_sample
     assert report.verification.samples == count
     onnx.checker.check_model(compressed, full_check=True)
-    feeds = list(onnx_lowrank.inputs.Samples.from_path(folder, model))
+    feeds = list(onnx_lowrank.graph.inputs.Samples.from_path(folder, model))
     assert len({f["x"].shape for f in feeds}) == count
     assert report.verification.worst_relative_l2 == pytest.approx(_error(model, compressed, feeds), rel=1e-6)
 
@@ -330,7 +331,7 @@ def test_calibration_folder_is_streamed(dynamic_folder, monkeypatch):
     """Samples are read one file at a time and dropped: never more than a couple alive at once, whatever their
     number, over a whole compress (calibration, auto allocator, refit and verification passes)."""
     model, folder, count = dynamic_folder
-    original_read = onnx_lowrank.inputs._read_npz
+    original_read = onnx_lowrank.graph.inputs._read_npz
     state = {"reads": 0, "alive": 0, "peak": 0}
 
     def released() -> None:
@@ -345,7 +346,7 @@ def test_calibration_folder_is_streamed(dynamic_folder, monkeypatch):
             weakref.finalize(array, released)
         return arrays
 
-    monkeypatch.setattr(onnx_lowrank.inputs, "_read_npz", counting_read)
+    monkeypatch.setattr(onnx_lowrank.graph.inputs, "_read_npz", counting_read)
     onnx_lowrank.compress(model, 0.5, calibration=folder, refit=True, allow_slower=True)
     assert state["reads"] >= 3 * count  # several passes, each reading the files again
     assert state["peak"] <= 3, state

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import CNN_LAYERS, build_cnn, build_depthwise_only, build_relu_only, run, save, sha256
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 PREFIX = "onnx-lowrank: error:"
 FAST = ["--allow-slower"]  # the toy layers are never faster factorized: lift the never-slower guard

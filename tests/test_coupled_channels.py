@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import analyze, runtime
-from onnx_lowrank.analyze import cuts_of
-from onnx_lowrank.chains import find_chains
-from onnx_lowrank.discover import discover
+from onnx_lowrank import analyze
+
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.stages.analyze import cuts_of
+from onnx_lowrank.stages.channel_sets import find_chains
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import eliminate_channels
 
 from conftest import assert_same_outputs

@@ -8,7 +8,7 @@ import pytest
 from conftest import CNN_LAYERS, build_cnn, build_gemm, build_matmul, make_model, tensor, to_constant_nodes
 from onnx import TensorProto, helper
 
-from onnx_lowrank.discover import discover
+from onnx_lowrank.stages.discover import discover
 
 
 def _names(discovery):

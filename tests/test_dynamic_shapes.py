@@ -11,7 +11,7 @@ import pytest
 from conftest import build_cnn, make_model, save, tensor
 from onnx import helper
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 
 def _dims(values) -> list[list[object]]:

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import runtime
-from onnx_lowrank.calibrate import collect_statistics
-from onnx_lowrank.chains import find_chains
-from onnx_lowrank.discover import discover
-from onnx_lowrank.elimination import ChannelElimination, Reader
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.stages.channel_sets import find_chains
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.math.elimination import ChannelElimination, Reader
 from onnx_lowrank.passes import eliminate_channels
 
 from conftest import assert_same_outputs
@@ -131,7 +131,7 @@ def _matmul_chain(rng, channels, independent, activation, readers, gemm):
 def _narrowed(model, shapes, seed=0, width=None):
     """Find the producer's chain, cut it to its numerical rank on random calibration samples, return the new
     model, the chain and the width."""
-    from onnx_lowrank.shapes import tensor_shapes
+    from onnx_lowrank.graph.shapes import tensor_shapes
 
     names = {t for n in model.graph.node for t in n.output}
     discovery = discover(model, shapes=tensor_shapes(model, shapes, sorted(names)))

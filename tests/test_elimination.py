@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.elimination import ChannelElimination, Reader, keep_order
-from onnx_lowrank.statistics import StatisticsAccumulator
+from onnx_lowrank.math.elimination import ChannelElimination, Reader, keep_order
+from onnx_lowrank.math.statistics import StatisticsAccumulator
 
 
 def _statistics(rows: np.ndarray):

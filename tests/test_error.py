@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 import pytest
 
-from onnx_lowrank.decomposition import WeightDecomposition
-from onnx_lowrank.error import Spectrum, error_bound, measured_error
-from onnx_lowrank.svd import factorize, group_singular_values, reconstruct, spectral_norm
+from onnx_lowrank.math.decomposition import WeightDecomposition
+from onnx_lowrank.math.spectral import Spectrum, error_bound, measured_error
+from onnx_lowrank.math.svd import factorize, group_singular_values, reconstruct, spectral_norm
 
 
 @st.composite

@@ -18,7 +18,7 @@ import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 from conftest import build_matmul
 

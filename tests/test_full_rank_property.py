@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.discover import discover
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import factorize_layers
-from onnx_lowrank.svd import factorize, max_rank
+from onnx_lowrank.math.svd import factorize, max_rank
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

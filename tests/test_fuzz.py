@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from onnx_lowrank import api
-from onnx_lowrank.cli import main
-from onnx_lowrank.discover import discover
+from onnx_lowrank.cli.main import main
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.plan import Plan
 
 # ONNX_LOWRANK_FUZZ=N runs N times as many examples, drawn at random instead of from the fixed seed: a longer hunt

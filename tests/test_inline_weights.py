@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnx_lowrank import runtime
-from onnx_lowrank.inline_weights import load_without_weights
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.graph.inline_weights import load_without_weights
 
 DTYPES = [np.float32, np.float16, np.float64, np.int64, np.int8, np.bool_]
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from onnx_lowrank.errors import InputDataError, InvalidModelError, InvalidOptionError
-from onnx_lowrank.inputs import (
+from onnx_lowrank.graph.inputs import (
     InputSpec,
     load_feeds,
     model_inputs,

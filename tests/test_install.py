@@ -1,4 +1,5 @@
-"""Both install modes ship `passes/` as `onnx_lowrank.passes` (it lives outside the package folder in the repo)."""
+"""Both install modes ship every subpackage (`graph`, `math`, `ops`, `passes`, `stages`, `cli`), and a plain checkout
+on `sys.path` imports the whole package without installing."""
 
 from __future__ import annotations
 
@@ -36,7 +37,21 @@ def test_install_ships_passes(tmp_path, editable):
     location, is_callable, name = result.stdout.split()
     assert is_callable == "True" and name == "compress"
     if editable:
-        assert Path(location) == ROOT / "passes" / "__init__.py"
+        assert Path(location) == ROOT / "onnx_lowrank" / "passes" / "__init__.py"
     else:
         assert Path(location).is_relative_to(venv)
         assert Path(location).parent.name == "passes" and Path(location).parent.parent.name == "onnx_lowrank"
+
+
+def test_a_checkout_imports_without_installing(tmp_path):
+    """`passes/` lives inside the package: a copy of the checkout on sys.path imports every subpackage from itself
+    (the installed package's path mapping never answers for it)."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "onnx_lowrank", checkout / "onnx_lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import onnx_lowrank.passes as p, onnx_lowrank.cli.main as m; "
+             "print(p.__file__); print(m.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe, str(checkout)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert all(Path(line).is_relative_to(checkout) for line in result.stdout.split())

@@ -21,10 +21,10 @@ import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_lowrank import runtime
-from onnx_lowrank.cli import main
-from onnx_lowrank.discover import discover
-from onnx_lowrank.load import load_model, save_model
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.cli.main import main
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.graph.load import load_model, save_model
 
 from conftest import build_matmul, run
 
@@ -122,8 +122,9 @@ def test_same_input_and_options_give_the_same_bytes(tmp_path, external):
 _SLOW_WRITE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from onnx_lowrank import load, runtime
-    from onnx_lowrank.cli import main
+    from onnx_lowrank.graph import load
+    from onnx_lowrank.graph import runtime
+    from onnx_lowrank.cli.main import main
 
     started = Path(sys.argv[1])
     def stall(*args, **kwargs):
@@ -231,7 +232,7 @@ def test_a_lazily_loaded_model_can_be_passed_on_as_a_modelproto(tmp_path):
 def test_a_large_model_with_its_weights_inside_is_loaded_without_them(tmp_path, monkeypatch):
     """A 64 MiB weight inside the .onnx file (as exporters write models below 2 GB): load_model leaves it in the
     file, the CLI compresses it, and the output is byte for byte what compressing the model parsed whole gives."""
-    from onnx_lowrank import load
+    from onnx_lowrank.graph import load
 
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((256, 65536), dtype=np.float32) / 16).astype(np.float32)

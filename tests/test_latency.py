@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import latency
+from onnx_lowrank.stages import timing as latency
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
-from onnx_lowrank.latency import LatencyComparison, measure_latency_ratio
+from onnx_lowrank.stages.timing import LatencyComparison, measure_latency_ratio
 
 
 def matmul_chain(ranks: tuple[int, ...]) -> onnx.ModelProto:

@@ -13,16 +13,16 @@ import onnx
 import pytest
 
 from conftest import build_cnn
-from onnx_lowrank import layer_timing
-from onnx_lowrank.allocate import allocate
-from onnx_lowrank.analyze import GUARD_RATIO, analyze_layers
-from onnx_lowrank.cost_models import FormTiming, LatencyCost, LayerTiming, interpolate
-from onnx_lowrank.discover import discover
+from onnx_lowrank.stages import layer_timing
+from onnx_lowrank.stages.allocate import allocate
+from onnx_lowrank.stages.analyze import GUARD_RATIO, analyze_layers
+from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming, interpolate
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.latency_cache import LatencyCache, variant_key
-from onnx_lowrank.layer_timing import blocked, largest_candidate_rank, measure_layers, rank_grid
+from onnx_lowrank.stages.latency_cache import LatencyCache, variant_key
+from onnx_lowrank.stages.layer_timing import blocked, largest_candidate_rank, measure_layers, rank_grid
 from onnx_lowrank.passes.isolate import ISOLATED_INPUT, isolate_layer
-from onnx_lowrank.runtime import RuntimeSettings
+from onnx_lowrank.graph.runtime import RuntimeSettings
 
 SHAPES = {"x": (1, 3, 16, 16), "r1": (1, 16, 16, 16), "r2": (1, 32, 8, 8), "flat": (1, 32), "r4": (1, 64)}
 

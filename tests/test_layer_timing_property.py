@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_full_rank_property import conv_graphs, gemm_graphs, matmul_graphs
 
-from onnx_lowrank import api, layer_timing
+from onnx_lowrank import api
+
+from onnx_lowrank.stages import layer_timing
 
 GRAPHS = st.one_of(conv_graphs(has_bn=False), conv_graphs(has_bn=True), gemm_graphs(), matmul_graphs())
 

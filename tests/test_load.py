@@ -8,8 +8,8 @@ import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_lowrank import load
-from onnx_lowrank.cli import main
+from onnx_lowrank.graph import load
+from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 from onnx_lowrank.plan import Plan
 
 from conftest import build_cnn
@@ -62,7 +62,9 @@ def test_eliminate_without_samples_is_refused_in_one_line(tmp_path, capsys, cnn)
 def test_a_latency_budget_is_spent_on_narrowed_layers_priced_by_their_timings(tmp_path, cnn):
     """Narrowed layers are timed like factorized ones: a latency budget with --method eliminate narrows layers
     until the predicted latency fits, and the report's prediction is what the plan was made with."""
-    from onnx_lowrank import analyze, compress, plan
+    from onnx_lowrank import analyze
+    from onnx_lowrank import compress
+    from onnx_lowrank import plan
 
     model, samples = cnn
     analysis = analyze(str(model), inputs=str(samples), method="eliminate", latency_cache=tmp_path / "cache.json")
@@ -146,7 +148,7 @@ def test_eliminate_with_nothing_narrowable_refuses_the_budget(tmp_path, capsys):
 
 def test_both_is_the_default_with_calibration_data_and_lowrank_otherwise(cnn):
     import onnx_lowrank
-    from onnx_lowrank.analyze import default_method
+    from onnx_lowrank.stages.analyze import default_method
 
     model_path, samples = cnn
     assert onnx_lowrank.analyze(str(model_path), calibration=str(samples), allow_slower=True).method == "both"
@@ -159,7 +161,7 @@ def test_refit_also_makes_up_for_narrowed_layers():
     """Decoders are refit on the model with its narrowed layers already cut: the plan is the same, and the
     calibration error does not grow."""
     import onnx_lowrank
-    from onnx_lowrank import runtime
+    from onnx_lowrank.graph import runtime
 
     from conftest import build_cnn
 
@@ -184,8 +186,9 @@ def test_refit_also_makes_up_for_narrowed_layers():
 def test_the_predicted_cost_of_a_plan_is_what_the_report_predicts(tmp_path, cnn):
     """`allocate.plan_cost` (what the auto judge ranks plans by) is the report's prediction for the same plan, for
     a mixed plan of narrowed and factorized layers, in every cost model."""
-    from onnx_lowrank import analyze, apply
-    from onnx_lowrank.allocate import allocate, plan_cost
+    from onnx_lowrank import analyze
+    from onnx_lowrank import apply
+    from onnx_lowrank.stages.allocate import allocate, plan_cost
 
     model, samples = cnn
     analysis = analyze(str(model), inputs=str(samples), method="both", latency_cache=tmp_path / "cache.json",

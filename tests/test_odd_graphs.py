@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lowrank.passes import factorize_layers
 
 import onnx_lowrank
-from onnx_lowrank.cli import main
-from onnx_lowrank.discover import discover
-from onnx_lowrank.svd import Factors, factorize, max_rank
+from onnx_lowrank.cli.main import main
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.math.svd import Factors, factorize, max_rank
 
 NEWEST_OPSET = onnx.defs.onnx_opset_version()
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import build_cnn, save
 
 from onnx_lowrank import api
-from onnx_lowrank.cli import _parser, main
+from onnx_lowrank.cli.main import _parser, main
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.options import OPTIONS
 from onnx_lowrank.sweep import sweep

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.discover import Layer, discover
+from onnx_lowrank.stages.discover import Layer, discover
 from onnx_lowrank.passes import factorize_layers
-from onnx_lowrank.svd import factorize, max_rank, reconstruct
+from onnx_lowrank.math.svd import factorize, max_rank, reconstruct
 
 OPSET = 17
 RNG_SEED = 0

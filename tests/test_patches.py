@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from onnx_lowrank.patches import ConvGeometry, conv_rows, linear_rows
-from onnx_lowrank.statistics import StatisticsAccumulator
+from onnx_lowrank.math.patches import ConvGeometry, conv_rows, linear_rows
+from onnx_lowrank.math.statistics import StatisticsAccumulator
 
 RTOL, ATOL = 1e-4, 1e-5
 

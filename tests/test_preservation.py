@@ -13,7 +13,7 @@ import pytest
 from conftest import build_cnn, fetch_model, save
 from onnx import helper
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 REWRITTEN_OPS = ("Conv", "Gemm", "MatMul", "BatchNormalization")
 

@@ -16,9 +16,9 @@ import scipy.optimize
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
-from onnx_lowrank.statistics import InputStatistics, StatisticsAccumulator
-from onnx_lowrank.svd import factorize, group_blocks, reconstruct
+from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
+from onnx_lowrank.math.statistics import InputStatistics, StatisticsAccumulator
+from onnx_lowrank.math.svd import factorize, group_blocks, reconstruct
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

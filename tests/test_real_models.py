@@ -13,8 +13,8 @@ import onnx
 import pytest
 from conftest import fetch_model
 
-from onnx_lowrank import runtime
-from onnx_lowrank.cli import main
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.cli.main import main
 
 
 CASES = {

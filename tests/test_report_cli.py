@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import build_cnn, save
 
-from onnx_lowrank.cli import main
+from onnx_lowrank.cli.main import main
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def _token_classifier():
 
 
 def test_random_integer_and_bool_inputs_vary_and_stay_valid():
-    from onnx_lowrank.inputs import random_feeds
+    from onnx_lowrank.graph.inputs import random_feeds
 
     first, second = random_feeds(_token_classifier(), {}, count=2, seed=0)
     assert not np.array_equal(first["ids"], second["ids"])  # two samples, not the same one twice
@@ -223,7 +223,11 @@ def test_blas_runs_single_threaded_in_analysis_and_apply(model_path, monkeypatch
     """Finding 4: run time swung 1.7 s -> 49 s with BLAS at its default thread count under load."""
     from threadpoolctl import threadpool_info
 
-    from onnx_lowrank import api, decomposition, projection
+    from onnx_lowrank import api
+
+    from onnx_lowrank.math import decomposition
+
+    from onnx_lowrank.math import projection
 
     seen = []
 
@@ -351,7 +355,7 @@ def test_no_layer_is_factorized_for_a_small_saving(tmp_path):
     from conftest import build_cnn, build_gemm
 
     from onnx_lowrank import api
-    from onnx_lowrank.cost import MIN_SAVING
+    from onnx_lowrank.stages.costs import MIN_SAVING
 
     for model in (build_gemm(out=10, inp=12, bias_shape=(10,)), build_cnn()):
         for calibrated in (False, True):
@@ -385,7 +389,7 @@ def test_long_names_fit_the_terminal_and_stay_whole_in_the_json(tmp_path, capsys
     from rich.console import Console
 
     from onnx_lowrank import api
-    from onnx_lowrank.report import render
+    from onnx_lowrank.stages.report import render
 
     path = save(_long_named_cnn(), tmp_path / "m.onnx")
     report_path = tmp_path / "r.json"
@@ -411,7 +415,7 @@ def test_long_names_fit_the_terminal_and_stay_whole_in_the_json(tmp_path, capsys
 
 
 def test_shorten_keeps_the_tail():
-    from onnx_lowrank.report import shorten
+    from onnx_lowrank.stages.report import shorten
 
     assert shorten("/model.22/cv3.2/cv3.2.0/conv/Conv", 20) == "…2/cv3.2.0/conv/Conv"
     assert shorten("short", 20) == "short"
@@ -424,7 +428,7 @@ def test_a_narrow_console_keeps_every_model_total():
     from rich.console import Console
 
     from onnx_lowrank import api
-    from onnx_lowrank.report import render
+    from onnx_lowrank.stages.report import render
 
     _, report = api.compress(build_cnn(), 0.6, allow_slower=True, threads=1)
     stream = io.StringIO()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import onnx_lowrank
-from onnx_lowrank import select
-from onnx_lowrank.verify import OutputComparison, Verification
+from onnx_lowrank.stages import judge as select
+from onnx_lowrank.stages.verify import OutputComparison, Verification
 
 from conftest import build_cnn
 
@@ -72,7 +72,7 @@ def test_the_judge_takes_the_fastest_plan_the_samples_cannot_tell_from_the_best(
     monkeypatch.setattr(select, "allocate", allocate)
     monkeypatch.setattr(select, "verify_many", fake_verify)
     monkeypatch.setattr(select, "measured_times", fake_times)
-    samples = onnx_lowrank.inputs.Samples.given(feeds, "test")
+    samples = onnx_lowrank.graph.inputs.Samples.given(feeds, "test")
     timed_analysis = dataclasses.replace(analysis, costs={**analysis.costs, "latency": None})  # as if timed
     chosen = select.choose_plan(model, timed_analysis, 0.5, "params", samples)
     assert timed == [["alds", "uniform"]]  # only the plans the samples cannot tell apart are timed

@@ -7,10 +7,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import runtime, shapes
+from onnx_lowrank.graph import runtime
+
+from onnx_lowrank.graph import shapes
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.inputs import resolve_shapes
-from onnx_lowrank.shapes import tensor_shapes
+from onnx_lowrank.graph.inputs import resolve_shapes
+from onnx_lowrank.graph.shapes import tensor_shapes
 
 
 def conv_model(width: int = 8) -> onnx.ModelProto:

@@ -14,15 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from onnx_lowrank import api, cli, cost
-from onnx_lowrank.calibrate import collect_statistics
-from onnx_lowrank.discover import discover
-from onnx_lowrank.latency_cache import LatencyCache
-from onnx_lowrank.layer_timing import measure_layers
+from onnx_lowrank import api
+
+from onnx_lowrank.cli import main as cli
+
+from onnx_lowrank.stages import costs as cost
+from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.stages.latency_cache import LatencyCache
+from onnx_lowrank.stages.layer_timing import measure_layers
 from onnx_lowrank.passes import factorize_layers
-from onnx_lowrank.runtime import RuntimeSettings
-from onnx_lowrank.statistics import StatisticsAccumulator
-from onnx_lowrank.svd import factorize, max_rank
+from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.math.statistics import StatisticsAccumulator
+from onnx_lowrank.math.svd import factorize, max_rank
 
 from conftest import make_model, rng_for, run, save, tensor, weights
 
@@ -282,7 +286,7 @@ def test_calibrated_compression_of_shared_weights():
 
 def test_refit_uses_the_inputs_of_every_reader(monkeypatch):
     """The refit decoder must serve all four time steps: it is fitted on rows from every reader of the weight."""
-    from onnx_lowrank import refit
+    from onnx_lowrank.stages import refit
 
     model = build_rnn(hidden=32, features=32)
     feeds = [rnn_feeds(model, seed) for seed in range(4)]

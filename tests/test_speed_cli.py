@@ -12,8 +12,8 @@ import pytest
 from conftest import build_cnn, save
 
 from onnx_lowrank import api
-from onnx_lowrank.analyze import GUARD_RATIO
-from onnx_lowrank.cli import main
+from onnx_lowrank.stages.analyze import GUARD_RATIO
+from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import BudgetError
 
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import runtime
+from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidModelError
-from onnx_lowrank.verify import OutputComparison, Verification, class_score_outputs, is_score_output, verify
+from onnx_lowrank.stages.verify import OutputComparison, Verification, class_score_outputs, is_score_output, verify
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((6, 5)).astype(np.float32)

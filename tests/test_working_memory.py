@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from onnx_lowrank.decomposition import WeightDecomposition
-from onnx_lowrank.parallel import map_in_order
+from onnx_lowrank.math.decomposition import WeightDecomposition
+from onnx_lowrank.stages.parallel import map_in_order
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -64,8 +64,8 @@ def test_a_decomposition_that_can_read_its_matrix_again_does_not_keep_it():
 def test_factors_written_group_by_group_are_those_of_the_whole_svd(shape, k, rank):
     """`written` takes one group's SVD at a time; the factors and the exact error are those of all SVDs at once
     (the error checked against the spectral norm of the residual, for tall and wide layers)."""
-    from onnx_lowrank.error import truncation_error
-    from onnx_lowrank.svd import group_svds, reconstruct, spectral_norm, truncate
+    from onnx_lowrank.math.spectral import truncation_error
+    from onnx_lowrank.math.svd import group_svds, reconstruct, spectral_norm, truncate
 
     matrix = np.random.default_rng(1).standard_normal(shape)
     factors, error = WeightDecomposition(matrix, k).written(rank)

@@ -1,0 +1,230 @@
+"""Named cost models: what a layer costs dense and factorized, and what the whole model costs. One registry.
+
+A budget is a fraction of one of these (`--metric`), the allocator adds up whichever one it is given, and the
+report prints every one the analysis has. Adding a cost = one class with `dense`, `factorized`,
+`narrowing_saving` and `total`, built in `build_cost_models`; nothing else switches on metric names.
+
+- `params`: weight elements (see `cost`), with the folded-bias and bias-correction accounting.
+- `flops`: 2 x MACs at the model's concrete input shapes (see `cost`); needs them.
+- `latency`: milliseconds in onnxruntime, measured per layer (`layer_timing`) with the deployment's session
+  options, for the dense layer and a grid of ranks per group count k, linearly interpolated between grid ranks.
+  Whole model = measured whole-model latency of the original, minus its layers' dense times, plus their planned
+  times (the per-run overhead a layer timed alone carries is in both and cancels), each saving scaled by the
+  fraction of such savings a probe model really delivered. Forms that would lose
+  onnxruntime's blocked conv kernels are not offered, and conv ranks are multiples of its channel block
+  (`FormTiming.aligned_to`, see `layer_timing`): that is the automatic rank rounding.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import onnx
+
+from onnx_lowrank.stages import costs as cost
+from onnx_lowrank.stages.channel_sets import Chain
+from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.graph.runtime import RuntimeSettings
+
+__all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
+           "interpolate", "build_cost_models", "unavailable_reason"]
+
+METRICS = ("params", "flops", "latency")
+"""Every cost model's name, in the order reports print them."""
+
+_UNAVAILABLE = {
+    "flops": "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs).",
+    "latency": "The latency metric needs measured layer latencies, which need concrete input shapes: pass "
+               "--input-shape NAME:1x3x224x224 (or --inputs).",
+}
+
+
+def unavailable_reason(metric: str) -> str:
+    """Why an analysis has no cost model `metric`, and what to do."""
+    return _UNAVAILABLE.get(metric, f"The metric must be one of {', '.join(METRICS)}. Got {metric!r} instead.")
+
+
+class CostModel(Protocol):
+    name: str
+    unit: str  # "" for counts, "ms" for times
+    total: float  # the whole original model
+
+    def dense(self, layer: Layer) -> float: ...
+
+    def factorized(self, layer: Layer, k: int, rank: int) -> float | None:
+        """The factorized layer's cost, or None when this model cannot price (k, rank) (an unmeasured k)."""
+        ...
+
+    def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
+        """The cost of a whole model counted on the model itself, or None when it can only be predicted (a time is
+        measured by verification instead)."""
+        ...
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        """What narrowing every chain to its width saves, counted exactly (chains that touch each other save less
+        than the sum of their savings); None when this model cannot price one of the narrowed layers."""
+        ...
+
+
+@dataclass(frozen=True)
+class ParamsCost:
+    total: float
+    bias_correction: bool = False  # data-aware factors add a bias where the layer has none
+    name: str = "params"
+    unit: str = ""
+
+    def dense(self, layer: Layer) -> float:
+        return cost.dense_params(layer)
+
+    def factorized(self, layer: Layer, k: int, rank: int) -> float | None:
+        return cost.factorized_params(layer, k, rank, self.bias_correction)
+
+    def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
+        return cost.model_params(model)
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        return cost.narrowing_saving(cuts, "params")
+
+
+@dataclass(frozen=True)
+class FlopsCost:
+    total: float
+    name: str = "flops"
+    unit: str = ""
+
+    def dense(self, layer: Layer) -> float:
+        return cost.dense_flops(layer)
+
+    def factorized(self, layer: Layer, k: int, rank: int) -> float | None:
+        return cost.factorized_flops(layer, k, rank)
+
+    def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
+        return None if shapes is None else cost.model_flops(model, shapes)
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        return cost.narrowing_saving(cuts, "flops")
+
+
+def interpolate(points: Sequence[tuple[int, float]], rank: int) -> float:
+    """Piecewise-linear cost at `rank` through measured (rank, cost) points sorted by rank.
+
+    Below the first point the first point's cost is used and above the last the last one's (never extrapolated:
+    a guess beyond the measurements must not look cheaper than what was measured).
+    """
+    if not points:
+        raise ValueError("no measured points to interpolate")
+    ranks = [r for r, _ in points]
+    if rank <= ranks[0]:
+        return float(points[0][1])
+    if rank >= ranks[-1]:
+        return float(points[-1][1])
+    right = bisect.bisect_left(ranks, rank)
+    (r0, c0), (r1, c1) = points[right - 1], points[right]
+    if r1 == rank:
+        return float(c1)
+    return float(c0 + (c1 - c0) * (rank - r0) / (r1 - r0))
+
+
+@dataclass(frozen=True)
+class FormTiming:
+    """Measured milliseconds of one layer factorized with k groups, at a grid of ranks."""
+
+    points: tuple[tuple[int, float], ...]  # (rank, ms), sorted by rank
+    aligned_to: int = 1  # > 1: ranks off this multiple were measured slower, so only its multiples are offered
+
+    def ms(self, rank: int) -> float:
+        """Interpolated between the measured ranks (for a rank off `aligned_to`, an underestimate)."""
+        return interpolate(self.points, rank)
+
+    def offers(self, rank: int) -> bool:
+        return rank % self.aligned_to == 0
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One layer's measured dense time, its factorized forms by k, and, for a layer that can lose channels, its
+    time with fewer output channels (`rows`: channels kept -> ms) or fewer input channels (`columns`)."""
+
+    dense_ms: float
+    forms: Mapping[int, FormTiming] = field(default_factory=dict)
+    rows: FormTiming | None = None
+    columns: FormTiming | None = None
+
+
+@dataclass(frozen=True)
+class LatencyCost:
+    """Milliseconds: each layer from its timings, the rest of the model as measured.
+
+    A factorized layer costs its dense time minus `realized` times the saving measured on the layer alone: the
+    fraction of such savings a factorized model really delivered when timed whole (`layer_timing`). A narrowed
+    layer is priced from its times with fewer output and with fewer input channels (the two ratios to dense
+    multiplied when it loses both), its saving scaled by `realized_narrowing`, the fraction a narrowed model
+    delivered (more than 1 where the per-channel ops and depthwise convs between shrink too).
+    """
+
+    total: float  # measured median of the original model
+    timings: Mapping[str, LayerTiming]  # layer name -> timing
+    realized: float = 1.0
+    realized_narrowing: float = 1.0
+    settings: RuntimeSettings = RuntimeSettings()  # the session options everything was timed with
+    name: str = "latency"
+    unit: str = "ms"
+
+    def dense(self, layer: Layer) -> float:
+        return self.timings[layer.name].dense_ms
+
+    def factorized(self, layer: Layer, k: int, rank: int) -> float | None:
+        form = self.timings[layer.name].forms.get(k)
+        if form is None:
+            return None
+        dense = self.timings[layer.name].dense_ms
+        return dense - self.realized * (dense - form.ms(rank))
+
+    def offers(self, layer: Layer, k: int, rank: int) -> bool:
+        """Whether (k, rank) is a form worth planning with: measured, and on the channel block when it matters."""
+        form = self.timings[layer.name].forms.get(k)
+        return form is not None and form.offers(rank)
+
+    def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
+        return None
+
+    def narrowed(self, layer: Layer, rows: int, columns: int) -> float | None:
+        """The layer's measured time with `rows` output and `columns` input channels (interpolated between the
+        timed widths; None when a needed width was not timed)."""
+        timing = self.timings.get(layer.name)
+        if timing is None:
+            return None
+        ms = timing.dense_ms
+        for kept, full, form in ((rows, layer.out_channels, timing.rows), (columns, layer.in_channels, timing.columns)):
+            if kept != full:
+                if form is None:
+                    return None
+                ms *= interpolate([*form.points, (full, timing.dense_ms)], kept) / max(timing.dense_ms, 1e-12)
+        return ms
+
+    def narrowing_saving(self, cuts: Sequence[tuple[Chain, int]]) -> float | None:
+        saving = 0.0
+        for layer, rows, columns in cost.narrowed_shapes(cuts).values():
+            ms = self.narrowed(layer, rows, columns)
+            if ms is None:
+                return None
+            saving += self.timings[layer.name].dense_ms - ms
+        return self.realized_narrowing * saving
+
+
+def build_cost_models(
+    params_total: float,
+    flops_total: float | None,
+    bias_correction: bool,
+    latency: LatencyCost | None = None,
+) -> dict[str, CostModel]:
+    """The cost models an analysis can plan with: params always, flops with concrete shapes, latency if measured."""
+    models: dict[str, CostModel] = {"params": ParamsCost(params_total, bias_correction)}
+    if flops_total is not None:
+        models["flops"] = FlopsCost(flops_total)
+    if latency is not None:
+        models["latency"] = latency
+    return models

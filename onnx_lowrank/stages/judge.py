@@ -1,0 +1,112 @@
+"""The `auto` allocator: build the plans of several allocators and keep the one whose outputs move least.
+
+Min-max over data-aware layer errors is usually best, but a per-layer error does not say how much that layer's error
+moves the model's outputs, and a non-uniform allocation can lose to the uniform one. So every allocator's plan for
+the budget is written and run on the calibration samples next to the original, and the plan with the smallest
+worst relative output error wins. The uniform baseline is always among them, so the default never loses to it on
+the calibration data. With `--method both` the plans of each method alone (only factorized, only narrowed) are
+among them too, so `both` never loses to either on the calibration data. Costs one extra pass over the calibration
+samples per plan.
+
+When layers are timed, a plan whose error the samples cannot tell from the best one's is as good, and the fastest
+of those wins: "cannot tell" is a difference of less than two standard errors, the standard error of the paired
+difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
+resolution is coarse, so more calibration samples make the judge sharper. "Fastest" is measured: those plans'
+models are timed against each other, interleaved, with the deployment's session settings (predictions rank plans
+whose times differ by a few percent less reliably than that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import onnx
+
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.stages.allocate import allocate
+from onnx_lowrank.stages.analyze import Analysis, cuts_of, factors_of
+from onnx_lowrank.errors import BudgetError
+from onnx_lowrank.graph.inputs import Samples
+from onnx_lowrank.stages.layer_timing import time_sessions
+from onnx_lowrank.passes import eliminate_channels, factorize_layers
+from onnx_lowrank.plan import Plan
+from onnx_lowrank.stages.verify import Verification, verify_many
+
+__all__ = ["CANDIDATE_ALLOCATORS", "choose_plan"]
+
+CANDIDATE_ALLOCATORS = ("alds", "uniform", "energy")
+
+
+def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metric: str, samples: Samples) -> Plan:
+    """The best plan for `budget` among the candidate allocators, judged end to end on `samples`."""
+    plans: dict[str, Plan] = {}
+    first_error = None
+    methods = (analysis.method, "lowrank", "eliminate") if analysis.method == "both" else (analysis.method,)
+    for method, name in ((method, name) for method in methods for name in CANDIDATE_ALLOCATORS):
+        label = name if method == analysis.method else f"{name} ({method} only)"
+        try:
+            candidate = allocate(replace(analysis, method=method), budget, metric=metric, allocator=name)
+        except BudgetError as error:
+            first_error = first_error or error
+            continue
+        if all((dict(candidate.layers), dict(candidate.widths)) != (dict(p.layers), dict(p.widths))
+               for p in plans.values()):  # identical plans: judge once
+            plans[label] = candidate
+    if not plans:
+        raise first_error
+    if len(plans) == 1 or not analysis.layers:
+        name, only = next(iter(plans.items()))
+        return replace(only, allocator=name, notes=(f"auto: {name} (the only distinct plan)",))
+    models = (_written(model, analysis, p) for p in plans.values())  # each written when its session is made
+    checks = dict(zip(plans, verify_many(model, models, samples)))
+    errors = {name: _score(check.worst_relative_l2) for name, check in checks.items()}
+    least = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
+    scores = ", ".join(f"{name} {errors[name]:.4g}" for name in plans)
+    best, faster = least, ""
+    tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
+    if "latency" in analysis.costs and len(tied) > 1:
+        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)))
+        best = min(tied, key=lambda name: (times[name], errors[name]))
+        if best != least:
+            faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
+                      f"against {times[least]:.3g} ms")
+    note = f"auto: {best} (output error on {samples.count} calibration samples: {scores}{faster})"
+    return replace(plans[best], allocator=best, notes=(note,))
+
+
+JUDGE_ROUNDS = 20
+"""Interleaved rounds when the judge times the plans it cannot tell apart (medians)."""
+
+
+def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, Plan],
+                   feed: dict) -> dict[str, float]:
+    """Median milliseconds of every plan's model on `feed`, all timed interleaved with the session settings the
+    analysis timed its layers with."""
+    settings = analysis.costs["latency"].settings
+    sessions = [runtime.session(_written(model, analysis, plan), settings=settings)
+                for plan in plans.values()]
+    return dict(zip(plans, time_sessions(sessions, feed, rounds=JUDGE_ROUNDS)))
+
+
+def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    narrowed = eliminate_channels(model, cuts_of(analysis, plan.widths))[0]
+    return factorize_layers(narrowed, ((layer, f) for layer, f, _ in factors_of(analysis, plan.layers)))[0]
+
+
+def _indistinguishable(candidate: Verification, best: Verification) -> bool:
+    """Whether the samples cannot tell `candidate`'s worst output error from `best`'s: their difference is below
+    two standard errors (jackknife: the difference with each sample left out in turn)."""
+    difference = _score(candidate.worst_relative_l2) - _score(best.worst_relative_l2)
+    if difference <= 0:
+        return True
+    left_out = [a - b for a, b in zip(candidate.leave_one_out(), best.leave_one_out())]
+    if len(left_out) < 2 or not all(math.isfinite(d) for d in left_out):
+        return False
+    n, mean = len(left_out), sum(left_out) / len(left_out)
+    standard_error = math.sqrt((n - 1) / n * sum((d - mean) ** 2 for d in left_out))
+    return difference < 2 * standard_error
+
+
+def _score(error: float) -> float:
+    return math.inf if math.isnan(error) else error

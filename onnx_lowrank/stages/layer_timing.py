@@ -1,0 +1,319 @@
+"""Measure, in onnxruntime, what each layer costs dense and factorized: the data behind the latency cost model.
+
+Every layer is cut out of the model (`passes.isolate_layer`: its node alone on an input of its real shape) and its
+factorized forms are written from that by the real rewrite passes, for every group count k and a grid of ranks:
+
+- ranks up to the largest candidate (one saving at least `cost.MIN_SAVING`; larger ones are never candidates);
+- for a 2-D Conv, which onnxruntime runs in its blocked NCHWc layout (channel block: 16 with AVX-512 or on ARM64,
+  else 8), only forms that keep that layout at full efficiency: ranks on multiples of the block (a rank off it is
+  padded up to the next multiple, so it costs as much and keeps less) and, for k > 1, input channels per group on
+  the block too (onnxruntime's rule for grouped convs, nchwc_transformer.cc). A grouped form off the block falls
+  back to plain NCHW kernels and forces layout conversions around it in the real model, which a layer timed alone
+  does not show (measured on YOLOv8n: such layers predicted at 0.7x dense ran at 1.0-1.5x in the model). Forms off
+  the block are therefore not offered (`FormTiming.aligned_to`): this is the automatic rank rounding.
+  Other layers (Gemm/MatMul gain nothing from alignment) get evenly spaced ranks.
+
+A layer timed alone is not a layer inside a model: the extra node, the hidden tensor and the neighbours' layouts
+change what a factorization saves (measured on YOLOv8n's head: a rank-16 form ran at 0.48x of dense alone and
+0.93x inside the model). So the savings are calibrated once per model (`realized_fraction`): a probe model with
+every layer factorized at its smallest timed rank is timed against the original, interleaved, and the fraction of
+the predicted saving it really delivered scales every layer's saving.
+
+All variants of one layer are timed interleaved, round after round, in sessions made with the deployment's settings
+(threads, provider, optimization level) whose threads stop spinning after each run, so no variant steals a core
+from the next; the median per variant is kept. Results go to the `LatencyCache`, so a second run only looks them up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.stages import costs as cost
+
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.stages.analyze import group_counts, widths
+from onnx_lowrank.stages.channel_sets import Chain
+from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming
+from onnx_lowrank.math.elimination import Folded
+from onnx_lowrank.stages.discover import Layer, discover
+from onnx_lowrank.stages.timing import measure_latency_ratio, model_latency
+from onnx_lowrank.stages.latency_cache import LatencyCache, variant_key
+from onnx_lowrank.passes import eliminate_channels, factorize_layers
+from onnx_lowrank.passes.isolate import ISOLATED_INPUT, isolate_layer
+from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.math.svd import Factors
+
+__all__ = ["block_size", "blocked", "rank_grid", "largest_candidate_rank", "layer_key", "measure_layers",
+           "narrowing_grid", "time_sessions", "realized_fraction", "realized_narrowing", "MIN_REALIZED",
+           "MAX_REALIZED"]
+
+ROUNDS = 7
+"""Interleaved rounds per variant; the median is kept."""
+BLOCK_SECONDS = 0.0005
+"""A tiny layer is run several times per round so that each timed block lasts about this long."""
+MAX_REPEATS = 20
+GRID_POINTS = {1: 5}
+"""Ranks timed per k (k = 1 gets more: it is the most common choice); other k get DEFAULT_POINTS."""
+DEFAULT_POINTS = 4
+
+
+def block_size() -> int:
+    """onnxruntime's NCHWc channel block on this CPU: 16 with AVX-512 or on ARM64, else 8."""
+    machine = os.uname().machine.lower() if hasattr(os, "uname") else ""
+    if machine in ("aarch64", "arm64"):
+        return 16
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as stream:
+            return 16 if " avx512f" in stream.read() else 8
+    except OSError:
+        return 8
+
+
+def _spread(values: Sequence[int], count: int) -> list[int]:
+    """At most `count` of the sorted `values`, evenly spaced, always keeping the first and the last."""
+    if len(values) <= count:
+        return list(values)
+    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
+    return sorted({values[i] for i in picks})
+
+
+def rank_grid(largest: int, block: int, points: int) -> list[int]:
+    """At most `points` ranks to time for a form whose candidate ranks run from 1 to `largest`: multiples of
+    `block` (none if `largest` < `block`), evenly spread, always including the smallest and the largest."""
+    return _spread(list(range(block, largest + 1, block)), points) if largest >= 1 else []
+
+
+def blocked(layer: Layer, block: int) -> bool:
+    """Whether onnxruntime runs this layer in its blocked NCHWc layout: every 2-D Conv with group 1 (channel counts
+    off the block are padded up to it; checked on onnxruntime 1.32 with ORT_ENABLE_ALL). A grouped Conv needs input
+    and output channels per group on the block, which `_forms` enforces for the factorized forms."""
+    return layer.op == "Conv" and len(layer.kernel_shape) == 2
+
+
+def largest_candidate_rank(layer: Layer, k: int) -> int:
+    """The largest rank at which the factorized layer is a candidate (`cost.is_smaller`; 0 if none is). Without a
+    bias correction, which only lowers it: one grid serves weight-only and data-aware analyses alike."""
+    top = min(layer.out_channels, layer.columns // k)
+    for rank in range(top, 0, -1):
+        if cost.is_smaller(layer, k, rank):
+            return rank
+    return 0
+
+
+def layer_key(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int]) -> dict:
+    """What a layer's time depends on: op, attributes, shapes, dtype and whether it has a bias."""
+    node = next(n for n in model.graph.node if n.output and n.output[0] == layer.node_output)
+    attributes = sorted(str(onnx.helper.get_attribute_value(a)) + a.name for a in node.attribute)
+    return {
+        "op": layer.op,
+        "attributes": attributes,
+        "input": list(map(int, input_shape)),
+        "weight": list(layer.weight_shape),
+        "dtype": str(np.dtype(layer.dtype)),
+        "bias": len(node.input) > 2 and bool(node.input[2]),
+    }
+
+
+def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+                  rounds: int = ROUNDS) -> list[float]:
+    """Median milliseconds per run of every session, timed interleaved in `rounds` rounds after a warm-up run.
+    `feed`: one for every session, or a feed each (a layer narrowed to fewer input channels reads a smaller one)."""
+    feeds = list(feed) if not isinstance(feed, Mapping) else [feed] * len(sessions)
+    first = []
+    for sess, feed in zip(sessions, feeds):
+        sess.run(None, feed)
+        start = time.perf_counter()
+        sess.run(None, feed)
+        first.append(time.perf_counter() - start)
+    repeats = [max(1, min(MAX_REPEATS, math.ceil(BLOCK_SECONDS / max(t, 1e-7)))) for t in first]
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for sess, feed, count, times in zip(sessions, feeds, repeats, samples):
+            start = time.perf_counter()
+            for _ in range(count):
+                sess.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000.0 / count)
+    return [statistics.median(times) for times in samples]
+
+
+def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -> Factors:
+    cols = layer.columns
+    return Factors(k=k, rank=rank, encoder=rng.standard_normal((k, rank, cols // k)),
+                   decoder=rng.standard_normal((layer.out_channels, k * rank)))
+
+
+def _forms(layer: Layer, max_groups: int, block: int) -> dict[int, tuple[list[int], int]]:
+    """k -> (grid ranks, rank alignment) for every k with at least one candidate rank worth timing."""
+    forms = {}
+    align = block if blocked(layer, block) else 1
+    for k in group_counts(layer, max_groups):
+        if k > 1 and (layer.in_channels // k) % align:
+            continue  # a grouped conv with input channels per group off the block loses the blocked kernels
+        grid = rank_grid(largest_candidate_rank(layer, k), align, GRID_POINTS.get(k, DEFAULT_POINTS))
+        if grid:
+            forms[k] = (grid, align)
+    return forms
+
+
+NARROWED_POINTS = 4
+"""Widths timed per narrowed role of a layer (fewer output channels, fewer input channels)."""
+
+
+def narrowing_grid(channels: int, align: int) -> list[int]:
+    """The widths to time a layer at when `channels` of its output (or input) channels may be cut: at most
+    NARROWED_POINTS of the widths a chain may keep (`analyze.widths`, on the channel block `align`), evenly spread."""
+    return _spread([w for w in widths(channels, 0, align) if w < channels], NARROWED_POINTS)
+
+
+def measure_layers(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: RuntimeSettings,
+    cache: LatencyCache,
+    max_groups: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    narrowing: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+) -> dict[str, LayerTiming]:
+    """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them;
+    new timings are put in the cache, which the caller saves. `narrowing`: layer name -> (the output channel counts,
+    the input channel counts) to time it narrowed at (`narrowing_grid`)."""
+    block = block_size()
+    narrowing = narrowing or {}
+    timings = {}
+    for index, layer in enumerate(layers, 1):
+        forms = _forms(layer, max_groups, block)
+        # A shared weight: every node reading it is timed (each at its own input shape; equal ones come from the
+        # cache) and the times add up, since every node runs. Chains never narrow one.
+        grids = narrowing.get(layer.name, ((), ())) if not layer.shared else ((), ())
+        timings[layer.name] = _summed([_measure_layer(model, view, tuple(shapes[view.input_name]), settings, cache,
+                                                      forms, grids) for view in layer.views()])
+        if progress is not None:
+            progress(index, len(layers))
+    return timings
+
+
+def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing=((), ())) -> LayerTiming:
+    description = layer_key(model, layer, input_shape)
+    variants: list[tuple | None] = [None]
+    for k, (grid, _) in forms.items():
+        variants += [(k, r) for r in grid]
+    variants += [("rows", w) for w in narrowing[0]] + [("columns", w) for w in narrowing[1]]
+    keys = [variant_key(description, variant, settings) for variant in variants]
+    # Any variant missing: time them all again, together, so a layer's times all come from one period (a layer's
+    # dense time cached minutes ago against variants timed now would carry the machine's drift into the ratio).
+    missing = list(zip(variants, keys)) if any(cache.get(key) is None for key in keys) else []
+    if missing:
+        isolated = isolate_layer(model, layer, input_shape)
+        (alone,) = discover(isolated, shapes={ISOLATED_INPUT: input_shape}).layers
+        rng = np.random.default_rng(0)
+        models, feeds = [], []
+        for variant, _ in missing:
+            shape = list(input_shape)
+            if variant is None:
+                models.append(isolated)
+            elif variant[0] == "rows":
+                models.append(isolate_layer(model, layer, input_shape, rows=variant[1]))
+            elif variant[0] == "columns":
+                models.append(isolate_layer(model, layer, input_shape, columns=variant[1]))
+                shape[1 if layer.op == "Conv" else -1] = variant[1]
+            else:
+                models.append(factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0])
+            feeds.append(shape)
+        sessions = [runtime.session(m, settings=settings) for m in models]
+        data = {}
+        feeds = [{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}
+                 for shape in feeds]
+        for (_, key), ms in zip(missing, time_sessions(sessions, feeds)):
+            cache.put(key, ms)
+    measured = {variant: cache.get(key) for variant, key in zip(variants, keys)}
+    result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
+              for k, (grid, align) in forms.items()}
+    narrowed = [FormTiming(points=tuple((w, measured[(role, w)]) for w in grid)) if grid else None
+                for role, grid in zip(("rows", "columns"), narrowing)]
+    return LayerTiming(dense_ms=measured[None], forms=result, rows=narrowed[0], columns=narrowed[1])
+
+
+def _summed(parts: Sequence[LayerTiming]) -> LayerTiming:
+    """The timing of several nodes that all run, with the same forms and grids (the nodes reading one weight)."""
+    if len(parts) == 1:
+        return parts[0]
+    forms = {k: FormTiming(points=tuple((rank, sum(p.forms[k].points[i][1] for p in parts))
+                                        for i, (rank, _) in enumerate(form.points)), aligned_to=form.aligned_to)
+             for k, form in parts[0].forms.items()}
+    return LayerTiming(dense_ms=sum(p.dense_ms for p in parts), forms=forms)
+
+
+MIN_REALIZED, MAX_REALIZED = 0.1, 1.5
+"""Bounds on the realized fraction: a probe measured within noise of the original must not erase or invert every
+saving, nor inflate them."""
+
+
+def realized_fraction(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    timings: Mapping[str, LayerTiming],
+    feed: Mapping[str, np.ndarray],
+    settings: RuntimeSettings,
+    rounds: int = 20,
+) -> tuple[float, float]:
+    """(the original model's median milliseconds, the fraction of the layers' predicted savings that a probe model
+    — every layer with a k = 1 form factorized at its smallest timed rank — really delivers), both from one
+    interleaved measurement of the two models. The fraction is 1.0 when no layer has a form."""
+    rng = np.random.default_rng(0)
+    rewrites, predicted = [], 0.0
+    for layer in layers:
+        form = timings[layer.name].forms.get(1)
+        if form is None:
+            continue
+        rank, ms = form.points[0]
+        rewrites.append((layer, _random_factors(layer, 1, rank, rng)))
+        predicted += timings[layer.name].dense_ms - ms
+    if not rewrites:
+        return model_latency(model, feed, settings), 1.0
+    probe, _ = factorize_layers(model, rewrites)
+    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings)
+    saved = comparison.original_ms - comparison.compressed_ms
+    fraction = saved / predicted if predicted > 0 else 1.0
+    return comparison.original_ms, float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))
+
+
+def realized_narrowing(
+    model: onnx.ModelProto,
+    chains: Sequence[Chain],
+    latency: LatencyCost,
+    feed: Mapping[str, np.ndarray],
+    settings: RuntimeSettings,
+    rounds: int = 20,
+) -> float:
+    """The fraction of the narrowed layers' predicted savings that a probe model — every chain narrowed to its
+    smallest timed width, with random folds — really delivers, timed interleaved against the original. More than
+    1 where the per-channel ops and depthwise convs between shrink too, which no layer timing shows. 1.0 when no
+    chain could be priced."""
+    rng = np.random.default_rng(0)
+    cuts, widths_of = [], []
+    for chain in chains:
+        timing = latency.timings.get(chain.producers[0].name)
+        if timing is None or timing.rows is None:
+            continue
+        width = timing.rows.points[0][0]
+        folded = Folded(kept=np.arange(width),
+                        matrices=tuple(rng.standard_normal((r.out_channels, width * r.taps)) for r in chain.readers),
+                        biases=tuple(np.zeros(r.out_channels) for r in chain.readers))
+        cuts.append((chain, folded))
+        widths_of.append((chain, width))
+    predicted = replace(latency, realized_narrowing=1.0).narrowing_saving(widths_of) if cuts else None
+    if not predicted or predicted <= 0:
+        return 1.0
+    probe, _ = eliminate_channels(model, cuts)
+    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings)
+    fraction = (comparison.original_ms - comparison.compressed_ms) / predicted
+    return float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))
