@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import importlib.util
 import shutil
 import subprocess
@@ -85,8 +86,12 @@ def run_case(name: str, make: Callable[[], tuple[onnx.ModelProto, object]], orig
 
 
 def load_fuzz_graphs():
-    """tests/fuzz_graphs.py of the running tree, by path (tests/ is not a package)."""
-    path = TREE / "tests" / "fuzz_graphs.py"
+    """The fuzz strategies by path (tests/ is not a package): $IDENTITY_STRATEGIES if set (give both trees the same
+    file, so both compress the same corpus), else the running tree's tests/helpers/strategies.py or, in trees before
+    the test helpers moved, tests/fuzz_graphs.py."""
+    candidates = [TREE / "tests" / "helpers" / "strategies.py", TREE / "tests" / "fuzz_graphs.py"]
+    path = Path(os.environ.get("IDENTITY_STRATEGIES") or next(p for p in candidates if p.exists()))
+    sys.path.insert(0, str(path.parent.parent if path.parent.name == "helpers" else path.parent))
     spec = importlib.util.spec_from_file_location("fuzz_graphs", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -101,6 +106,12 @@ def fuzz_corpus(count: int) -> list:
     from hypothesis import HealthCheck, Phase, given, seed, settings
 
     fuzz_graphs = load_fuzz_graphs()
+    stored = Path(os.environ["IDENTITY_CORPUS"]) if os.environ.get("IDENTITY_CORPUS") else None
+    if stored is not None and stored.exists():  # the corpus a first run drew: hypothesis may draw another one later
+        import pickle
+
+        with stored.open("rb") as f:
+            return pickle.load(f)[:count]
     corpus, seen = [], set()
     for offset in range(10):
         drawn = []
@@ -120,6 +131,12 @@ def fuzz_corpus(count: int) -> list:
                 corpus.append(fm)
         if len(corpus) == count:
             break
+    if stored is not None:
+        import pickle
+
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        with stored.open("wb") as f:
+            pickle.dump(corpus, f)
     return corpus
 
 

@@ -23,15 +23,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnx_lowrank.stages.allocate import ALLOCATORS
-from onnx_lowrank.stages.analyze import METHODS
-from onnx_lowrank.stages.cost_models import METRICS
 from onnx_lowrank.errors import InvalidOptionError, invalid
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 
-__all__ = ["Option", "OPTIONS", "ALLOCATOR_CHOICES", "add_flags", "check", "checked", "keywords_for"]
+__all__ = ["Option", "OPTIONS", "METHODS", "METRICS", "ALLOCATORS", "ALLOCATOR_CHOICES", "add_flags", "check",
+           "checked", "keywords_for"]
 
+METHODS = ("lowrank", "eliminate", "both")
+"""lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
+calibration data needed); both: each layer is narrowed or factorized, whichever the one allocation prefers."""
+METRICS = ("params", "flops", "latency")
+"""Every cost model's name, in the order reports print them."""
+ALLOCATORS = ("alds", "uniform", "energy")
+"""The allocators that build one plan each (`stages.allocate`); `auto` judges their plans end to end."""
 ALLOCATOR_CHOICES = ("auto", *ALLOCATORS)
 
 

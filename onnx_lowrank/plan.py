@@ -3,8 +3,16 @@ Layers not named stay as they are.
 
 Plans are plain JSON so they can be reviewed, edited and re-applied (`onnx-lowrank apply --plan`):
 
-    {"format": "onnx-lowrank-plan", "version": 1, "allocator": "alds", "metric": "params", "budget": 0.7,
+    {"format": "onnx-lowrank-plan", "version": 2, "allocator": "alds", "metric": "params", "budget": 0.7,
+     "method": "both", "model": "sha256:...", "refit": false,
+     "settings": {"method": "both", "shrinkage": 0.01, "exclude": null, "max_groups": 8, "rank_multiple": 1,
+                  "weight_only": false},
      "layers": {"/model.0/conv/Conv": {"k": 1, "rank": 8}, ...}, "widths": {"/model.1/conv/Conv": 24, ...}}
+
+Version 2 records what the written model depends on besides the choices: the analysis settings, refit, and the
+fingerprint of the model the plan was made for (`graph.load.fingerprint`), so `apply` analyses again exactly as the
+plan was made and refuses another model. Version 1 plans (no settings, no fingerprint) still load and apply as
+before: analysed with the defaults.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.settings import AnalysisSettings
 
 __all__ = ["Plan"]
 
 _FORMAT = "onnx-lowrank-plan"
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,15 +40,22 @@ class Plan:
     threshold: float | None = None  # the largest per-layer planning score the allocator allowed
     notes: tuple[str, ...] = field(default=())
     widths: Mapping[str, int] = field(default_factory=dict)  # narrowed layer (a chain's producer) -> channels kept
+    method: str | None = None  # lowrank, eliminate or both; None: a version 1 plan
+    settings: AnalysisSettings | None = None  # what the layers were analysed with; None: a version 1 plan
+    refit: bool | None = None  # decoders refit on the calibration samples
+    model: str | None = None  # fingerprint of the model the plan was made for
 
     def to_dict(self) -> dict:
+        recorded = {"method": self.method, "model": self.model, "refit": self.refit,
+                    "settings": None if self.settings is None else self.settings.to_dict()}
         return {
             "format": _FORMAT,
-            "version": 1,
+            "version": _VERSION,
             "allocator": self.allocator,
             "metric": self.metric,
             "budget": self.budget,
             "threshold": self.threshold,
+            **{key: value for key, value in recorded.items() if value is not None},
             "layers": {name: {"k": k, "rank": r} for name, (k, r) in self.layers.items()},
             **({"widths": dict(self.widths)} if self.widths else {}),
         }
@@ -66,6 +83,21 @@ class Plan:
                                      f'like {{"conv1": 24}}. Got {widths!r} instead.')
         budget = data.get("budget")
         threshold = data.get("threshold")
+        version = data.get("version", 1)
+        if not _whole(version) or not 1 <= version <= _VERSION:
+            raise InvalidOptionError(f"{source} is a version {version!r} plan; this onnx-lowrank reads versions 1 to "
+                                     f"{_VERSION}: upgrade onnx-lowrank, or plan again.")
+        settings = data.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            raise InvalidOptionError(f"{source}: 'settings' must be a JSON object. Got {settings!r} instead.")
+        model, refit = data.get("model"), data.get("refit")
+        if model is not None and not isinstance(model, str):
+            raise InvalidOptionError(f"{source}: 'model' must be a fingerprint string. Got {model!r} instead.")
+        if refit is not None and not isinstance(refit, bool):
+            raise InvalidOptionError(f"{source}: 'refit' must be true or false. Got {refit!r} instead.")
+        recorded = None if settings is None else AnalysisSettings.from_dict(settings)
+        if data.get("method") is not None:
+            AnalysisSettings.from_dict({"method": data["method"]})  # the same check as the recorded settings
         return cls(
             layers=layers,
             allocator=data.get("allocator"),
@@ -73,6 +105,10 @@ class Plan:
             budget=float(budget) if isinstance(budget, (int, float)) else None,
             threshold=float(threshold) if isinstance(threshold, (int, float)) else None,
             widths=dict(widths),
+            method=data.get("method", None if recorded is None else recorded.method),
+            settings=recorded,
+            refit=refit,
+            model=model,
         )
 
     @classmethod

@@ -16,15 +16,15 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import api
-from onnx_lowrank.stages.analyze import default_method
-from onnx_lowrank.errors import BudgetError, InvalidOptionError
-from onnx_lowrank.options import checked
-from onnx_lowrank.stages.report import nothing_to_compress
-from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes, samples_from
+from onnx_lowrank.errors import BudgetError
+from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes
+from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
-from onnx_lowrank.stages.timing import measure_latency_ratio
-from onnx_lowrank.graph.load import load_model
-from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER, RuntimeSettings
+from onnx_lowrank.options import checked
+from onnx_lowrank.pipeline import prepare, run_analysis, run_apply
+from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
+from onnx_lowrank.stages.report import nothing_to_compress
+from onnx_lowrank.stages.timing import compare_models
 from onnx_lowrank.stages.verify import verify
 
 __all__ = ["SweepPoint", "Sweep", "sweep"]
@@ -58,6 +58,7 @@ class Sweep:
     calibration: str | None = None  # where the calibration samples came from; None: weight-only
     measure: str = "spectral"  # what layer errors measure
     message: str | None = None  # why nothing could be compressed, when nothing could
+    guarded: bool = False  # only candidates measured faster than their dense layer were kept
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class Sweep:
             "calibration": self.calibration,
             "measure": self.measure,
             "message": self.message,
+            "guarded": self.guarded,
         }
 
 
@@ -93,35 +95,25 @@ def sweep(
     allow_slower: bool = False,
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
-    latency_cache: api.CachePath = True,
+    latency_cache: CachePath = True,
     evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Sweep:
     """Measure every (allocator, budget) cell. `inputs` and `calibration` may also be lists of feed dicts (the
     benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
     the default allocators are `auto`; otherwise `alds`."""
-    proto = load_model(model)
-    feeds = samples_from(inputs, proto) if inputs is not None else None
-    if calibration is not None and weight_only:
-        raise InvalidOptionError("calibration data and weight_only contradict each other; give one or the other.")
-    if calibration is None and feeds is not None and not weight_only:
-        calibration = feeds
-    calibration_samples = None if calibration is None else samples_from(calibration, proto)
-    shapes = feeds.first_shapes() if feeds is not None else input_shapes
-
+    settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
+    speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache)  # the rule compress follows
     start = time.perf_counter()
-    analysis = api.analyze(proto, input_shapes=shapes, calibration=calibration_samples, weight_only=weight_only,
-                           shrinkage=shrinkage, exclude=exclude, max_groups=max_groups, rank_multiple=rank_multiple,
-                           allow_slower=allow_slower and metric != "latency", threads=threads, provider=provider,
-                           latency_cache=latency_cache,
-                           method=method or default_method(calibration_samples is not None, metric))
+    context = prepare(model, inputs, input_shapes, False, calibration, settings, speed)
+    proto, feeds, calibration_samples = context.model, context.feeds, context.calibration
+    analysis = run_analysis(context)
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
         allocators = ("auto",) if calibration_samples is not None else ("alds",)
     if feeds is None and analysis.layers:  # random samples, made only when some cell can change the model
         random_shapes = resolve_shapes(proto, parse_shape_specs(input_shapes))
         feeds = Samples.given(random_feeds(proto, random_shapes, count=2, seed=0), "random")
-        shapes = feeds.first_shapes()
 
     points, unreachable = [], []
     for allocator in allocators:
@@ -130,22 +122,19 @@ def sweep(
                 progress(f"{allocator} {budget:g}")
             start = time.perf_counter()
             try:
-                plan = api.plan(analysis, budget, metric=metric, allocator=allocator, model=proto,
-                                calibration=calibration_samples)
+                plan = api.plan(analysis, budget, metric=metric, allocator=allocator)
             except BudgetError as exc:
                 unreachable.append((allocator, float(budget), str(exc)))
                 continue
-            compressed, report = api.apply(proto, plan, input_shapes=shapes, verify=False, analysis=analysis,
-                                           calibration=calibration_samples, refit=refit)
+            compressed, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
             if report.factorized or report.narrowed:
                 check = verify(proto, compressed, feeds)
                 output_error = check.worst_relative_l2
                 agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
-                settings = RuntimeSettings(threads=threads, provider=provider)
-                timing = measure_latency_ratio(proto, compressed, [next(iter(feeds))], repeats=latency_repeats,
-                                               settings=settings) if latency else None
+                timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
+                                        rounds=latency_repeats) if latency else None
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -166,4 +155,4 @@ def sweep(
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,
                  samples="random" if feeds is None else feeds.source, calibration=analysis.calibration,
                  measure=analysis.measure,
-                 message=None if analysis.layers else nothing_to_compress(analysis.skipped))
+                 message=None if analysis.layers else nothing_to_compress(analysis.skipped), guarded=analysis.guarded)

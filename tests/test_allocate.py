@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from onnx_lowrank.stages.allocate import Option, allocate, minmax_select
 from onnx_lowrank.stages.analyze import analyze_layers
-from onnx_lowrank.stages.discover import Discovery, Layer
+from onnx_lowrank.ops.layer import Layer
+from onnx_lowrank.stages.discover import Discovery
 from onnx_lowrank.errors import BudgetError, InvalidOptionError
 
 
@@ -181,8 +182,11 @@ def test_unreachable_budget_names_the_reachable_range():
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), True])
 def test_budget_out_of_range_is_an_option_error(budget):
+    """Checked once, at the public boundary (`plan`); `allocate` trusts its settings."""
+    from onnx_lowrank import plan
+
     with pytest.raises(InvalidOptionError, match="budget"):
-        allocate(_analysis(), budget)
+        plan(_analysis(), budget)
 
 
 def test_flops_metric_without_shapes_asks_for_input_shapes():
@@ -223,7 +227,7 @@ def narrowable():
     (one unit of two chains), fc1 -> fc2 is a unit of its own."""
     from onnx_lowrank import analyze
 
-    from conftest import build_cnn
+    from helpers.builders import build_cnn
 
     model = build_cnn()
     rng = np.random.default_rng(0)
@@ -285,7 +289,7 @@ def test_a_unit_considers_every_subset_of_its_chains(narrowable):
 
 
 def test_widths_keep_the_channel_block_when_asked():
-    from onnx_lowrank.stages.analyze import widths
+    from onnx_lowrank.math.elimination import widths
 
     assert widths(64, 0) == list(range(4, 64, 4))
     assert 21 in widths(64, 21) and widths(64, 21, align=8) == [8, 16, 24, 32, 40, 48, 56, 64]

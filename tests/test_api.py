@@ -9,7 +9,7 @@ import onnx
 import onnx.numpy_helper
 import onnx.utils
 import pytest
-from conftest import (
+from helpers.builders import (
     CNN_LAYERS,
     build_cnn,
     build_depthwise_only,
@@ -17,9 +17,9 @@ from conftest import (
     build_matmul,
     build_relu_only,
     initializer_arrays,
-    run,
-    save,
 )
+from helpers.files import save
+from helpers.running import run
 
 import onnx_lowrank
 from onnx_lowrank import BudgetError

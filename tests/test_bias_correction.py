@@ -20,7 +20,9 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
-from conftest import make_model, rng_for, run, tensor, weights
+from helpers.builders import make_model, rng_for, tensor, weights, with_outputs
+from helpers.running import run
+from helpers.strategies import conv_graphs
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import helper
@@ -28,7 +30,8 @@ from onnx import helper
 from onnx_lowrank.stages import costs as cost
 from onnx_lowrank.stages.calibrate import collect_statistics
 from onnx_lowrank.math.decomposition import WeightDecomposition
-from onnx_lowrank.stages.discover import Layer, discover
+from onnx_lowrank.ops.layer import Layer
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import factorize_layers
 from onnx_lowrank.math.projection import OutputDecomposition
 from onnx_lowrank.math.svd import Factors, reconstruct
@@ -44,15 +47,6 @@ def bn_affine(model: onnx.ModelProto, bn_inputs) -> tuple[np.ndarray, np.ndarray
     gamma, beta, mean, var = (arrays[name] for name in bn_inputs)
     scale = gamma / np.sqrt(var + BN_EPSILON)
     return scale, beta - mean * scale
-
-
-def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for name in names:
-        if name not in {o.name for o in copy.graph.output}:
-            copy.graph.output.add().name = name
-    return copy
 
 
 def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
@@ -345,47 +339,12 @@ def test_reduced_rank_data_aware_keeps_the_output_mean(name, k):
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@st.composite
-def conv_graphs(draw):
-    """A random Conv (1-D or 2-D, strides, dilations, pads or auto_pad, bias yes/no), maybe with a BatchNorm."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    nd = draw(st.sampled_from([1, 2]))
-    c_in = draw(st.integers(1, 4)) * draw(st.integers(1, 3))
-    c_out = draw(st.integers(1, 8))
-    kernel = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd))
-    strides = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd))
-    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
-    max_dilation = 1 if auto_pad.startswith("SAME") else 2  # onnxruntime refuses dilations with SAME_*
-    dilations = draw(st.lists(st.integers(1, max_dilation), min_size=nd, max_size=nd))
-    attrs = dict(strides=strides, dilations=dilations, auto_pad=auto_pad)
-    if auto_pad == "NOTSET":
-        attrs["pads"] = draw(st.lists(st.integers(0, 2), min_size=2 * nd, max_size=2 * nd))
-    spatial = [d * (k - 1) + 1 + draw(st.integers(0, 5)) for k, d in zip(kernel, dilations)]
-    has_bias, has_bn = bool(rng.integers(2)), bool(rng.integers(2))  # balanced, whatever hypothesis favours
-    init = {"w": rng.uniform(-1, 1, (c_out, c_in, *kernel)).astype(np.float32)}
-    inputs = ["x", "w"]
-    if has_bias:
-        init["b"] = rng.uniform(-1, 1, c_out).astype(np.float32)
-        inputs.append("b")
-    nodes = [helper.make_node("Conv", inputs, ["c" if has_bn else "y"], name="conv", **attrs)]
-    if has_bn:
-        init.update({
-            "gamma": rng.uniform(0.5, 1.5, c_out).astype(np.float32),
-            "beta": rng.uniform(-1, 1, c_out).astype(np.float32),
-            "mean": rng.uniform(-1, 1, c_out).astype(np.float32),
-            "var": rng.uniform(0.5, 2.0, c_out).astype(np.float32),
-        })
-        nodes.append(helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
-    batch = draw(st.integers(1, 2))
-    model = make_model(nodes, [tensor("x", [batch, c_in, *spatial])], [tensor("y", [None] * (nd + 2))], init)
-    event(f"bias={has_bias}, bn={has_bn}")
-    return model, c_in, draw(st.integers(0, 2**16))
-
-
 @SETTINGS
-@given(conv_graphs(), st.data())
-def test_property_conv_full_rank_data_aware_reproduces_original(graph, data):
-    model, c_in, seed = graph
+@given(conv_graphs(), st.integers(0, 2**16), st.data())
+def test_property_conv_full_rank_data_aware_reproduces_original(graph, seed, data):
+    """Any Conv of `conv_graphs` (1-D or 2-D, strides, dilations, pads or auto_pad, bias yes/no, weights as
+    initializers or Constant nodes), maybe with a BatchNorm."""
+    model, _, c_in = graph
     layer = only_layer(model)
     k = data.draw(st.sampled_from([d for d in range(1, c_in + 1) if c_in % d == 0]), label="k")
     event("grouped (k > 1)" if k > 1 else "k = 1")

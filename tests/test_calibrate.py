@@ -13,7 +13,8 @@ import math
 import numpy as np
 import onnx
 import pytest
-from conftest import make_model, rng_for, run, tensor, weights
+from helpers.builders import initializer_arrays, make_model, rng_for, tensor, weights, with_outputs
+from helpers.running import run
 from onnx import helper
 
 import onnx_lowrank
@@ -79,11 +80,7 @@ def own_patches(x: np.ndarray, node: onnx.NodeProto, kernel) -> np.ndarray:
 
 def intermediates(model: onnx.ModelProto, names, feed) -> dict[str, np.ndarray]:
     """The named tensors of one run, by a session of our own (the tensors added as plain graph outputs)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for name in names:
-        if name not in {o.name for o in copy.graph.output}:
-            copy.graph.output.add().name = name
+    copy = with_outputs(model, names)
     values = run(copy, feed)
     return dict(zip([o.name for o in copy.graph.output], values))
 
@@ -128,10 +125,6 @@ def assert_same(a, b, rtol: float = 0.0) -> None:
     else:
         np.testing.assert_allclose(a.gram, b.gram, rtol=rtol, atol=rtol * np.abs(b.gram).max())
         np.testing.assert_allclose(a.total, b.total, rtol=rtol, atol=rtol * np.abs(b.total).max() + 1e-12)
-
-
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 # ------------------------------------------------------------------------------------------------------------ models

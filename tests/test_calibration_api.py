@@ -1,10 +1,12 @@
 """Data-aware compression, end to end: calibration samples, the auto allocator, refit and the target search.
 
-Black-box where possible: models come from conftest, samples are made here, and every error claim is checked
+Black-box where possible: models come from helpers.builders, samples are made here, and every error claim is checked
 against onnxruntime (`verify`) or recomputed from the models' outputs rather than read back from the report.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import json
 import math
@@ -13,7 +15,9 @@ import weakref
 import numpy as np
 import onnx
 import pytest
-from conftest import CNN_LAYERS, build_cnn, build_gemm, build_matmul, run, save, sha256
+from helpers.builders import CNN_LAYERS, build_cnn, build_gemm, build_matmul
+from helpers.files import save, sha256
+from helpers.running import run
 
 import onnx_lowrank
 import onnx_lowrank.graph.inputs
@@ -391,8 +395,11 @@ def test_auto_without_calibration_is_refused(cnn_model, held_out_feeds, calibrat
         onnx_lowrank.compress(cnn_model, 0.5, allocator="auto", inputs=held_out_feeds, weight_only=True)
     with pytest.raises(InvalidOptionError):
         onnx_lowrank.plan(onnx_lowrank.analyze(cnn_model), 0.5, allocator="auto")
-    with pytest.raises(InvalidOptionError):  # a calibrated analysis, but nothing to run the plans on
-        onnx_lowrank.plan(calibrated_analysis, 0.5, allocator="auto")
+    # a calibrated analysis keeps its samples (issue 18): auto runs its plans on them
+    assert onnx_lowrank.plan(calibrated_analysis, 0.5, allocator="auto").notes[0].startswith("auto:")
+    orphan = dataclasses.replace(calibrated_analysis, context=None)  # calibrated, but nothing to run the plans on
+    with pytest.raises(InvalidOptionError, match="pass model= and calibration="):
+        onnx_lowrank.plan(orphan, 0.5, allocator="auto")
 
 
 # -------------------------------------------------------------------------------------------------------- 6. refit

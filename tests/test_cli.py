@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import CNN_LAYERS, build_cnn, build_depthwise_only, build_relu_only, run, save, sha256
+from helpers.builders import CNN_LAYERS, build_cnn, build_depthwise_only, build_relu_only
+from helpers.files import save, sha256
+from helpers.running import run
 
 from onnx_lowrank.cli.main import main
 

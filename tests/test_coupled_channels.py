@@ -19,7 +19,7 @@ from onnx_lowrank.stages.channel_sets import find_chains
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import eliminate_channels
 
-from conftest import assert_same_outputs
+from helpers.running import assert_same_outputs
 
 
 class _Builder:

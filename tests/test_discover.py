@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import CNN_LAYERS, build_cnn, build_gemm, build_matmul, make_model, tensor, to_constant_nodes
+from helpers.builders import CNN_LAYERS, build_cnn, build_gemm, build_matmul, make_model, tensor, to_constant_nodes
 from onnx import TensorProto, helper
 
 from onnx_lowrank.stages.discover import discover

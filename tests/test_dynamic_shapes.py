@@ -8,7 +8,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import build_cnn, make_model, save, tensor
+from helpers.builders import build_cnn, make_model, tensor
+from helpers.files import save
 from onnx import helper
 
 from onnx_lowrank.cli.main import main

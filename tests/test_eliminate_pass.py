@@ -17,7 +17,7 @@ from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.math.elimination import ChannelElimination, Reader
 from onnx_lowrank.passes import eliminate_channels
 
-from conftest import assert_same_outputs
+from helpers.running import assert_same_outputs
 
 
 def _dependent_rows(rng, channels: int, independent: int, columns: int, activation: str):

@@ -20,13 +20,8 @@ from onnx import TensorProto, helper
 
 from onnx_lowrank.cli.main import main
 
-from conftest import build_matmul
-
-
-def _external(model: onnx.ModelProto, path: Path) -> Path:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=0)
-    return path
+from helpers.builders import build_matmul
+from helpers.files import save_external
 
 
 def _relocate(path: Path, location: str) -> None:
@@ -47,7 +42,7 @@ def _with_opset(version: int) -> onnx.ModelProto:
 
 
 def _absolute_location(folder: Path) -> Path:
-    model = _external(build_matmul(), folder / "m.onnx")
+    model = save_external(build_matmul(), folder / "m.onnx")
     elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
     os.replace(folder / "m.onnx.data", elsewhere / "w.data")
@@ -55,21 +50,24 @@ def _absolute_location(folder: Path) -> Path:
     return model
 
 
-def _parent_location(folder: Path) -> Path:
+def _data_moved_up(folder: Path) -> Path:
+    """inner/m.onnx, whose data file has been moved up to w.data (its tensors still name m.onnx.data)."""
     inner = folder / "inner"
     inner.mkdir()
-    model = _external(build_matmul(), inner / "m.onnx")
+    model = save_external(build_matmul(), inner / "m.onnx")
     os.replace(inner / "m.onnx.data", folder / "w.data")
+    return model
+
+
+def _parent_location(folder: Path) -> Path:
+    model = _data_moved_up(folder)
     _relocate(model, "../w.data")
     return model
 
 
 def _symlink_escape(folder: Path) -> Path:
-    inner = folder / "inner"
-    inner.mkdir()
-    model = _external(build_matmul(), inner / "m.onnx")
-    os.replace(inner / "m.onnx.data", folder / "w.data")
-    (inner / "m.onnx.data").symlink_to(folder / "w.data")
+    model = _data_moved_up(folder)
+    (folder / "inner" / "m.onnx.data").symlink_to(folder / "w.data")
     return model
 
 
@@ -81,14 +79,14 @@ def _truncated_model(folder: Path) -> Path:
 
 
 def _truncated_data(folder: Path) -> Path:
-    model = _external(build_matmul(), folder / "m.onnx")
+    model = save_external(build_matmul(), folder / "m.onnx")
     data = folder / "m.onnx.data"
     data.write_bytes(data.read_bytes()[:100])
     return model
 
 
 def _missing_data(folder: Path) -> Path:
-    model = _external(build_matmul(), folder / "m.onnx")
+    model = save_external(build_matmul(), folder / "m.onnx")
     (folder / "m.onnx.data").unlink()
     return model
 

@@ -1,34 +1,31 @@
 """Fuzzing: whatever valid graph or broken file it is given, `onnx-lowrank compress` compresses it into a model that
 passes the full checker and runs like the original, or refuses it with one line and exit code 2; it never raises.
 
-The graphs come from `fuzz_graphs.fuzz_models` (candidate layers mixed with other ops, shared and float16 weights,
-dynamic dims, opsets 7 to 24); the broken files are valid ones truncated, flipped, padded with garbage or emptied,
-models whose external data file is empty, short, missing or outside their folder, duplicated node names, NaN and
-infinite constants, unknown tensor types. Examples are derandomized so the suite is stable (`pytest
+The graphs come from `helpers.strategies.fuzz_models` (candidate layers mixed with other ops, shared and float16
+weights, dynamic dims, opsets 7 to 24); the broken files are valid ones truncated, flipped, padded with garbage or
+emptied, models whose external data file is empty, short, missing or outside their folder, duplicated node names, NaN
+and infinite constants, unknown tensor types. Examples are derandomized so the suite is stable (`pytest
 --hypothesis-show-statistics` shows what they covered); ONNX_LOWRANK_FUZZ=N hunts longer, at random.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import os
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from conftest import build_gemm, build_matmul, make_model, save, tensor
-from fuzz_graphs import FuzzModel, corruptions, fuzz_models
+from helpers.builders import build_gemm, build_matmul, make_model, tensor
+from helpers.files import save, sha256
+from helpers.running import run_cli
+from helpers.strategies import FuzzModel, corruptions, fuzz_models
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from onnx_lowrank import api
-from onnx_lowrank.cli.main import main
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.plan import Plan
 
@@ -47,17 +44,6 @@ ERROR_PREFIX = "onnx-lowrank: error:"
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `main(argv)`; an exception escaping main fails the test with its traceback."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included: main must return
-            raise AssertionError(f"main({argv}) raised:\n{traceback.format_exc()}\nstderr:\n{err.getvalue()}")
-    return code, out.getvalue(), err.getvalue()
 
 
 def feeds_for(fm: FuzzModel, seed: int = 0) -> dict[str, np.ndarray]:
@@ -93,10 +79,6 @@ def loads_in_onnxruntime(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - any refusal of onnxruntime
         return False
     return True
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def assert_one_line_error(code: int, out_path: Path, stderr: str, context: str) -> None:

@@ -26,35 +26,24 @@ from onnx_lowrank.cli.main import main
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.graph.load import load_model, save_model
 
-from conftest import build_matmul, run
+from helpers.builders import build_matmul, initializer_arrays
+from helpers.files import save_external
+from helpers.running import run
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _external(model: onnx.ModelProto, path: Path) -> Path:
-    """Save a copy of `model` with every weight as external data (onnx.save_model rewrites what it is given)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=0)
-    return path
-
-
-def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 def test_external_weights_are_not_read_when_the_model_is_loaded(tmp_path):
     """After load_model the tensors are headers pointing at the data file; discovery reads them then: weights
     changed on disk after loading are the ones discovery sees."""
     model = build_matmul()
-    path = _external(model, tmp_path / "m.onnx")
+    path = save_external(model, tmp_path / "m.onnx")
     loaded = load_model(path)
     data_file = (tmp_path / "m.onnx.data").resolve()
     for tensor in loaded.graph.initializer:
         assert runtime.is_external(tensor) and not tensor.HasField("raw_data")
         assert dict((e.key, e.value) for e in tensor.external_data)["location"] == str(data_file)
-    assert loaded.ByteSize() < 2048 < sum(a.nbytes for a in _weights(model).values())
+    assert loaded.ByteSize() < 2048 < sum(a.nbytes for a in initializer_arrays(model).values())
 
     header = onnx.load(str(path), load_external_data=False).graph.initializer[0]
     offset = int(dict((e.key, e.value) for e in header.external_data).get("offset", 0))
@@ -68,7 +57,7 @@ def test_external_weights_are_not_read_when_the_model_is_loaded(tmp_path):
 
 def test_a_lazily_loaded_model_runs_and_saves_like_the_original(tmp_path):
     model = build_matmul()
-    loaded = load_model(_external(model, tmp_path / "m.onnx"))
+    loaded = load_model(save_external(model, tmp_path / "m.onnx"))
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 6, 24)).astype(np.float32)}
     session = runtime.session(loaded)
     np.testing.assert_array_equal(runtime.run(session, feeds)["y"], run(model, feeds)[0])
@@ -79,13 +68,13 @@ def test_a_lazily_loaded_model_runs_and_saves_like_the_original(tmp_path):
     for written in (inline, external):
         reread = onnx.load(str(written))
         onnx.checker.check_model(reread, full_check=True)
-        assert {k: v.tolist() for k, v in _weights(reread).items()} == {
-            k: v.tolist() for k, v in _weights(model).items()}
+        assert {k: v.tolist() for k, v in initializer_arrays(reread).items()} == {
+            k: v.tolist() for k, v in initializer_arrays(model).items()}
 
 
 def test_the_writer_copies_external_weights_from_the_source_file_in_order(tmp_path):
     """Untouched weights are streamed from the input's data file: same values, page-aligned, deterministic."""
-    loaded = load_model(_external(build_matmul(), tmp_path / "m.onnx"))
+    loaded = load_model(save_external(build_matmul(), tmp_path / "m.onnx"))
     first = runtime.save_with_external_data(loaded, _folder(tmp_path / "a"), "out.onnx")
     second = runtime.save_with_external_data(loaded, _folder(tmp_path / "b"), "out.onnx")
     assert first.read_bytes() == second.read_bytes()
@@ -102,7 +91,7 @@ def _folder(path: Path) -> Path:
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external data"])
 def test_same_input_and_options_give_the_same_bytes(tmp_path, external):
-    source = _external(build_matmul(), tmp_path / "m.onnx")
+    source = save_external(build_matmul(), tmp_path / "m.onnx")
     outputs = []
     for name in ("first", "second"):
         target = _folder(tmp_path / name) / "c.onnx"
@@ -225,7 +214,7 @@ def test_external_model_with_constant_nodes_and_a_subgraph_writes_every_tensor(t
 
 def test_a_lazily_loaded_model_can_be_passed_on_as_a_modelproto(tmp_path):
     """What load_model returns is accepted again by the API (the auto allocator and sweep pass it on)."""
-    loaded = load_model(_external(build_matmul(), tmp_path / "m.onnx"))
+    loaded = load_model(save_external(build_matmul(), tmp_path / "m.onnx"))
     assert load_model(loaded) is loaded
 
 

@@ -1,4 +1,5 @@
-"""measure_latency_ratio returns sane numbers (no timing thresholds: CI machines are noisy)."""
+"""The one timing loop (`OnnxruntimeTimer`) and measure_latency_ratio on it return sane numbers (no timing
+thresholds: CI machines are noisy); with a scripted timer the numbers are exactly the script's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.stages import timing as latency
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
-from onnx_lowrank.stages.timing import LatencyComparison, measure_latency_ratio
+from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.stages.timing import LatencyComparison, OnnxruntimeTimer, measure_latency_ratio, model_latency
+
+from helpers.timers import ScriptedTimer
 
 
 def matmul_chain(ranks: tuple[int, ...]) -> onnx.ModelProto:
@@ -36,7 +40,7 @@ FEEDS = [{"x": np.ones((8, 64), np.float32)}, {"x": np.zeros((2, 64), np.float32
 
 def test_returns_positive_medians_and_their_ratio():
     result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=5, warmup=1,
-                                   threads=1, pause_s=0.0)
+                                   threads=1)
     assert isinstance(result, LatencyComparison)
     assert result.original_ms > 0 and result.compressed_ms > 0
     assert result.ratio == pytest.approx(result.compressed_ms / result.original_ms)
@@ -68,26 +72,42 @@ def _log_runs_and_pauses(monkeypatch) -> list:
     return log
 
 
-def test_interleaves_rounds_over_the_feeds_and_pauses_after_every_timed_run_when_asked(monkeypatch):
+def test_interleaves_rounds_over_the_feeds_without_pausing(monkeypatch):
+    """Timing sessions stop their threads spinning at the end of each run, so no pause is needed between runs (the
+    `pause_s` option is gone)."""
     log = _log_runs_and_pauses(monkeypatch)
-    result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=3, warmup=0,
-                                   pause_s=0.25)
-    # one untimed round (warmup 0 still checks the feeds) without pauses, then three timed rounds: round i runs
-    # feed i mod 2 (batch 8, then 2) on the original, pauses, runs it on the compressed model, pauses
+    result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=3, warmup=0)
+    # one untimed round (warmup 0 still checks the feeds), then three timed rounds: round i runs feed i mod 2
+    # (batch 8, then 2) on the original, then on the compressed model
     warmup = [("original", 8), ("compressed", 8)]
-    timed = [("original", 8), ("pause", 0.25), ("compressed", 8), ("pause", 0.25),
-             ("original", 2), ("pause", 0.25), ("compressed", 2), ("pause", 0.25),
-             ("original", 8), ("pause", 0.25), ("compressed", 8), ("pause", 0.25)]
+    timed = [("original", 8), ("compressed", 8), ("original", 2), ("compressed", 2), ("original", 8), ("compressed", 8)]
     assert log == warmup + timed
     assert result.original_ms > 0 and result.compressed_ms > 0
+    assert not hasattr(latency, "PAUSE_S")
+    with pytest.raises(TypeError):
+        measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), FEEDS, pause_s=0.0)
 
 
 def test_does_not_pause_by_default(monkeypatch):
-    """Timing sessions stop their threads spinning at the end of each run, so no pause is needed between runs."""
-    assert latency.PAUSE_S == 0.0
     log = _log_runs_and_pauses(monkeypatch)
     measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), FEEDS[:1], repeats=3, warmup=2)
     assert log == [("original", 8), ("compressed", 8)] * 5  # two warm-up rounds, three timed ones, no pause
+
+
+def test_the_timer_returns_every_round_and_the_medians():
+    timings = OnnxruntimeTimer(RuntimeSettings(threads=1)).time(
+        [matmul_chain((64,)), matmul_chain((16, 64))], [FEEDS, FEEDS[:1]], rounds=4)
+    assert len(timings.medians) == 2 and [len(s) for s in timings.samples] == [4, 4]
+    assert all(ms > 0 for ms in timings.medians)
+    assert all(min(s) <= m <= max(s) for m, s in zip(timings.medians, timings.samples))
+
+
+def test_a_scripted_timer_decides_the_ratio_and_the_model_time():
+    timer = ScriptedTimer(lambda model: float(len(model.graph.node)))  # 2 nodes dense, 3 factorized
+    result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=3, timer=timer)
+    assert (result.original_ms, result.compressed_ms, result.ratio) == (2.0, 3.0, 1.5)
+    assert model_latency(matmul_chain((64,)), FEEDS[0], RuntimeSettings(), timer=timer) == 2.0
+    assert len(timer.calls) == 2
 
 
 @pytest.mark.parametrize(
@@ -97,7 +117,6 @@ def test_does_not_pause_by_default(monkeypatch):
         ({"warmup": -1}, "'warmup'"),
         ({"threads": 0}, "'threads'"),
         ({"repeats": 2.5}, "'repeats'"),
-        ({"pause_s": -0.1}, "'pause_s'"),
     ],
 )
 def test_rejects_bad_options(kwargs, match):
@@ -110,4 +129,4 @@ def test_rejects_missing_or_bad_feeds():
         measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), [])
     with pytest.raises(InputDataError, match="rejected the inputs"):
         measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), [{"x": np.ones((1, 3), np.float32)}],
-                              warmup=0, pause_s=0.0)
+                              warmup=0)

@@ -1,7 +1,8 @@
 """The latency cost model: interpolation, the disk cache, the timing grid, the guard and the latency budget.
 
 No test here asserts a speed: timings on a CI machine are noise. They check what is computed from timings (given
-synthetic ones where the outcome must be known), and that the cache makes a second run time nothing.
+synthetic ones, or a scripted timer, where the outcome must be known), and that the cache makes a second run time
+nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import build_cnn
+from helpers.builders import build_cnn
+from helpers.timers import ScriptedTimer
 from onnx_lowrank.stages import layer_timing
 from onnx_lowrank.stages.allocate import allocate
 from onnx_lowrank.stages.analyze import GUARD_RATIO, analyze_layers
@@ -22,6 +24,7 @@ from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.stages.latency_cache import LatencyCache, variant_key
 from onnx_lowrank.stages.layer_timing import blocked, largest_candidate_rank, measure_layers, rank_grid
 from onnx_lowrank.passes.isolate import ISOLATED_INPUT, isolate_layer
+from onnx_lowrank.graph import runtime
 from onnx_lowrank.graph.runtime import RuntimeSettings
 
 SHAPES = {"x": (1, 3, 16, 16), "r1": (1, 16, 16, 16), "r2": (1, 32, 8, 8), "flat": (1, 32), "r4": (1, 64)}
@@ -164,9 +167,21 @@ def test_measure_layers_times_every_form_and_a_warm_cache_times_nothing(monkeypa
     def no_session(*args, **kwargs):
         raise AssertionError("a warm cache must not time anything")
 
-    monkeypatch.setattr(layer_timing.runtime, "session", no_session)
-    again = measure_layers(model, layers, SHAPES, settings, cache, max_groups=2)
-    assert again == timings and len(cache) == entries
+    monkeypatch.setattr(runtime, "session", no_session)
+    timer = ScriptedTimer()
+    again = measure_layers(model, layers, SHAPES, settings, cache, max_groups=2, timer=timer)
+    assert again == timings and len(cache) == entries and timer.calls == []
+
+
+def test_measure_layers_keeps_what_the_timer_measured():
+    model = build_cnn()
+    layers = discover(model, shapes=SHAPES).layers
+    timer = ScriptedTimer(lambda m: float(len(m.graph.node)))  # a layer alone: 1 node; factorized: more
+    timings = measure_layers(model, layers, SHAPES, RuntimeSettings(threads=1), LatencyCache(None), max_groups=2,
+                             timer=timer)
+    assert len(timer.calls) == len(layers)  # every layer's variants in one interleaved call
+    assert all(t.dense_ms == 1.0 for t in timings.values())
+    assert all(ms > 1.0 for t in timings.values() for f in t.forms.values() for _, ms in f.points)
 
 
 # ----------------------------------------------------------------------------------------- guard and latency budget
@@ -221,18 +236,20 @@ def test_whole_model_time_is_cached_with_the_layers_and_measured_again_with_them
     from onnx_lowrank import api
 
     calls = []
-    original = api.realized_fraction
-    monkeypatch.setattr(api, "realized_fraction", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(layer_timing, "ROUNDS", 2)
+    original = layer_timing.realized_fraction
+    monkeypatch.setattr(layer_timing, "realized_fraction", lambda *a, **k: calls.append(1) or original(*a, **k))
     cache = tmp_path / "latency.json"
     model = build_cnn()
-    first = api.analyze(model, threads=1, latency_cache=cache)
-    second = api.analyze(model, threads=1, latency_cache=cache)
+    timer = ScriptedTimer()
+    first = api.analyze(model, threads=1, latency_cache=cache, timer=timer)
+    assert timer.calls
+    second = api.analyze(model, threads=1, latency_cache=cache, timer=(timer := ScriptedTimer()))
     assert len(calls) == 1 and second.total("latency") == first.total("latency")
+    assert timer.calls == []  # nothing timed again
     entries = json.loads(cache.read_text())["entries"]
     entries.pop(next(iter(entries)))  # one timing gone: that layer, and the whole model, are timed again
     cache.write_text(json.dumps({"format": "onnx-lowrank-latency-cache", "version": 1, "entries": entries}))
-    api.analyze(model, threads=1, latency_cache=cache)
+    api.analyze(model, threads=1, latency_cache=cache, timer=timer)
     assert len(calls) == 2
 
 
@@ -257,3 +274,17 @@ def test_probe_measures_a_bounded_fraction():
     assert layer_timing.MIN_REALIZED <= fraction <= layer_timing.MAX_REALIZED
     no_forms = {l.name: LayerTiming(1.0) for l in layers}
     assert layer_timing.realized_fraction(model, layers, no_forms, feed, RuntimeSettings(threads=1))[1] == 1.0
+
+
+@pytest.mark.parametrize("probe_ms, fraction", [(9.0, 0.4), (0.0, layer_timing.MAX_REALIZED),
+                                                (10.0, layer_timing.MIN_REALIZED)])
+def test_probe_fraction_is_what_the_timer_measured_bounded(probe_ms, fraction):
+    model = build_cnn()
+    layers = discover(model, shapes=SHAPES).layers  # five layers, each predicted to save 0.5 ms: 2.5 ms in all
+    timings = {l.name: LayerTiming(1.0, {1: FormTiming(((1, 0.5),))}) for l in layers}
+    feed = {"x": np.zeros(SHAPES["x"], np.float32)}
+    original = model.SerializeToString()
+    timer = ScriptedTimer(lambda m: 10.0 if m.SerializeToString() == original else probe_ms)
+    total, measured = layer_timing.realized_fraction(model, layers, timings, feed, RuntimeSettings(), timer=timer)
+    assert total == 10.0 and measured == pytest.approx(fraction)
+    assert [len(models) for models in timer.calls] == [2]  # the original and the probe, interleaved

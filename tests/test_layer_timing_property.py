@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_full_rank_property import conv_graphs, gemm_graphs, matmul_graphs
+from helpers.strategies import conv_graphs, gemm_graphs, matmul_graphs
 
 from onnx_lowrank import api
 

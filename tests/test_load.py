@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
+from helpers.files import save_external
 from onnx import TensorProto, helper
 
 from onnx_lowrank.graph import load
@@ -26,14 +27,9 @@ def _gemm_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _save_external(model: onnx.ModelProto, path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=0)
-
-
 def test_external_data_next_to_the_model_is_loaded(tmp_path):
     source = tmp_path / "model.onnx"
-    _save_external(_gemm_model(), source)
+    save_external(_gemm_model(), source)
     assert (tmp_path / "model.onnx.data").exists()
     output = tmp_path / "out.onnx"
     assert main(["compress", str(source), str(output), "--budget", "0.8", "--quiet", "--allow-slower"]) == 0
@@ -43,7 +39,7 @@ def test_external_data_next_to_the_model_is_loaded(tmp_path):
 
 def test_missing_external_data_is_a_clear_error(tmp_path, capsys):
     source = tmp_path / "model.onnx"
-    _save_external(_gemm_model(), source)
+    save_external(_gemm_model(), source)
     (tmp_path / "model.onnx.data").unlink()
     output = tmp_path / "out.onnx"
     assert main(["compress", str(source), str(output), "--budget", "0.8", "--quiet"]) == 2

@@ -12,7 +12,8 @@ import pytest
 from onnx_lowrank.cli.main import main
 from onnx_lowrank.plan import Plan
 
-from conftest import build_cnn
+from helpers.builders import build_cnn, build_matmul
+from helpers.timers import ScriptedTimer
 
 
 @pytest.fixture()
@@ -67,7 +68,8 @@ def test_a_latency_budget_is_spent_on_narrowed_layers_priced_by_their_timings(tm
     from onnx_lowrank import plan
 
     model, samples = cnn
-    analysis = analyze(str(model), inputs=str(samples), method="eliminate", latency_cache=tmp_path / "cache.json")
+    analysis = analyze(str(model), inputs=str(samples), method="eliminate", latency_cache=tmp_path / "cache.json",
+                       timer=ScriptedTimer())
     timings = analysis.costs["latency"].timings
     priced = [entry for entry in analysis.chains if entry.candidates]  # a 16-channel chain has no width on a
     assert priced  # 16-channel block (AVX-512): nothing to time or offer
@@ -78,7 +80,7 @@ def test_a_latency_budget_is_spent_on_narrowed_layers_priced_by_their_timings(tm
     chosen = plan(analysis, 0.95, metric="latency", allocator="alds")
     assert chosen.widths and not chosen.layers
     _, report = compress(str(model), 0.95, metric="latency", method="eliminate", inputs=str(samples),
-                         allocator="alds", verify=False, latency_cache=tmp_path / "cache.json")
+                         allocator="alds", verify=False, latency_cache=tmp_path / "cache.json", timer=ScriptedTimer())
     assert report.narrowed and report.ratio("latency") <= 0.95 + 1e-9
 
 
@@ -111,7 +113,7 @@ def test_latency_is_predicted_for_a_narrowed_model_from_its_timed_widths(tmp_pat
 
     model, samples = cnn
     _, report = compress(str(model), 0.8, method="eliminate", inputs=str(samples), verify=False,
-                         latency_cache=tmp_path / "cache.json")
+                         latency_cache=tmp_path / "cache.json", timer=ScriptedTimer())
     latency = report.before["latency"]
     assert report.narrowed and report.after["latency"] < latency
     assert all("latency" in row.savings for row in report.narrowed)
@@ -135,7 +137,6 @@ def test_analyze_prints_and_writes_the_narrowable_layers(tmp_path, capsys, cnn):
 
 def test_eliminate_with_nothing_narrowable_refuses_the_budget(tmp_path, capsys):
     """A model whose layers cannot be narrowed is not returned unchanged as if the budget were met."""
-    from conftest import build_matmul
 
     model = tmp_path / "m.onnx"
     onnx.save(build_matmul(), str(model))
@@ -163,7 +164,6 @@ def test_refit_also_makes_up_for_narrowed_layers():
     import onnx_lowrank
     from onnx_lowrank.graph import runtime
 
-    from conftest import build_cnn
 
     model = build_cnn()
     rng = np.random.default_rng(0)
@@ -192,7 +192,7 @@ def test_the_predicted_cost_of_a_plan_is_what_the_report_predicts(tmp_path, cnn)
 
     model, samples = cnn
     analysis = analyze(str(model), inputs=str(samples), method="both", latency_cache=tmp_path / "cache.json",
-                       allow_slower=False)
+                       allow_slower=False, timer=ScriptedTimer())
     plan = allocate(analysis, 0.8, metric="params", allocator="alds")
     _, report = apply(str(model), plan, analysis=analysis, verify=False)
     for metric in ("params", "flops", "latency"):

@@ -10,14 +10,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import build_cnn, build_matmul, make_model, run, save, tensor, weights
+from helpers.builders import build_cnn, build_matmul, make_model, tensor, weights
+from helpers.files import save
+from helpers.rewrites import full_rank
+from helpers.running import run
 from onnx import TensorProto, helper, numpy_helper
 from onnx_lowrank.passes import factorize_layers
 
 import onnx_lowrank
 from onnx_lowrank.cli.main import main
 from onnx_lowrank.stages.discover import discover
-from onnx_lowrank.math.svd import Factors, factorize, max_rank
+from onnx_lowrank.math.svd import factorize
 
 NEWEST_OPSET = onnx.defs.onnx_opset_version()
 
@@ -38,23 +41,6 @@ def _in_dtype(model: onnx.ModelProto, elem: int, full_check: bool = True) -> onn
         value.type.tensor_type.elem_type = elem
     onnx.checker.check_model(result, full_check=full_check)
     return result
-
-
-def _full_rank(model: onnx.ModelProto, k: int = 1, shift: bool = False) -> onnx.ModelProto:
-    """Every discovered layer rewritten at full rank with `k` groups where they divide its channels (and a zero bias correction when `shift`, so
-    the correction's nodes are written), through the real passes; the result must pass the full checker."""
-    rewrites = []
-    for layer in discover(model).layers:
-        groups = k if layer.in_channels % k == 0 else 1
-        factors = factorize(layer.read_matrix(), groups, max_rank(*layer.matrix_shape, groups))
-        if shift:
-            factors = Factors(factors.k, factors.rank, factors.encoder, factors.decoder,
-                              np.zeros(layer.out_channels))
-        rewrites.append((layer, factors))
-    new, count = factorize_layers(model, rewrites)
-    assert count == len(rewrites) > 0
-    onnx.checker.check_model(new, full_check=True)
-    return new
 
 
 def _new_initializers(new: onnx.ModelProto, old: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -80,7 +66,8 @@ def _one_line_or_nothing(err: str) -> None:
 def test_float16_layers_rewritten_at_full_rank_keep_their_outputs(build, shape, k):
     model = _in_dtype(build(), TensorProto.FLOAT16)
     assert {layer.dtype for layer in discover(model).layers} == {np.dtype(np.float16)}
-    new = _full_rank(model, k=k, shift=True)  # shift: the Add after a MatMul, the folded biases, all in float16
+    # shift: the Add after a MatMul, the folded biases, all in float16
+    new = full_rank(model, k=k, shift=True, k_where_it_divides=True)
     assert {t.data_type for t in _new_initializers(new, model) if t.data_type != TensorProto.INT64} == {
         TensorProto.FLOAT16}
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
@@ -216,7 +203,7 @@ def test_conv_1d_and_3d_are_factorized(spatial, k):
     assert layer.kernel_shape == (3,) * dims
     x = rng.standard_normal((1, 4, *spatial)).astype(np.float32)
     (expected,) = run(model, {"x": x})
-    (actual,) = run(_full_rank(model, k=k), {"x": x})
+    (actual,) = run(full_rank(model, k=k, k_where_it_divides=True), {"x": x})
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
     low, _ = factorize_layers(model, [(layer, factorize(layer.read_matrix(), k, 2))])
     onnx.checker.check_model(low, full_check=True)
@@ -252,7 +239,7 @@ def test_every_opset_from_7_to_the_newest(tmp_path, capsys, opset):
     onnxruntime 1.32 runs all of these opsets, so no case is skipped."""
     model = _three_layers(opset)
     x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    new = _full_rank(model, k=2, shift=True)
+    new = full_rank(model, k=2, shift=True, k_where_it_divides=True)
     assert [entry.version for entry in new.opset_import] == [opset]
     np.testing.assert_allclose(run(new, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
     source = save(model, tmp_path / "model.onnx")

@@ -7,7 +7,8 @@ import inspect
 import re
 
 import pytest
-from conftest import build_cnn, save
+from helpers.builders import build_cnn
+from helpers.files import save
 
 from onnx_lowrank import api
 from onnx_lowrank.cli.main import _parser, main
@@ -45,7 +46,7 @@ def test_every_flag_is_declared_and_every_declaration_is_a_flag():
 
 
 def test_every_api_keyword_a_user_sets_is_declared():
-    internal = {"model", "analysis", "progress", "latency_cache", "evaluate", "min_score", "latency_repeats"}
+    internal = {"model", "analysis", "progress", "latency_cache", "evaluate", "min_score", "latency_repeats", "timer"}
     for function in API_FUNCTIONS:
         for name in inspect.signature(function).parameters:
             assert name in OPTIONS or name in internal, f"{function.__name__}({name}=...) is not declared"

@@ -4,36 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from helpers.builders import make_model, tensor
+from helpers.running import run
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.stages.discover import Layer, discover
+from onnx_lowrank.ops.layer import Layer
+from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import factorize_layers
 from onnx_lowrank.math.svd import factorize, max_rank, reconstruct
 
-OPSET = 17
 RNG_SEED = 0
+# every model here has a doc string and metadata props, which the rewrites must keep; not checked when built (some
+# get their graph inputs and outputs added afterwards)
+DECORATED = dict(ir_version=9, doc_string="a tiny model", props={"character_dict": "a\nb\nc", "author": "me"},
+                 check=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def make_model(nodes, inputs, outputs, initializers=(), value_info=(), opset: int = OPSET) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers), value_info=value_info)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9 if opset > 6 else 3)
-    model.producer_name = "tests"
-    model.doc_string = "a tiny model"
-    onnx.helper.set_model_props(model, {"character_dict": "a\nb\nc", "author": "me"})
-    return model
-
-
-def tensor(name: str, shape, elem=TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    """A typed tensor; an int `shape` is a rank with unknown (symbolic) dimensions."""
-    if isinstance(shape, int):
-        shape = [f"{name}_{i}" for i in range(shape)]
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -42,14 +31,6 @@ def init(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def constant_node(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array)))
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def layer_of(model: onnx.ModelProto, node_output: str) -> Layer:
@@ -125,7 +106,8 @@ def conv_model(out=6, c=4, kernel=(3, 2), attrs=CONV_ATTRS, bias=True, batchnorm
                                       name="bn", epsilon=1e-3))
     nodes += list(extra_nodes)
     outputs = [tensor("y", 2 + len(kernel))]
-    return make_model(nodes, [tensor("x", x_shape)], outputs, inits + list(extra_inits), value_info)
+    return make_model(nodes, [tensor("x", x_shape)], outputs, inits + list(extra_inits), value_info=value_info,
+                      **DECORATED)
 
 
 def conv_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -163,7 +145,7 @@ def test_conv_structure_copies_attributes_and_sets_group():
 def test_conv_full_rank_reproduces_original(kernel, attrs, k):
     model = conv_model(kernel=kernel, attrs=attrs)
     new, _ = rewrite(model, layer_of(model, "y"), k)
-    assert_close(run(new, conv_feeds(model))[0], run(model, conv_feeds(model))[0])
+    assert_close(run(new, conv_feeds(model), threads=1)[0], run(model, conv_feeds(model), threads=1)[0])
 
 
 @pytest.mark.parametrize("k, rank", [(1, 2), (2, 1), (4, 2)])
@@ -175,7 +157,7 @@ def test_conv_reduced_rank_matches_numpy_reference(k, rank):
     w_hat = reconstruct(factors).reshape(layer.weight_shape)
     bias = initializers(model)["B"].astype(np.float64)
     want = conv2d_reference(x.astype(np.float64), w_hat, bias, [2, 1], [0, 1, 1, 2], [1, 2])
-    assert_close(run(new, {"x": x})[0], want)
+    assert_close(run(new, {"x": x}, threads=1)[0], want)
 
 
 def test_conv_batchnorm_is_folded_and_its_parameters_removed():
@@ -189,14 +171,14 @@ def test_conv_batchnorm_is_folded_and_its_parameters_removed():
     np.testing.assert_allclose(initializers(new)[decoder.input[2]], layer.bias.astype(np.float32))
     assert set(initializers(new)) == {new.graph.node[0].input[1], decoder.input[1], decoder.input[2]}
     assert len(new.graph.value_info) == 0  # the tensor between Conv and BN is gone
-    assert_close(run(new, conv_feeds(model))[0], run(model, conv_feeds(model))[0])
+    assert_close(run(new, conv_feeds(model), threads=1)[0], run(model, conv_feeds(model), threads=1)[0])
 
 
 def test_conv_weight_from_constant_node_is_removed():
     model = conv_model(weight_constant=True)
     new, _ = rewrite(model, layer_of(model, "y"), k=2)
     assert [n.op_type for n in new.graph.node] == ["Conv", "Conv"]
-    assert_close(run(new, conv_feeds(model))[0], run(model, conv_feeds(model))[0])
+    assert_close(run(new, conv_feeds(model), threads=1)[0], run(model, conv_feeds(model), threads=1)[0])
 
 
 def test_orphaned_weight_removed_but_unused_tensors_kept():
@@ -250,7 +232,7 @@ def test_new_names_avoid_every_existing_name():
     assert encoder.name == "conv/lowrank_encoder_1" and decoder.name == "conv/lowrank_decoder_1"
     assert encoder.input[1] == "W_lowrank_encoder_2" and decoder.input[1] == "W_lowrank_decoder_1"
     assert encoder.output[0] == "y_lowrank_hidden_1"
-    assert_close(run(new, conv_feeds(model))[0], run(model, conv_feeds(model))[0])
+    assert_close(run(new, conv_feeds(model), threads=1)[0], run(model, conv_feeds(model), threads=1)[0])
 
 
 def test_new_names_avoid_names_inside_subgraphs():
@@ -284,7 +266,7 @@ def gemm_model(n=3, inp=8, out=5, trans_b=1, alpha=0.7, beta=1.3, c_shape=(5,)) 
         inits.append(init("C", rng.standard_normal(c_shape).astype(np.float32)))
         inputs.append("C")
     node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
-    return make_model([node], [tensor("a", [n, inp])], [tensor("y", [n, out])], inits)
+    return make_model([node], [tensor("a", [n, inp])], [tensor("y", [n, out])], inits, **DECORATED)
 
 
 def gemm_feeds(n=3, inp=8):
@@ -311,7 +293,7 @@ def test_gemm_structure(k, ops):
 def test_gemm_full_rank_reproduces_original(trans_b, c_shape, k):
     model = gemm_model(trans_b=trans_b, c_shape=c_shape)
     new, _ = rewrite(model, layer_of(model, "y"), k)
-    assert_close(run(new, gemm_feeds())[0], run(model, gemm_feeds())[0])
+    assert_close(run(new, gemm_feeds(), threads=1)[0], run(model, gemm_feeds(), threads=1)[0])
 
 
 @pytest.mark.parametrize("k, rank", [(1, 1), (2, 2), (4, 1)])
@@ -320,7 +302,7 @@ def test_gemm_reduced_rank_matches_numpy_reference(k, rank):
     new, factors = rewrite(model, layer_of(model, "y"), k, rank)
     a = gemm_feeds()["a"]
     want = 0.7 * a.astype(np.float64) @ reconstruct(factors).T + 1.3 * initializers(model)["C"]
-    assert_close(run(new, {"a": a})[0], want)
+    assert_close(run(new, {"a": a}, threads=1)[0], want)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -336,7 +318,8 @@ def matmul_model(x_shape=(2, 3, 8), out=6, weight_constant=False, dtype=np.float
         nodes.insert(0, constant_node("W", weight))
     else:
         inits.append(init("W", weight))
-    return make_model(nodes, [tensor("x", list(x_shape), elem)], [tensor("y", [*x_shape[:-1], out], elem)], inits)
+    return make_model(nodes, [tensor("x", list(x_shape), elem)], [tensor("y", [*x_shape[:-1], out], elem)], inits,
+                      **DECORATED)
 
 
 def matmul_feeds(x_shape=(2, 3, 8), dtype=np.float32):
@@ -364,7 +347,7 @@ def test_matmul_grouped_structure_and_no_block_diagonal_weight():
 def test_matmul_full_rank_reproduces_original(x_shape, k):
     model = matmul_model(x_shape)
     new, _ = rewrite(model, layer_of(model, "y"), k)
-    assert_close(run(new, matmul_feeds(x_shape))[0], run(model, matmul_feeds(x_shape))[0])
+    assert_close(run(new, matmul_feeds(x_shape), threads=1)[0], run(model, matmul_feeds(x_shape), threads=1)[0])
 
 
 @pytest.mark.parametrize("k, rank", [(1, 3), (2, 1), (4, 2)])
@@ -372,14 +355,14 @@ def test_matmul_reduced_rank_matches_numpy_reference(k, rank):
     model = matmul_model()
     new, factors = rewrite(model, layer_of(model, "y"), k, rank)
     x = matmul_feeds()["x"]
-    assert_close(run(new, {"x": x})[0], x.astype(np.float64) @ reconstruct(factors).T)
+    assert_close(run(new, {"x": x}, threads=1)[0], x.astype(np.float64) @ reconstruct(factors).T)
 
 
 def test_matmul_weight_from_constant_node_is_removed():
     model = matmul_model(weight_constant=True)
     new, _ = rewrite(model, layer_of(model, "y"), k=2)
     assert "Constant" not in [n.op_type for n in new.graph.node]
-    assert_close(run(new, matmul_feeds())[0], run(model, matmul_feeds())[0])
+    assert_close(run(new, matmul_feeds(), threads=1)[0], run(model, matmul_feeds(), threads=1)[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16])
@@ -394,14 +377,15 @@ def test_new_weights_are_written_in_the_layer_dtype(dtype):
     assert {w.dtype for w in initializers(new).values()} == {np.dtype(dtype), np.dtype(np.int64)}
     x = matmul_feeds(dtype=dtype)
     rtol = 1e-2 if dtype == np.float16 else 1e-10
-    assert_close(run(new, x)[0].astype(np.float64), run(model, x)[0].astype(np.float64), rtol)
+    assert_close(run(new, x, threads=1)[0].astype(np.float64), run(model, x, threads=1)[0].astype(np.float64), rtol)
 
 
 def test_shared_weight_removed_only_when_its_last_user_is_rewritten():
     weight = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y1"], name="a"),
              helper.make_node("MatMul", ["x", "W"], ["y2"], name="b")]
-    model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y1", [2, 6]), tensor("y2", [2, 6])], [init("W", weight)])
+    model = make_model(nodes, [tensor("x", [2, 8])], [tensor("y1", [2, 6]), tensor("y2", [2, 6])], [init("W", weight)],
+                       **DECORATED)
     layers = [Layer(name=name, op="MatMul", node_output=out, input_name="x", weight_name="W", weight_shape=(8, 6),
                     matrix_shape=(6, 8), source=lambda: weight.T.astype(np.float64), in_channels=8, kernel_shape=(), dtype=np.dtype(np.float32),
                     activation_rank=2) for name, out in (("a", "y1"), ("b", "y2"))]
@@ -413,7 +397,7 @@ def test_shared_weight_removed_only_when_its_last_user_is_rewritten():
     assert len({n.name for n in both.graph.node}) == len(both.graph.node) == 8
     onnx.checker.check_model(both, full_check=True)
     x = matmul_feeds((2, 8))
-    for got, want in zip(run(both, x), run(model, x)):
+    for got, want in zip(run(both, x, threads=1), run(model, x, threads=1)):
         assert_close(got, want)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnx.reference
 import pytest
-from conftest import make_model, run, tensor
+from helpers.builders import make_model, tensor
+from helpers.running import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper

@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import build_cnn, fetch_model, save
+from helpers.builders import build_cnn
+from helpers.files import save
 from onnx import helper
 
+from benchmarks.workloads.base import model_path
 from onnx_lowrank.cli.main import main
 
 REWRITTEN_OPS = ("Conv", "Gemm", "MatMul", "BatchNormalization")
@@ -81,7 +83,7 @@ def test_compression_keeps_everything_it_does_not_rewrite(tmp_path):
 
 @pytest.mark.slow
 def test_real_recogniser_keeps_its_character_dictionary(tmp_path):
-    source = fetch_model("ppocrv4-rec")
+    source = model_path("ppocrv4-rec")
     model = onnx.load(source)
     (dictionary,) = [p.value for p in model.metadata_props if p.key == "character"]
     assert len(dictionary.splitlines()) > 1000  # the recogniser's characters, one per line

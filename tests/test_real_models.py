@@ -11,9 +11,9 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import fetch_model
 
 from onnx_lowrank.graph import runtime
+from benchmarks.workloads.base import model_path
 from onnx_lowrank.cli.main import main
 
 
@@ -29,7 +29,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("metric,budget", [("params", 0.7), ("flops", 0.5)])
 def test_compress_real_model(tmp_path, name, metric, budget):
-    source = fetch_model(name)
+    source = model_path(name)
     before = source.read_bytes()
     output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main([
@@ -65,7 +65,7 @@ def test_compress_real_model(tmp_path, name, metric, budget):
 def test_a_real_model_with_nothing_to_compress_says_why(tmp_path, capsys):
     """Silero VAD keeps every layer inside the branches of one If: the tool says so, counts its parameters, writes
     the model unchanged and spends no time timing or verifying it (issue 8's "nothing to compress" case)."""
-    source = fetch_model("silero-vad")
+    source = model_path("silero-vad")
     before = source.read_bytes()
     output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     code = main(["compress", str(source), str(output), "--budget", "0.7", "--report", str(report_path)])  # no sizes

@@ -8,7 +8,9 @@ import json
 import numpy as np
 
 import pytest
-from conftest import build_cnn, save
+from helpers.builders import build_cnn, build_gemm, build_matmul, build_relu_only, make_model, tensor
+from helpers.files import save, sha256
+from helpers.running import run
 
 from onnx_lowrank.cli.main import main
 
@@ -26,7 +28,6 @@ def test_max_error_with_no_verify_is_refused_up_front(model_path, tmp_path, caps
 
 
 def test_sweep_measures_nothing_when_nothing_changed(tmp_path, monkeypatch):
-    from conftest import build_relu_only
 
     from onnx_lowrank import sweep as sweep_module
 
@@ -34,7 +35,7 @@ def test_sweep_measures_nothing_when_nothing_changed(tmp_path, monkeypatch):
         raise AssertionError("an unchanged model must not be verified or timed")
 
     monkeypatch.setattr(sweep_module, "verify", refuse)
-    monkeypatch.setattr(sweep_module, "measure_latency_ratio", refuse)
+    monkeypatch.setattr(sweep_module, "compare_models", refuse)
     result = sweep_module.sweep(build_relu_only(), [0.9, 0.5], threads=1)
     assert [p.layers_factorized for p in result.points] == [0, 0]
     assert all(p.output_error == 0.0 and p.latency_ratio is None for p in result.points)
@@ -43,7 +44,6 @@ def test_sweep_measures_nothing_when_nothing_changed(tmp_path, monkeypatch):
 def _depthwise_stack(count: int):
     """`count` depthwise convs in a row, then one ordinary conv: the skip list has one reason `count` times."""
     import numpy as np
-    from conftest import make_model, tensor
     from onnx import helper
 
     rng = np.random.default_rng(0)
@@ -75,7 +75,6 @@ def test_skip_reasons_are_grouped_with_counts(tmp_path, capsys):
 
 
 def test_short_quiet_and_onnxslim_style_input_shapes(tmp_path, capsys):
-    from conftest import build_matmul
 
     path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
     out = tmp_path / "c.onnx"
@@ -86,7 +85,6 @@ def test_short_quiet_and_onnxslim_style_input_shapes(tmp_path, capsys):
 
 
 def test_several_shapes_after_one_flag_reach_every_input(tmp_path, capsys):
-    from conftest import build_matmul
 
     path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
     code = main(["compress", str(path), str(tmp_path / "c.onnx"), "--budget", "0.8", "--allow-slower", "-q",
@@ -102,7 +100,6 @@ def test_factorized_count_mentions_the_skipped_layers(tmp_path, capsys):
 
 
 def test_input_shape_before_the_positionals_still_takes_one_value(tmp_path):
-    from conftest import build_matmul
 
     path = save(build_matmul(shape=("batch", "tokens", 24)), tmp_path / "mm.onnx")
     out = tmp_path / "c.onnx"
@@ -113,7 +110,6 @@ def test_input_shape_before_the_positionals_still_takes_one_value(tmp_path):
 
 def _two_dynamic_inputs():
     import numpy as np
-    from conftest import make_model, tensor
     from onnx import helper
 
     w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
@@ -148,7 +144,6 @@ def test_progress_has_known_totals_for_every_stage(model_path):
 
 def _token_classifier():
     import numpy as np
-    from conftest import make_model, tensor
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -247,7 +242,6 @@ def test_blas_runs_single_threaded_in_analysis_and_apply(model_path, monkeypatch
 
 def test_regression_outputs_show_no_top1_agreement(tmp_path, capsys):
     """Finding 8: 'top-1 agreement 0.0000' on three regression scores."""
-    from conftest import build_gemm
 
     path = save(build_gemm(out=3, inp=64, bias_shape=(3,)), tmp_path / "reg.onnx")
     report = tmp_path / "r.json"
@@ -275,7 +269,6 @@ def test_save_as_external_data_writes_the_weights_beside_the_model(model_path, t
 
 
 def test_a_batch_is_counted_in_rows_not_as_one_sample(tmp_path, capsys):
-    from conftest import build_cnn
 
     path = save(build_cnn(input_shape=("batch", 3, 16, 16)), tmp_path / "m.onnx")
     np.savez(tmp_path / "batch.npz", x=np.random.default_rng(0).random((12, 3, 16, 16)).astype(np.float32))
@@ -313,7 +306,6 @@ def test_initializers_listed_as_inputs_are_read_as_constants(tmp_path, capsys):
     """Finding 3: an old PyTorch export got zero compression and no hint."""
     import onnx
 
-    from conftest import sha256
 
     path = save(_old_pytorch_export(), tmp_path / "old.onnx")
     digest = sha256(path)
@@ -334,9 +326,8 @@ def test_initializers_listed_as_inputs_are_read_as_constants(tmp_path, capsys):
 
 
 def test_initializer_inputs_at_full_rank_change_nothing():
-    from conftest import run
 
-    from onnx_lowrank import api
+    from onnx_lowrank import api, pipeline
 
     model = _old_pytorch_export()
     analysis = api.analyze(model, allow_slower=True)
@@ -344,7 +335,7 @@ def test_initializer_inputs_at_full_rank_change_nothing():
 
     rewrites = [(entry.layer, entry.decompositions[1].factors(min(entry.layer.matrix_shape)))
                 for entry in analysis.layers]
-    compressed, count = factorize_layers(api._prepare(model, None, None, False).model, rewrites)
+    compressed, count = factorize_layers(pipeline.prepare(model, None, None, False).model, rewrites)
     x = {"x": np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)}
     assert count == 2
     np.testing.assert_allclose(run(compressed, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)
@@ -352,7 +343,6 @@ def test_initializer_inputs_at_full_rank_change_nothing():
 
 def test_no_layer_is_factorized_for_a_small_saving(tmp_path):
     """Finding 8: a layer factorized for a 1% saving at error 0.25. A candidate saves at least cost.MIN_SAVING."""
-    from conftest import build_cnn, build_gemm
 
     from onnx_lowrank import api
     from onnx_lowrank.stages.costs import MIN_SAVING
@@ -389,7 +379,7 @@ def test_long_names_fit_the_terminal_and_stay_whole_in_the_json(tmp_path, capsys
     from rich.console import Console
 
     from onnx_lowrank import api
-    from onnx_lowrank.stages.report import render
+    from onnx_lowrank.cli.render import render
 
     path = save(_long_named_cnn(), tmp_path / "m.onnx")
     report_path = tmp_path / "r.json"
@@ -415,7 +405,7 @@ def test_long_names_fit_the_terminal_and_stay_whole_in_the_json(tmp_path, capsys
 
 
 def test_shorten_keeps_the_tail():
-    from onnx_lowrank.stages.report import shorten
+    from onnx_lowrank.cli.render import shorten
 
     assert shorten("/model.22/cv3.2/cv3.2.0/conv/Conv", 20) == "…2/cv3.2.0/conv/Conv"
     assert shorten("short", 20) == "short"
@@ -428,7 +418,7 @@ def test_a_narrow_console_keeps_every_model_total():
     from rich.console import Console
 
     from onnx_lowrank import api
-    from onnx_lowrank.stages.report import render
+    from onnx_lowrank.cli.render import render
 
     _, report = api.compress(build_cnn(), 0.6, allow_slower=True, threads=1)
     stream = io.StringIO()

@@ -23,12 +23,13 @@ from onnx_lowrank.stages.calibrate import collect_statistics
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.latency_cache import LatencyCache
 from onnx_lowrank.stages.layer_timing import measure_layers
-from onnx_lowrank.passes import factorize_layers
 from onnx_lowrank.graph.runtime import RuntimeSettings
 from onnx_lowrank.math.statistics import StatisticsAccumulator
-from onnx_lowrank.math.svd import factorize, max_rank
 
-from conftest import make_model, rng_for, run, save, tensor, weights
+from helpers.builders import make_model, rng_for, tensor, weights
+from helpers.files import save
+from helpers.rewrites import full_rank
+from helpers.running import run
 
 STEPS = 4
 
@@ -93,21 +94,6 @@ def rnn_feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
     rng = rng_for(seed)
     return {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(np.float32)
             for v in model.graph.input}
-
-
-def full_rank(model: onnx.ModelProto, k: int = 1, shift: bool = False) -> onnx.ModelProto:
-    """Every layer rewritten at full rank (with a zero bias correction when `shift`)."""
-    rewrites = []
-    for layer in discover(model).layers:
-        factors = factorize(layer.read_matrix(), k, max_rank(*layer.matrix_shape, k))
-        if shift:
-            factors = type(factors)(factors.k, factors.rank, factors.encoder, factors.decoder,
-                                    np.zeros(layer.out_channels))
-        rewrites.append((layer, factors))
-    rewritten, count = factorize_layers(model, rewrites)
-    assert count == len(rewrites)
-    onnx.checker.check_model(rewritten, full_check=True)
-    return rewritten
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

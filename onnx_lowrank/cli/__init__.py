@@ -1,0 +1,1 @@
+"""The command line (`main`), a thin layer over the Python API, with the terminal rendering and plots."""

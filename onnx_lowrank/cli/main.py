@@ -26,7 +26,8 @@ from onnx_lowrank.graph.load import check_output_path, save_model
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.cli.plot import plot_frontier
 from onnx_lowrank.options import add_flags, check, keywords_for
-from onnx_lowrank.stages.report import Report, render, render_analysis, render_sweep
+from onnx_lowrank.cli.render import render, render_analysis, render_sweep
+from onnx_lowrank.stages.report import Report
 from onnx_lowrank.sweep import sweep
 
 EXIT_OK, EXIT_VERIFICATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

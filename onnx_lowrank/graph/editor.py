@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_lowrank.stages.discover import ConstantTable
+from onnx_lowrank.graph.constants import ConstantTable
 from onnx_lowrank.graph.folded import SHAPE_OPS, FoldedConstants
 from onnx_lowrank.graph.walk import consumed_names, subgraphs
-from onnx_lowrank.graph.runtime import tensor_array
 
 __all__ = ["GraphEditor", "default_opset", "all_names"]
 
@@ -131,16 +130,12 @@ class GraphEditor:
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant-node output `name` of this graph, or of a shape op on them (a
-        Paddle bias's Reshape, `folded`); None when it is computed at run time."""
-        for tensor in self.graph.initializer:
-            if tensor.name == name:
-                return tensor_array(tensor)  # a lazily loaded model keeps external weights on disk
-        for node in self.graph.node:
-            if node.op_type == "Constant" and list(node.output) == [name]:
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        return numpy_helper.to_array(attr.t)
-        folded = FoldedConstants(ConstantTable(self.graph), {o: n for n in self.graph.node for o in n.output if o})
+        Paddle bias's Reshape, `folded`); None when it is computed at run time. Read anew at each call: the passes
+        edit the graph between calls."""
+        constants = ConstantTable(self.graph)
+        if name in constants:
+            return constants.array(name)  # a lazily loaded model keeps external weights on disk
+        folded = FoldedConstants(constants, {o: n for n in self.graph.node for o in n.output if o})
         return folded.array(name) if name in folded else None
 
     def output_shift(self, source: str, output: str, shift: np.ndarray, layer) -> onnx.NodeProto:

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnx_lowrank.stages.discover import ConstantTable, node_attributes
+from onnx_lowrank.graph.constants import ConstantTable
+from onnx_lowrank.graph.walk import node_attributes
 
 __all__ = ["SHAPE_OPS", "FoldedConstants", "fold"]
 

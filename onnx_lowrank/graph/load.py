@@ -15,6 +15,7 @@ are complete. Hidden folders left by a run that was killed are removed by the ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from onnx_lowrank.graph.walk import subgraphs
 from onnx_lowrank.graph.inline_weights import load_without_weights
 from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
 
-__all__ = ["load_model", "save_model", "check_output_path", "check_model"]
+__all__ = ["load_model", "save_model", "check_output_path", "check_model", "fingerprint"]
 
 _STAGING_PREFIX = ".onnx-lowrank-"
 
@@ -258,3 +259,23 @@ def _alive(pid: int) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A short hash of the model's graph and every weight's values, whatever way they are stored (inline, external,
+    or left in the .onnx file): what a plan records so that it is applied to the model it was made for. Weights are
+    read one at a time."""
+    rest = runtime.without_initializers(model)
+    digest = hashlib.sha256()
+    for tensor in runtime.all_tensors(rest.graph):  # Constant nodes and subgraphs: their values, not where they are
+        if runtime.is_external(tensor):
+            digest.update(runtime.tensor_array(tensor).tobytes())
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    digest.update(rest.SerializeToString(deterministic=True))
+    for tensor in model.graph.initializer:
+        array = runtime.tensor_array(tensor)
+        digest.update(f"{tensor.name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+

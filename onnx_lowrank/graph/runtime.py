@@ -99,7 +99,7 @@ def held_size(model: onnx.ModelProto) -> int:
     within a few bytes per initializer. Measured part by part: protobuf sizes a message by serializing it, which
     for a whole model would be one more copy of its weights."""
     try:
-        rest = _without_initializers(model).ByteSize()
+        rest = without_initializers(model).ByteSize()
         return rest + sum(tensor.ByteSize() + _FIELD_OVERHEAD for tensor in model.graph.initializer)
     except Exception:  # protobuf refuses to size messages past 2 GB on some builds
         return 1 << 62
@@ -114,10 +114,10 @@ def is_external(tensor: onnx.TensorProto) -> bool:
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of `model` (initializers and attribute tensors, subgraphs included) stored as external data."""
-    return (tensor for tensor in _all_tensors(model.graph) if is_external(tensor))
+    return (tensor for tensor in all_tensors(model.graph) if is_external(tensor))
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
         yield from _node_tensors(node)
@@ -131,7 +131,7 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
         elif attribute.type == onnx.AttributeProto.TENSORS:
             yield from attribute.tensors
     for body in subgraphs(node):
-        yield from _all_tensors(body)
+        yield from all_tensors(body)
 
 
 def tensor_size(tensor: onnx.TensorProto) -> int:
@@ -216,7 +216,7 @@ def save_with_external_data(model: onnx.ModelProto, directory: str | Path, name:
     """
     path = Path(directory) / name
     data_name = name + ".data"
-    header = _without_initializers(model)
+    header = without_initializers(model)
     with open(Path(directory) / data_name, "wb") as data:
         for tensor in model.graph.initializer:
             header.graph.initializer.append(_stored(tensor, data, data_name))
@@ -234,7 +234,7 @@ def header_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose main-graph initializers of 1 KiB or more keep their name, type and dims but not their
     bytes (marked as external data with no file): all that shape inference reads, copied without copying the
     weights. Not a model to run or save."""
-    header = _without_initializers(model)
+    header = without_initializers(model)
     for tensor in model.graph.initializer:
         if _stays_inline(tensor):
             header.graph.initializer.append(tensor)
@@ -245,7 +245,7 @@ def header_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return header
 
 
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of everything in `model` but its main graph's initializers."""
     header = onnx.ModelProto()
     for field, value in model.ListFields():

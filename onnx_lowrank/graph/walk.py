@@ -1,4 +1,5 @@
-"""Walking an ONNX graph into the bodies of its If, Loop and Scan nodes: the one place that knows where they are."""
+"""Walking an ONNX graph into the bodies of its If, Loop and Scan nodes (the one place that knows where they are),
+who reads each tensor, and a node's attributes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 import onnx
 
-__all__ = ["subgraphs", "nested_nodes", "consumed_names"]
+__all__ = ["subgraphs", "nested_nodes", "consumed_names", "readers_of", "node_attributes"]
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -37,3 +38,22 @@ def consumed_names(graph: onnx.GraphProto) -> set[str]:
             names |= consumed_names(sub)
     names.discard("")
     return names
+
+
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Every node reading each tensor, counting reads from inside subgraphs (If/Loop bodies) as their parent's."""
+    result: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) | _subgraph_reads(node):
+            if name:
+                result.setdefault(name, []).append(node)
+    return result
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    return set().union(*(consumed_names(graph) for graph in subgraphs(node)))
+
+
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -40,7 +40,11 @@ import scipy.linalg
 
 from onnx_lowrank.math.statistics import InputStatistics
 
-__all__ = ["Reader", "Folded", "ChannelElimination", "keep_order", "regression"]
+__all__ = ["Reader", "Folded", "ChannelElimination", "keep_order", "regression", "WIDTH_STEPS", "widths"]
+
+WIDTH_STEPS = 16
+"""Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank),
+rounded to the channel block where onnxruntime's blocked convolutions would pad them (`widths`)."""
 
 _PSEUDO_INVERSE_RTOL = 1e-9
 """Eigenvalues of the kept channels' covariance below this fraction of the largest count as zero in the fit."""
@@ -53,7 +57,7 @@ exactly (the statistics sum float32 products, so exact dependence leaves about 1
 class Reader:
     """One layer that reads the channels: its matrix (out, channels * taps), its bias and its input statistics."""
 
-    matrix: np.ndarray  # columns in (channel, tap) C order, as `discover.Layer` lays a Conv out
+    matrix: np.ndarray  # columns in (channel, tap) C order, as `ops.layer.Layer` lays a Conv out
     taps: int
     statistics: InputStatistics  # of its input patches (dimension channels * taps)
     bias: np.ndarray | None = None
@@ -137,6 +141,17 @@ class ChannelElimination:
             shift = (np.zeros(out) if reader.bias is None else reader.bias) - bias
             total += _mean_square(difference, shift, reader.statistics)
         return float(np.sqrt(max(total, 0.0) / self._variance))
+
+
+def widths(channels: int, rank: int, align: int = 1) -> list[int]:
+    """The widths a chain of `channels` channels may keep: the multiples of channels / WIDTH_STEPS and the numerical
+    rank of its activations (below it the others reproduce the dropped channels exactly), each rounded up to a
+    multiple of `align`. A narrowed blocked Conv (onnxruntime's NCHWc layout) pads its channels up to the block, so an
+    unaligned width would cost as much as the next aligned one and keep less."""
+    steps = {max(1, round(channels * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
+    if 0 < rank < channels:
+        steps.add(rank)
+    return sorted({-(-w // align) * align for w in steps} - {0} if align > 1 else steps)
 
 
 def keep_order(covariances: np.ndarray | Sequence[np.ndarray], scales: np.ndarray | Sequence[np.ndarray]

@@ -1,4 +1,7 @@
-"""Gemm(A, B, C) with a constant weight B -> linear encoder + decoder Gemm that keeps alpha, beta and C.
+"""The Gemm family (`GemmFamily`): discovery (transA = 0, B stored per transB, C folded into the bias), costs,
+narrowing, and the rewrite:
+
+Gemm(A, B, C) with a constant weight B -> linear encoder + decoder Gemm that keeps alpha, beta and C.
 
 Y = alpha * A @ B' + beta * C with B' = W (out, in) ~= decoder @ blockdiag(encoder), so
 Y ~= alpha * (A @ blockdiag(encoder).T) @ decoder.T + beta * C: the encoder is the one MatMul uses (A is always 2-D),
@@ -9,15 +12,18 @@ a constant vector, and added by an Add node otherwise.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 from onnx import helper
 
-from onnx_lowrank.stages.discover import Layer
-from onnx_lowrank.math.svd import Factors
-
 from onnx_lowrank.graph.editor import GraphEditor
-from onnx_lowrank.ops.matmul import linear_encoder
+from onnx_lowrank.graph.walk import node_attributes
+from onnx_lowrank.math.svd import Factors
+from onnx_lowrank.ops.base import LayerContext, OpFamily, Skip, constant_vector, own_size
+from onnx_lowrank.ops.layer import Layer
+from onnx_lowrank.ops.matmul import linear_encoder, matrix_layer
 
-__all__ = ["rewrite_gemm"]
+__all__ = ["GemmFamily", "rewrite_gemm"]
 
 
 def rewrite_gemm(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
@@ -45,3 +51,44 @@ def rewrite_gemm(editor: GraphEditor, layer: Layer, factors: Factors) -> None:
         nodes.append(editor.output_shift(output, layer.node_output, shift, layer))
     editor.replace([gemm], nodes)
     editor.remove_orphans([layer.weight_name, *gemm.input[2:3]])
+
+
+class GemmFamily(OpFamily):
+    """Gemm(A, B, C) with transA = 0 and a constant 2-D weight B: (out, in) with transB = 1, else (in, out)."""
+
+    op_type = "Gemm"
+
+    def layer(self, node: onnx.NodeProto, name: str, context: LayerContext) -> Layer:
+        constants, consumers = context.constants, context.consumers
+        attrs = node_attributes(node)
+        if attrs.get("transA", 0) != 0:
+            raise Skip("transA=1 is not supported")
+        weight_shape = constants.shape(node.input[1])
+        if len(weight_shape) != 2:
+            raise Skip(f"weight of rank {len(weight_shape)} is not a matrix")
+        out_channels = weight_shape[self.weight_axes(node)[0]]
+        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+        bias, bias_size = None, 0
+        if len(node.input) > 2 and node.input[2] and alpha != 0:
+            c = constant_vector(constants, node.input[2], out_channels)
+            if c is not None:
+                # Y = alpha (W x + beta / alpha C)
+                bias, bias_size = c * (beta / alpha), own_size(constants, consumers, node.input[2])
+        return matrix_layer(self, node, name, context, bias, bias_size)
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        """transB = 1: B is (out, in), the layer's matrix; else (in, out)."""
+        return (0, 1) if node_attributes(node).get("transB", 0) else (1, 0)
+
+    def node_macs(self, node, out_shape, a_shape, b_shape) -> int:
+        inner = a_shape[0] if node_attributes(node).get("transA", 0) else a_shape[-1]
+        return int(np.prod(out_shape, dtype=np.int64)) * int(inner)
+
+    def factorize(self, editor: GraphEditor, layer: Layer, factors: Factors) -> None:
+        rewrite_gemm(editor, layer, factors)
+
+    def reader_problem(self, layer: Layer, node: onnx.NodeProto, described: str) -> str | None:
+        attributes = node_attributes(node)
+        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+            return f"its channels are read by {described} with alpha or beta other than 1"
+        return None

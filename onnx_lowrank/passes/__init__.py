@@ -1,34 +1,25 @@
-"""Graph rewrite passes: each replaces one kind of layer by its factorized form.
+"""Graph rewrite passes: factorize layers, narrow sets of channels.
 
-One module per op family (`conv`, `gemm`, `matmul`), each rewriting a single layer in place through the shared
-`GraphEditor`; `factorize_layers` copies the model once and dispatches. Plain protobuf surgery keeps everything that
-is not rewritten byte-identical (metadata_props, opsets, doc strings, value_info, node order).
+Each op family (`ops`) rewrites a single layer in place through the shared `GraphEditor` (`OpFamily.factorize`);
+`factorize_layers` copies the model once and dispatches, `eliminate_channels` likewise for `narrow`. Plain protobuf
+surgery keeps everything that is not rewritten byte-identical (metadata_props, opsets, doc strings, value_info, node
+order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import onnx
 
-from onnx_lowrank.stages.channel_sets import Chain
-from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.graph.editor import GraphEditor, default_opset
 from onnx_lowrank.math.elimination import Folded
 from onnx_lowrank.math.svd import Factors
-
-from onnx_lowrank.graph.editor import GraphEditor, default_opset
-from onnx_lowrank.ops.conv import rewrite_conv
+from onnx_lowrank.ops.base import FAMILIES
+from onnx_lowrank.ops.layer import Chain, Layer
 from onnx_lowrank.passes.narrow import narrow_layers
-from onnx_lowrank.ops.gemm import rewrite_gemm
-from onnx_lowrank.ops.matmul import rewrite_matmul
 
-__all__ = ["factorize_layers", "eliminate_channels", "rewrite_conv", "rewrite_gemm", "rewrite_matmul"]
-
-REWRITERS: dict[str, Callable[[GraphEditor, Layer, Factors], None]] = {
-    "Conv": rewrite_conv,
-    "Gemm": rewrite_gemm,
-    "MatMul": rewrite_matmul,
-}
+__all__ = ["factorize_layers", "eliminate_channels"]
 
 
 def factorize_layers(model: onnx.ModelProto, rewrites: Iterable[tuple[Layer, Factors]]) -> tuple[onnx.ModelProto, int]:
@@ -42,12 +33,12 @@ def factorize_layers(model: onnx.ModelProto, rewrites: Iterable[tuple[Layer, Fac
     count = 0
     for layer, factors in rewrites:
         editor = editor or GraphEditor(result.graph, default_opset(result))
-        if layer.op not in REWRITERS:
-            raise ValueError(f"layer {layer.name!r}: cannot rewrite a {layer.op!r}, only {sorted(REWRITERS)}")
+        if layer.op not in FAMILIES:
+            raise ValueError(f"layer {layer.name!r}: cannot rewrite a {layer.op!r}, only {sorted(FAMILIES)}")
         _check_factors(layer, factors)
         with editor.sharing():  # a shared weight: every node reading it is rewritten to the same factors
             for view in layer.views():
-                REWRITERS[layer.op](editor, view, factors)
+                FAMILIES[layer.op].factorize(editor, view, factors)
         count += 1
     return result, count
 

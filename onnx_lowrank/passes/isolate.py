@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_lowrank.stages.discover import Layer
-
 from onnx_lowrank.graph.editor import default_opset
+from onnx_lowrank.ops.base import family_for
+from onnx_lowrank.ops.layer import Layer
 
 __all__ = ["isolate_layer", "ISOLATED_INPUT"]
 
@@ -65,13 +65,8 @@ def _narrowed_shapes(node: onnx.NodeProto, layer: Layer, input_shape: list[int],
                      ) -> tuple[tuple[int, ...], list[int]]:
     """The weight shape with `rows` outputs and `columns` inputs (None: as it is), and the input shape to match."""
     shape = list(layer.weight_shape)
-    if layer.op == "Conv":
-        out_axis, in_axis, channel_axis = 0, 1, 1
-    elif layer.op == "Gemm":
-        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        out_axis, in_axis, channel_axis = (0, 1, -1) if transposed else (1, 0, -1)
-    else:  # MatMul: (in, out)
-        out_axis, in_axis, channel_axis = 1, 0, -1
+    family = family_for(layer.op)
+    (out_axis, in_axis), channel_axis = family.weight_axes(node), family.channel_axis
     shape[out_axis] = rows
     if columns is not None:
         shape[in_axis] = columns

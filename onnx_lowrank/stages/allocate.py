@@ -41,11 +41,12 @@ import numpy as np
 
 from onnx_lowrank.stages.analyze import Analysis, Candidate, ChainAnalysis, LayerAnalysis
 from onnx_lowrank.stages.costs import MIN_SAVING
-from onnx_lowrank.stages.cost_models import METRICS, unavailable_reason
-from onnx_lowrank.errors import BudgetError, InvalidOptionError, invalid
+from onnx_lowrank.options import ALLOCATORS
+from onnx_lowrank.stages.cost_models import unavailable_reason
+from onnx_lowrank.errors import BudgetError, InvalidOptionError
 from onnx_lowrank.plan import Plan
 
-__all__ = ["ALLOCATORS", "METRICS", "Option", "minmax_select", "allocate", "smallest_budget", "plan_cost"]
+__all__ = ["SCORES", "Option", "minmax_select", "allocate", "smallest_budget", "plan_cost"]
 
 
 @dataclass(frozen=True)
@@ -131,16 +132,9 @@ def _energy_scores(analysis: LayerAnalysis) -> list[tuple[Candidate, float]]:
     return list(zip(chosen, (float(d) for d in np.atleast_1d(dropped))))
 
 
-ALLOCATORS = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
-
-
-def _check_arguments(budget: float, metric: str, allocator: str) -> None:
-    if metric not in METRICS:
-        raise invalid("The 'metric' parameter of allocate", f"one of {', '.join(METRICS)}", metric)
-    if allocator not in ALLOCATORS:
-        raise invalid("The 'allocator' parameter of allocate", f"one of {', '.join(ALLOCATORS)}", allocator)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise invalid("The 'budget' parameter of allocate", "a fraction in (0, 1]", budget)
+SCORES = {"alds": _alds_scores, "uniform": _uniform_scores, "energy": _energy_scores}
+"""Each allocator's per-candidate planning score (the names are declared in `options.ALLOCATORS`)."""
+assert tuple(SCORES) == ALLOCATORS
 
 
 def _counted_total(analysis: Analysis, metric: str) -> float:
@@ -204,7 +198,7 @@ def _layer_stair(analysis: LayerAnalysis, metric: str, allocator: str, method: s
     method factorizes nothing."""
     options = [Option(0.0, analysis.dense[metric], None)]
     if method != "eliminate":
-        options += [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in ALLOCATORS[allocator](analysis)]
+        options += [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in SCORES[allocator](analysis)]
     return _staircase(options)
 
 
@@ -296,7 +290,6 @@ def _has_units(analysis: Analysis) -> bool:
 
 def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str = "alds") -> float:
     """The smallest budget `allocate` can meet: every unit at its cheapest option."""
-    _check_arguments(1.0, metric, allocator)
     if not _has_units(analysis):
         return 1.0
     total = _counted_total(analysis, metric)
@@ -313,7 +306,6 @@ def smallest_budget(analysis: Analysis, metric: str = "params", allocator: str =
 
 def allocate(analysis: Analysis, budget: float, metric: str = "params", allocator: str = "alds") -> Plan:
     """The plan that keeps `budget` (a fraction in (0, 1]) of the model's `metric`, per `allocator`."""
-    _check_arguments(budget, metric, allocator)
     if not _has_units(analysis):
         if budget < 1 and analysis.method != "lowrank" and (analysis.layers or analysis.chains):
             raise BudgetError(f"A budget of {budget:g} of the {metric} cannot be reached with --method "

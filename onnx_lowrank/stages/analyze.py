@@ -20,24 +20,22 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.stages import costs as cost
-from onnx_lowrank.stages.channel_sets import Chain
 from onnx_lowrank.stages.cost_models import CostModel, LatencyCost, build_cost_models
 from onnx_lowrank.math.decomposition import Decomposition, WeightDecomposition
-from onnx_lowrank.stages.discover import Discovery, Layer, Skipped
-from onnx_lowrank.math.elimination import ChannelElimination, Folded, Reader
+from onnx_lowrank.stages.discover import Discovery
+from onnx_lowrank.math.elimination import ChannelElimination, Folded, Reader, widths
+from onnx_lowrank.ops.base import group_counts, width_alignment
+from onnx_lowrank.ops.layer import Chain, Layer, Skipped
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.stages.parallel import map_in_order, single_threaded_blas
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
 from onnx_lowrank.math.statistics import InputStatistics
 from onnx_lowrank.math.svd import Factors
 
-__all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "group_counts", "factors_of", "WEIGHT_MEASURE",
-           "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "METHODS",
-           "WIDTH_STEPS", "widths", "width_alignment", "default_method"]
+__all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "factors_of", "WEIGHT_MEASURE",
+           "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of",
+           "default_method"]
 
-METHODS = ("lowrank", "eliminate", "both")
-"""lowrank: factorize layers; eliminate: narrow layers by dropping the channels the others reproduce (`elimination`,
-calibration data needed); both: each layer is narrowed or factorized, whichever the one allocation prefers."""
 
 
 def default_method(calibrated: bool, metric: str | None = None) -> str:
@@ -49,10 +47,6 @@ def default_method(calibrated: bool, metric: str | None = None) -> str:
 MIN_ROWS_PER_CHANNEL = 2
 """Calibration rows (positions) needed per channel of a chain before its channels are judged dependent."""
 
-WIDTH_STEPS = 16
-"""Widths considered per narrowable layer: the multiples of 1/16 of its channels (and its exact numerical rank),
-rounded to the channel block where onnxruntime's blocked convolutions would pad them (`widths`)."""
-
 GUARD_RATIO = 0.95
 """The never-slower guard keeps a candidate only if its measured time is at most this fraction of the dense
 layer's: a margin over the few percent by which repeated measurements of one layer differ."""
@@ -60,7 +54,8 @@ layer's: a margin over the few percent by which repeated measurements of one lay
 WEIGHT_MEASURE = "spectral"
 """Errors are relative spectral errors of the weight, ||W - W_hat||_2 / ||W||_2 (no data)."""
 OUTPUT_MEASURE = "output"
-"""Errors are relative output errors of the layer on the calibration data, ||Y - Y_hat||_F / ||Y||_F."""
+"""Errors are relative output errors of the layer on the calibration data, ||Y - Y_hat||_F / ||Y - mean(Y)||_F:
+relative to how much the output varies (`math.projection`)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +108,7 @@ class Analysis:
     method: str = "lowrank"  # see METHODS
     chains: tuple[ChainAnalysis, ...] = ()  # narrowable layers (method eliminate or both)
     unnarrowed: tuple[Skipped, ...] = ()  # layers whose channels cannot be cut, and why
+    context: object | None = None  # the `pipeline.Context` (model, samples, settings) it was made from
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -158,13 +154,6 @@ def _written(jobs, progress) -> Iterator[tuple[Layer, Factors, float]]:
             if progress is not None:
                 progress(done, len(jobs))
             yield result
-
-
-def group_counts(layer: Layer, max_groups: int) -> list[int]:
-    """Candidate k: divisors of the input channels up to `max_groups`; k > 1 for a MatMul needs its activation rank."""
-    if layer.op == "MatMul" and layer.activation_rank is None:
-        return [1]
-    return [k for k in range(1, max_groups + 1) if layer.in_channels % k == 0]
 
 
 def analyze_layers(
@@ -272,23 +261,6 @@ def cuts_of(analysis: Analysis, widths: Mapping[str, int]) -> list[tuple[Chain, 
             raise InvalidOptionError(f"The plan keeps {width} channels of {name!r}; it has "
                                      f"{chains[name].chain.channels}, so keep 1 to {chains[name].chain.channels - 1}.")
     return [(e.chain, e.elimination.fold(widths[e.chain.name])) for e in analysis.chains if e.chain.name in widths]
-
-
-def widths(channels: int, rank: int, align: int = 1) -> list[int]:
-    """The widths a chain of `channels` channels may keep: the multiples of channels / WIDTH_STEPS and the numerical
-    rank of its activations (below it the others reproduce the dropped channels exactly), each rounded up to a
-    multiple of `align`. A narrowed blocked Conv (onnxruntime's NCHWc layout) pads its channels up to the block, so an
-    unaligned width would cost as much as the next aligned one and keep less."""
-    steps = {max(1, round(channels * step / WIDTH_STEPS)) for step in range(1, WIDTH_STEPS)}
-    if 0 < rank < channels:
-        steps.add(rank)
-    return sorted({-(-w // align) * align for w in steps} - {0} if align > 1 else steps)
-
-
-def width_alignment(chain: Chain, block: int) -> int:
-    """The multiple a chain's widths keep: onnxruntime's channel block when one of its layers is a 2-D Conv (its
-    blocked kernels pad channels up to the block, see `widths`), else 1."""
-    return block if any(layer.op == "Conv" and len(layer.kernel_shape) == 2 for layer in chain.layers) else 1
 
 
 def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.graph import runtime
-from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.ops.layer import Layer
 from onnx_lowrank.errors import InputDataError
 from onnx_lowrank.math.patches import ConvGeometry, input_rows
 from onnx_lowrank.math.statistics import InputStatistics, StatisticsAccumulator, pooled

@@ -35,11 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_lowrank.stages.discover import LAYER_OPS, ConstantTable, Discovery, Layer, Skipped, node_attributes, readers_of
+from onnx_lowrank.graph.constants import ConstantTable
 from onnx_lowrank.graph.folded import FoldedConstants
-from onnx_lowrank.math.patches import ConvGeometry
+from onnx_lowrank.graph.walk import node_attributes, readers_of
+from onnx_lowrank.ops.base import FAMILIES, family_for, layer_ops
+from onnx_lowrank.ops.layer import Chain, Cut, Layer, Skipped
+from onnx_lowrank.stages.discover import Discovery
 
-__all__ = ["Chain", "Chains", "Cut", "find_chains", "UNARY_OPS", "BINARY_OPS", "SPATIAL_OPS"]
+__all__ = ["Chains", "find_chains", "UNARY_OPS", "BINARY_OPS", "SPATIAL_OPS"]
 
 UNARY_OPS = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
@@ -56,55 +59,6 @@ SPATIAL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool"
 reductions only over axes other than C, keeping them)."""
 _AVERAGES = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
 """Linear and the same on every channel: a reader after them is fitted on the tensor before them."""
-
-
-@dataclass(frozen=True)
-class Cut:
-    """A constant input of an op between that holds entries per channel: input `index` of the node whose first output
-    is `node`, cut along `axis` (a per-channel bias, a BatchNormalization's parameters, a depthwise Conv's filters)."""
-
-    node: str
-    index: int
-    axis: int
-
-
-@dataclass(frozen=True, eq=False)
-class Chain:
-    """One set of `channels` channels: written by `producers`, carried by the per-channel ops `passes`, read by
-    `readers`. One producer is the plain chain (Conv -> BN -> act -> Conv); several are coupled (a residual stream,
-    a squeeze-excite gate) and are cut together."""
-
-    producers: tuple[Layer, ...]  # in graph order; the first names the set
-    channels: int
-    axis: int  # the channel axis of the set's tensors: 1 (NCHW) after a Conv, -1 after a Gemm or MatMul
-    passes: tuple[str, ...]  # first outputs of the elementwise nodes between, in graph order
-    readers: tuple[Layer, ...]  # in graph order
-    fitted_on: tuple[str, ...]  # per reader: the tensor of the set whose channel statistics give its fold
-    region: tuple[str, ...]  # every tensor whose channels are the set's
-    cuts: tuple[Cut, ...] = ()  # the per-channel constants of the passes, cut with the channels
-    channel_params: int = 0  # parameters per channel besides the weights: the producers' biases and BN, `cuts`
-
-    @property
-    def name(self) -> str:
-        return self.producers[0].name
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """Every layer narrowing the set changes: its producers, then its readers (a layer may be both)."""
-        return tuple({layer.name: layer for layer in (*self.producers, *self.readers)}.values())
-
-    @property
-    def fits(self) -> tuple[str, ...]:
-        """The distinct tensors the readers are fitted on, in reader order."""
-        return tuple(dict.fromkeys(self.fitted_on))
-
-    @property
-    def window(self) -> ConvGeometry | None:
-        """How calibration reads the set's channel vectors: a 1 x 1 window over NCHW, the last axis (None)."""
-        if self.axis != 1:
-            return None
-        dims = len(self.producers[0].kernel_shape)
-        return ConvGeometry(kernel_shape=(1,) * dims, strides=(1,) * dims, dilations=(1,) * dims, pads=(0,) * 2 * dims)
 
 
 @dataclass(frozen=True)
@@ -154,8 +108,8 @@ class _Graph:
 
 def _chain(start: Layer, graph: _Graph) -> tuple[Chain | str, list[Layer]]:
     """The set of channels `start` writes and the producers found, or why they cannot be cut."""
-    axis = 1 if start.op == "Conv" else -1
-    rank = 2 + len(start.kernel_shape) if start.op == "Conv" else (start.activation_rank or 2)
+    family = family_for(start.op)
+    axis, rank = family.channel_axis, family.output_rank(start)
     channels = start.out_channels
     producers: dict[str, Layer] = {start.name: start}
     region = [start.output]
@@ -267,7 +221,7 @@ def _producer_problem(layer: Layer, channels: int, axis: int, how: str = "") -> 
     if layer.shared:
         return ("its weight is shared by several nodes" if not how else
                 f"its channels are joined{how} with those of {described}, whose weight is shared by several nodes")
-    if (layer.op == "Conv") != (axis == 1):
+    if family_for(layer.op).channel_axis != axis:
         return f"its channels are joined{how} with those of {described}, on another axis"
     if layer.out_channels != channels:  # a broadcast: one channel added to all (or a shape the rank hides)
         return f"its channels are joined{how} with the {layer.out_channels} channels of {described}"
@@ -278,16 +232,13 @@ def _reader_problem(reader: Layer, node: onnx.NodeProto, axis: int) -> str | Non
     described = f"{reader.op} {reader.name!r}"
     if reader.shared:
         return f"its channels are read by {described}, whose weight is shared by several nodes"
-    if (reader.op == "Conv") != (axis == 1):
+    family = family_for(reader.op)
+    if family.channel_axis != axis:
         return f"its channels are read by {described} on another axis"
     bias = node.input[2] if len(node.input) > 2 else ""
     if bias and reader.bias is None and not reader.batchnorm_output:
         return f"its channels are read by {described}, whose bias is computed at run time"
-    if reader.op == "Gemm":
-        attributes = node_attributes(node)
-        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
-            return f"its channels are read by {described} with alpha or beta other than 1"
-    return None
+    return family.reader_problem(reader, node, described)
 
 
 def _pass_problem(node: onnx.NodeProto, region: set[str], constants: FoldedConstants, channels: int, axis: int,
@@ -315,9 +266,10 @@ def _pass_problem(node: onnx.NodeProto, region: set[str], constants: FoldedConst
         if not all(_separable(name, constants, channels, axis, rank) is not None for name in others):
             return parameters
         return None
-    if node.op_type == "Conv" and _depthwise(node, constants, channels, axis):
+    family = FAMILIES.get(node.op_type)
+    if family is not None and family.channelwise(node, constants, channels, axis):
         return None
-    if node.op_type in LAYER_OPS:  # a layer discovery skipped (or --exclude kept dense) cannot lose channels
+    if node.op_type in layer_ops():  # a layer discovery skipped (or --exclude kept dense) cannot lose channels
         role = "joined with those of" if joined else "read by"
         return (f"its channels are {role} {described}, which is not a layer this tool rewrites (see the skipped "
                 "layers)")
@@ -333,7 +285,8 @@ def _pass_problem(node: onnx.NodeProto, region: set[str], constants: FoldedConst
 
 def _cuts(node: onnx.NodeProto, constants: FoldedConstants, channels: int, axis: int, rank: int) -> list[Cut]:
     """The constant inputs of a per-channel op that hold entries per channel, and the axis each is cut along."""
-    if node.op_type == "BatchNormalization" or node.op_type == "Conv":  # BN parameters; depthwise filters and bias
+    # BN parameters; the filters and bias of a layer op between, which its family finds `channelwise` (depthwise)
+    if node.op_type == "BatchNormalization" or node.op_type in FAMILIES:
         return [Cut(node.output[0], index, 0) for index, name in enumerate(node.input)
                 if index > 0 and name and name in constants]
     if node.op_type in SPATIAL_OPS:
@@ -345,18 +298,6 @@ def _cuts(node: onnx.NodeProto, constants: FoldedConstants, channels: int, axis:
             if position is not None and position >= 0:
                 cuts.append(Cut(node.output[0], index, position))
     return cuts
-
-
-def _depthwise(node: onnx.NodeProto, constants: FoldedConstants, channels: int, axis: int) -> bool:
-    """A depthwise Conv (one filter per channel, group = channels) on the set's NCHW channels: it mixes no channels,
-    so it is cut with the set (its filters of the dropped channels go, its group shrinks)."""
-    if axis != 1:
-        return False
-    weight, bias = node.input[1], node.input[2] if len(node.input) > 2 else ""
-    if weight not in constants or (bias and (bias not in constants or constants.shape(bias) != (channels,))):
-        return False
-    shape = constants.shape(weight)
-    return node_attributes(node).get("group", 1) == channels and len(shape) >= 3 and shape[:2] == (channels, 1)
 
 
 def _spatial(node: onnx.NodeProto, constants: FoldedConstants, rank: int) -> bool:

@@ -25,15 +25,13 @@ from typing import Protocol
 import onnx
 
 from onnx_lowrank.stages import costs as cost
-from onnx_lowrank.stages.channel_sets import Chain
-from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.ops.layer import Chain, Layer
 from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.options import METRICS
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
            "interpolate", "build_cost_models", "unavailable_reason"]
 
-METRICS = ("params", "flops", "latency")
-"""Every cost model's name, in the order reports print them."""
 
 _UNAVAILABLE = {
     "flops": "The flops metric needs concrete input shapes: pass --input-shape NAME:1x3x224x224 (or --inputs).",

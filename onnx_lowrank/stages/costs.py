@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnx_lowrank.stages.channel_sets import Chain
-from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.graph.constants import ConstantTable
 from onnx_lowrank.graph.walk import nested_nodes, subgraphs
+from onnx_lowrank.ops.base import FAMILIES, family_for
+from onnx_lowrank.ops.layer import Chain, Layer
 
 __all__ = ["dense_params", "factorized_params", "is_smaller", "dense_flops", "factorized_flops", "model_params",
            "model_flops", "narrowed_shapes", "narrowing_saving", "MIN_SAVING"]
@@ -99,7 +100,7 @@ def _reader_bias_growth(layer: Layer, rows: int) -> int:
     """Parameters a reader gains when dropped channels are folded into it (`passes.eliminate`): their constant
     part becomes a bias of `rows` entries. A Conv or Gemm without a bias gets one; a MatMul gets an Add after it; a
     folded BatchNormalization and the Conv's bias become that one bias (its per-channel entries shrink to one)."""
-    if layer.op == "MatMul":
+    if not family_for(layer.op).bias_input:
         return rows
     if layer.batchnorm_output:
         return rows - (layer.folded_params // max(layer.out_channels, 1)) * rows
@@ -120,24 +121,31 @@ def model_params(model: onnx.ModelProto) -> int:
 
 
 def model_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """FLOPs of one inference over every Conv/ConvTranspose/Gemm/MatMul node; None if a needed shape is unknown, or
-    if such nodes live in If/Loop/Scan bodies (how often a body runs is not known before run time)."""
+    """FLOPs of one inference over every node of an op family (`OpFamily.node_macs`) and every ConvTranspose; None if
+    a needed shape is unknown, or if such nodes live in If/Loop/Scan bodies (how often a body runs is not known
+    before run time)."""
     if _counted_nodes_in_subgraphs(model.graph):
         return None
-    known = {**{name: tuple(t.dims) for name, t in _constant_tensors(model).items()}, **shapes}
+    constants = ConstantTable(model.graph)
+    known = {**{name: constants.shape(name) for name in constants.names()}, **shapes}
     total = 0
     for node in model.graph.node:
-        if node.op_type not in _NODE_MACS:
+        if not _counted(node.op_type):
             continue
         needed = [node.output[0], node.input[0], node.input[1]]
         if any(name not in known for name in needed):
             return None
-        total += 2 * _NODE_MACS[node.op_type](node, *(known[name] for name in needed))
+        macs = FAMILIES[node.op_type].node_macs if node.op_type in FAMILIES else _conv_transpose_macs
+        total += 2 * macs(node, *(known[name] for name in needed))
     return int(total)
 
 
+def _counted(op_type: str) -> bool:
+    return op_type in FAMILIES or op_type == "ConvTranspose"
+
+
 def _counted_nodes_in_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(inner.op_type in _NODE_MACS for inner, _ in nested_nodes(graph))
+    return any(_counted(inner.op_type) for inner, _ in nested_nodes(graph))
 
 
 def _all_constant_tensors(graph: onnx.GraphProto):
@@ -150,34 +158,6 @@ def _all_constant_tensors(graph: onnx.GraphProto):
             yield from _all_constant_tensors(sub)
 
 
-def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node tensors, by the name the graph reads them under."""
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    tensors[node.output[0]] = a.t
-    return tensors
-
-
-def _conv_macs(node, out_shape, in_shape, weight_shape) -> int:
-    # every output element reads (c_in / group) * taps inputs; the weight's dims 1.. are exactly that
-    return int(np.prod(out_shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
-
-
 def _conv_transpose_macs(node, out_shape, in_shape, weight_shape) -> int:
     # every input element is scattered to (c_out / group) * taps outputs
     return int(np.prod(in_shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
-
-
-def _matmul_macs(node, out_shape, a_shape, b_shape) -> int:
-    inner = a_shape[-1] if node.op_type == "MatMul" or not _trans_a(node) else a_shape[0]
-    return int(np.prod(out_shape, dtype=np.int64)) * int(inner)
-
-
-def _trans_a(node: onnx.NodeProto) -> bool:
-    return bool(next((a.i for a in node.attribute if a.name == "transA"), 0))
-
-
-_NODE_MACS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _matmul_macs, "MatMul": _matmul_macs}

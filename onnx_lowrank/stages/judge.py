@@ -13,7 +13,8 @@ of those wins: "cannot tell" is a difference of less than two standard errors, t
 difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
 resolution is coarse, so more calibration samples make the judge sharper. "Fastest" is measured: those plans'
 models are timed against each other, interleaved, with the deployment's session settings (predictions rank plans
-whose times differ by a few percent less reliably than that).
+whose times differ by a few percent less reliably than that). Those times go to the latency cache the analysis
+used, keyed by each written model's bytes, so runs sharing a cache choose, and write, the same plan.
 """
 
 from __future__ import annotations
@@ -23,23 +24,27 @@ from dataclasses import replace
 
 import onnx
 
-from onnx_lowrank.graph import runtime
 from onnx_lowrank.stages.allocate import allocate
-from onnx_lowrank.stages.analyze import Analysis, cuts_of, factors_of
+from onnx_lowrank.stages.analyze import Analysis
+from onnx_lowrank.stages.apply import write_plan
 from onnx_lowrank.errors import BudgetError
 from onnx_lowrank.graph.inputs import Samples
-from onnx_lowrank.stages.layer_timing import time_sessions
-from onnx_lowrank.passes import eliminate_channels, factorize_layers
+from onnx_lowrank.stages.latency_cache import LatencyCache, model_key
+from onnx_lowrank.stages.layer_timing import BLOCK_SECONDS, open_cache
+from onnx_lowrank.stages.timing import OnnxruntimeTimer, timer_of
+from onnx_lowrank.options import ALLOCATORS
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.stages.verify import Verification, verify_many
 
 __all__ = ["CANDIDATE_ALLOCATORS", "choose_plan"]
 
-CANDIDATE_ALLOCATORS = ("alds", "uniform", "energy")
+CANDIDATE_ALLOCATORS = ALLOCATORS
 
 
-def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metric: str, samples: Samples) -> Plan:
-    """The best plan for `budget` among the candidate allocators, judged end to end on `samples`."""
+def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metric: str, samples: Samples,
+                speed=None) -> Plan:
+    """The best plan for `budget` among the candidate allocators, judged end to end on `samples`; tied plans are
+    timed with `speed` (`settings.SpeedSettings`; None: the session settings the layers were timed with)."""
     plans: dict[str, Plan] = {}
     first_error = None
     methods = (analysis.method, "lowrank", "eliminate") if analysis.method == "both" else (analysis.method,)
@@ -66,7 +71,7 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     best, faster = least, ""
     tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
     if "latency" in analysis.costs and len(tied) > 1:
-        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)))
+        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)), speed)
         best = min(tied, key=lambda name: (times[name], errors[name]))
         if best != least:
             faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
@@ -79,19 +84,32 @@ JUDGE_ROUNDS = 20
 """Interleaved rounds when the judge times the plans it cannot tell apart (medians)."""
 
 
-def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, Plan],
-                   feed: dict) -> dict[str, float]:
-    """Median milliseconds of every plan's model on `feed`, all timed interleaved with the session settings the
-    analysis timed its layers with."""
-    settings = analysis.costs["latency"].settings
-    sessions = [runtime.session(_written(model, analysis, plan), settings=settings)
-                for plan in plans.values()]
-    return dict(zip(plans, time_sessions(sessions, feed, rounds=JUDGE_ROUNDS)))
+def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, Plan], feed: dict,
+                   speed=None) -> dict[str, float]:
+    """Median milliseconds of every plan's model on `feed`, all timed interleaved by `speed`'s timer, or read from
+    its latency cache (`settings.SpeedSettings`; None: onnxruntime with the session settings the analysis timed its
+    layers with, and no cache). As with a layer's variants, one plan missing from the cache times them all again."""
+    if speed is None:
+        settings, timer, cache = analysis.costs["latency"].settings, None, LatencyCache(None)
+    else:
+        settings, timer, cache = speed.runtime, timer_of(speed), open_cache(speed.cache)
+    models = [_written(model, analysis, plan) for plan in plans.values()]
+    shapes = {name: value.shape for name, value in feed.items()}
+    keys = [model_key(written, shapes, settings) for written in models]
+    keys = [None if key is None else key + "/judged" for key in keys]
+    cached = [None if key is None else cache.get(key) for key in keys]
+    if any(ms is None for ms in cached):
+        timer = timer or OnnxruntimeTimer(settings)
+        cached = list(timer.time(models, [[feed]] * len(models), JUDGE_ROUNDS, block_s=BLOCK_SECONDS).medians)
+        for key, ms in zip(keys, cached):
+            if key is not None:
+                cache.put(key, ms)
+        cache.save()
+    return dict(zip(plans, cached))
 
 
 def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
-    narrowed = eliminate_channels(model, cuts_of(analysis, plan.widths))[0]
-    return factorize_layers(narrowed, ((layer, f) for layer, f, _ in factors_of(analysis, plan.layers)))[0]
+    return write_plan(model, analysis, plan).model
 
 
 def _indistinguishable(candidate: Verification, best: Verification) -> bool:

@@ -26,10 +26,7 @@ from the next; the median per variant is kept. Results go to the `LatencyCache`,
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
-import time
 from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 
@@ -38,28 +35,26 @@ import onnx
 
 from onnx_lowrank.stages import costs as cost
 
-from onnx_lowrank.graph import runtime
-from onnx_lowrank.stages.analyze import group_counts, widths
-from onnx_lowrank.stages.channel_sets import Chain
 from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming
-from onnx_lowrank.math.elimination import Folded
-from onnx_lowrank.stages.discover import Layer, discover
-from onnx_lowrank.stages.timing import measure_latency_ratio, model_latency
-from onnx_lowrank.stages.latency_cache import LatencyCache, variant_key
+from onnx_lowrank.math.elimination import Folded, widths
+from onnx_lowrank.ops.base import family_for, group_counts, width_alignment
+from onnx_lowrank.ops.layer import Chain, Layer
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.stages.timing import OnnxruntimeTimer, Timer, measure_latency_ratio, model_latency, timer_of
+from onnx_lowrank.stages.latency_cache import LatencyCache, default_cache_path, model_key, variant_key
 from onnx_lowrank.passes import eliminate_channels, factorize_layers
 from onnx_lowrank.passes.isolate import ISOLATED_INPUT, isolate_layer
 from onnx_lowrank.graph.runtime import RuntimeSettings
 from onnx_lowrank.math.svd import Factors
 
 __all__ = ["block_size", "blocked", "rank_grid", "largest_candidate_rank", "layer_key", "measure_layers",
-           "narrowing_grid", "time_sessions", "realized_fraction", "realized_narrowing", "MIN_REALIZED",
-           "MAX_REALIZED"]
+           "narrowing_grid", "realized_fraction", "realized_narrowing", "MIN_REALIZED",
+           "MAX_REALIZED", "latency_cost", "open_cache"]
 
 ROUNDS = 7
 """Interleaved rounds per variant; the median is kept."""
 BLOCK_SECONDS = 0.0005
 """A tiny layer is run several times per round so that each timed block lasts about this long."""
-MAX_REPEATS = 20
 GRID_POINTS = {1: 5}
 """Ranks timed per k (k = 1 gets more: it is the most common choice); other k get DEFAULT_POINTS."""
 DEFAULT_POINTS = 4
@@ -92,10 +87,9 @@ def rank_grid(largest: int, block: int, points: int) -> list[int]:
 
 
 def blocked(layer: Layer, block: int) -> bool:
-    """Whether onnxruntime runs this layer in its blocked NCHWc layout: every 2-D Conv with group 1 (channel counts
-    off the block are padded up to it; checked on onnxruntime 1.32 with ORT_ENABLE_ALL). A grouped Conv needs input
-    and output channels per group on the block, which `_forms` enforces for the factorized forms."""
-    return layer.op == "Conv" and len(layer.kernel_shape) == 2
+    """Whether onnxruntime runs this layer in its blocked NCHWc layout (`OpFamily.blocked`: every 2-D Conv with
+    group 1), whatever the block."""
+    return family_for(layer.op).blocked(layer)
 
 
 def largest_candidate_rank(layer: Layer, k: int) -> int:
@@ -120,28 +114,6 @@ def layer_key(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int]) 
         "dtype": str(np.dtype(layer.dtype)),
         "bias": len(node.input) > 2 and bool(node.input[2]),
     }
-
-
-def time_sessions(sessions: Sequence, feed: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-                  rounds: int = ROUNDS) -> list[float]:
-    """Median milliseconds per run of every session, timed interleaved in `rounds` rounds after a warm-up run.
-    `feed`: one for every session, or a feed each (a layer narrowed to fewer input channels reads a smaller one)."""
-    feeds = list(feed) if not isinstance(feed, Mapping) else [feed] * len(sessions)
-    first = []
-    for sess, feed in zip(sessions, feeds):
-        sess.run(None, feed)
-        start = time.perf_counter()
-        sess.run(None, feed)
-        first.append(time.perf_counter() - start)
-    repeats = [max(1, min(MAX_REPEATS, math.ceil(BLOCK_SECONDS / max(t, 1e-7)))) for t in first]
-    samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for sess, feed, count, times in zip(sessions, feeds, repeats, samples):
-            start = time.perf_counter()
-            for _ in range(count):
-                sess.run(None, feed)
-            times.append((time.perf_counter() - start) * 1000.0 / count)
-    return [statistics.median(times) for times in samples]
 
 
 def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -> Factors:
@@ -182,10 +154,13 @@ def measure_layers(
     max_groups: int = 8,
     progress: Callable[[int, int], None] | None = None,
     narrowing: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+    timer: Timer | None = None,
 ) -> dict[str, LayerTiming]:
     """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them;
     new timings are put in the cache, which the caller saves. `narrowing`: layer name -> (the output channel counts,
-    the input channel counts) to time it narrowed at (`narrowing_grid`)."""
+    the input channel counts) to time it narrowed at (`narrowing_grid`). `timer`: default onnxruntime with
+    `settings` (which also key the cache)."""
+    timer = timer or OnnxruntimeTimer(settings)
     block = block_size()
     narrowing = narrowing or {}
     timings = {}
@@ -195,13 +170,13 @@ def measure_layers(
         # cache) and the times add up, since every node runs. Chains never narrow one.
         grids = narrowing.get(layer.name, ((), ())) if not layer.shared else ((), ())
         timings[layer.name] = _summed([_measure_layer(model, view, tuple(shapes[view.input_name]), settings, cache,
-                                                      forms, grids) for view in layer.views()])
+                                                      forms, grids, timer) for view in layer.views()])
         if progress is not None:
             progress(index, len(layers))
     return timings
 
 
-def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing=((), ())) -> LayerTiming:
+def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing, timer) -> LayerTiming:
     description = layer_key(model, layer, input_shape)
     variants: list[tuple | None] = [None]
     for k, (grid, _) in forms.items():
@@ -224,15 +199,14 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing=
                 models.append(isolate_layer(model, layer, input_shape, rows=variant[1]))
             elif variant[0] == "columns":
                 models.append(isolate_layer(model, layer, input_shape, columns=variant[1]))
-                shape[1 if layer.op == "Conv" else -1] = variant[1]
+                shape[family_for(layer.op).channel_axis] = variant[1]
             else:
                 models.append(factorize_layers(isolated, [(alone, _random_factors(alone, *variant, rng))])[0])
             feeds.append(shape)
-        sessions = [runtime.session(m, settings=settings) for m in models]
         data = {}
-        feeds = [{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}
+        feeds = [[{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}]
                  for shape in feeds]
-        for (_, key), ms in zip(missing, time_sessions(sessions, feeds)):
+        for (_, key), ms in zip(missing, timer.time(models, feeds, ROUNDS, block_s=BLOCK_SECONDS).medians):
             cache.put(key, ms)
     measured = {variant: cache.get(key) for variant, key in zip(variants, keys)}
     result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
@@ -264,6 +238,7 @@ def realized_fraction(
     feed: Mapping[str, np.ndarray],
     settings: RuntimeSettings,
     rounds: int = 20,
+    timer: Timer | None = None,
 ) -> tuple[float, float]:
     """(the original model's median milliseconds, the fraction of the layers' predicted savings that a probe model
     — every layer with a k = 1 form factorized at its smallest timed rank — really delivers), both from one
@@ -278,9 +253,9 @@ def realized_fraction(
         rewrites.append((layer, _random_factors(layer, 1, rank, rng)))
         predicted += timings[layer.name].dense_ms - ms
     if not rewrites:
-        return model_latency(model, feed, settings), 1.0
+        return model_latency(model, feed, settings, timer=timer), 1.0
     probe, _ = factorize_layers(model, rewrites)
-    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings)
+    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings, timer=timer)
     saved = comparison.original_ms - comparison.compressed_ms
     fraction = saved / predicted if predicted > 0 else 1.0
     return comparison.original_ms, float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))
@@ -293,6 +268,7 @@ def realized_narrowing(
     feed: Mapping[str, np.ndarray],
     settings: RuntimeSettings,
     rounds: int = 20,
+    timer: Timer | None = None,
 ) -> float:
     """The fraction of the narrowed layers' predicted savings that a probe model — every chain narrowed to its
     smallest timed width, with random folds — really delivers, timed interleaved against the original. More than
@@ -314,6 +290,52 @@ def realized_narrowing(
     if not predicted or predicted <= 0:
         return 1.0
     probe, _ = eliminate_channels(model, cuts)
-    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings)
+    comparison = measure_latency_ratio(model, probe, [feed], repeats=rounds, settings=settings, timer=timer)
     fraction = (comparison.original_ms - comparison.compressed_ms) / predicted
     return float(min(max(fraction, MIN_REALIZED), MAX_REALIZED))
+
+
+def latency_cost(model: onnx.ModelProto, layers: Sequence[Layer], shapes, speed, feed: Mapping[str, np.ndarray],
+                 max_groups: int, progress: Callable[[int, int], None] | None = None,
+                 chains: Sequence[Chain] = ()) -> LatencyCost:
+    """Time every layer's dense and factorized forms, and the narrowed forms of the layers `chains` may cut (or
+    read them from the cache), the whole original model, and the fractions of the layers' savings a factorized and
+    a narrowed model really deliver (`realized_fraction`, `realized_narrowing`). `speed`: `settings.SpeedSettings`.
+
+    The whole-model numbers are cached with the layers' and measured again whenever a layer was: every part of the
+    prediction then comes from the same period of this machine's speed.
+    """
+    cache, timer = open_cache(speed.cache), timer_of(speed)
+    block = block_size()
+    narrowing: dict[str, tuple[list[int], list[int]]] = {}
+    for chain in chains:
+        grid = narrowing_grid(chain.channels, width_alignment(chain, block))
+        for layer in chain.producers:
+            narrowing[layer.name] = (grid, narrowing.get(layer.name, ([], []))[1])
+        for layer in chain.readers:
+            narrowing[layer.name] = (narrowing.get(layer.name, ([], []))[0], grid)
+    timings = measure_layers(model, layers, shapes, speed.runtime, cache, max_groups=max_groups, progress=progress,
+                             narrowing=narrowing, timer=timer)
+    key = model_key(model, {name: value.shape for name, value in feed.items()}, speed.runtime)
+    keys = (None, None, None) if key is None else (key + "/total", key + "/realized", key + "/narrowed")
+    cached = (None, None, None) if key is None or cache.changed else tuple(cache.get(k) for k in keys)
+    total, realized, narrowed = cached
+    if total is None or realized is None:
+        total, realized = realized_fraction(model, layers, timings, feed, speed.runtime, timer=timer)
+    latency = LatencyCost(total=total, timings=timings, realized=realized, settings=speed.runtime)
+    if chains and narrowed is None:
+        narrowed = realized_narrowing(model, chains, latency, feed, speed.runtime, timer=timer)
+    latency = replace(latency, realized_narrowing=1.0 if narrowed is None else narrowed)
+    if key is not None:
+        for name, value in zip(keys, (total, realized, narrowed)):
+            if value is not None:
+                cache.put(name, value)
+    cache.save()
+    return latency
+
+
+def open_cache(cache) -> LatencyCache:
+    """The latency cache `cache` names: True for the default file, False for none, or a path."""
+    if cache is True:
+        return LatencyCache(default_cache_path())
+    return LatencyCache(None if cache is False else cache)

@@ -20,7 +20,7 @@ import onnx
 
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.stages.calibrate import DEFAULT_MAX_ROWS, sample_seed
-from onnx_lowrank.stages.discover import Layer
+from onnx_lowrank.ops.layer import Layer
 from onnx_lowrank.graph.inputs import Samples
 from onnx_lowrank.passes import factorize_layers
 from onnx_lowrank.math.patches import input_rows

@@ -8,14 +8,19 @@ honest even when the absolute times do not. ORT's worker threads would keep spin
 core from the other model; the sessions stop them at the end of each run instead (`runtime.session`),
 which is also faster than pausing between runs (measured: a pause lets the next run start cold, 2-4x slower on a
 small conv). Medians discard the occasional preempted run.
+
+Every measurement (layer variants, whole models, the judge's tied plans) goes through one `Timer`, so there is one
+timing loop (`OnnxruntimeTimer`) and tests can put a scripted one in its place (`SpeedSettings.timer`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -24,10 +29,68 @@ from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
 
-__all__ = ["LatencyComparison", "measure_latency_ratio", "model_latency"]
+__all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
+           "model_latency", "compare_models"]
 
-PAUSE_S = 0.0
-"""Seconds to sleep after each timed run (none needed: timing sessions stop spinning at the end of a run)."""
+Feed = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per model: the median milliseconds per run, and the milliseconds of every timed round (in round order)."""
+
+    medians: tuple[float, ...]
+    samples: tuple[tuple[float, ...], ...]
+
+
+class Timer(Protocol):
+    """Times several models interleaved: after `warmup` untimed rounds (at least one), `rounds` timed rounds, each
+    running every model once in order, round i on feed i mod len of that model's feeds (`feeds`: one sequence per
+    model). `block_s` > 0: a model faster than that runs several times per round (at most MAX_REPEATS), the
+    round's time divided by the count, so tiny layers are not timed at the clock's resolution."""
+
+    def time(self, models: Sequence[onnx.ModelProto], feeds: Sequence[Sequence[Feed]], rounds: int,
+             warmup: int = 1, block_s: float = 0.0) -> Timings: ...
+
+
+MAX_REPEATS = 20
+"""The most runs of one model per round when `block_s` asks for blocks."""
+
+
+class OnnxruntimeTimer:
+    """The `Timer` of this machine: onnxruntime sessions made with `settings`, timed with `time.perf_counter`."""
+
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+
+    def time(self, models: Sequence[onnx.ModelProto], feeds: Sequence[Sequence[Feed]], rounds: int,
+             warmup: int = 1, block_s: float = 0.0) -> Timings:
+        sessions = [runtime.session(model, settings=self.settings) for model in models]
+        prepared = [[dict(feed) for feed in own] for own in feeds]
+        for i in range(max(1, int(warmup))):  # at least one untimed round: it also checks the feeds
+            for sess, own in zip(sessions, prepared):
+                runtime.run(sess, own[i % len(own)])
+        repeats = [1] * len(sessions)
+        if block_s > 0:
+            for index, (sess, own) in enumerate(zip(sessions, prepared)):
+                start = time.perf_counter()
+                sess.run(None, own[0])
+                repeats[index] = max(1, min(MAX_REPEATS, math.ceil(block_s / max(time.perf_counter() - start,
+                                                                                  1e-7))))
+        samples: list[list[float]] = [[] for _ in sessions]
+        for i in range(int(rounds)):
+            for sess, own, count, times in zip(sessions, prepared, repeats, samples):
+                feed = own[i % len(own)]
+                start = time.perf_counter()
+                for _ in range(count):
+                    sess.run(None, feed)  # the warm-up went through runtime.run, which turns bad feeds into errors
+                times.append((time.perf_counter() - start) * 1000.0 / count)
+        return Timings(tuple(statistics.median(times) for times in samples), tuple(map(tuple, samples)))
+
+
+def timer_of(speed) -> Timer:
+    """The timer `speed` (`settings.SpeedSettings`) names: its own, else onnxruntime with its session settings."""
+    return speed.timer or OnnxruntimeTimer(speed.runtime)
 
 
 @dataclass(frozen=True)
@@ -45,18 +108,18 @@ class LatencyComparison:
 def measure_latency_ratio(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Feed],
     repeats: int = 30,
     warmup: int = 5,
-    threads: int | None = 2,
-    pause_s: float = PAUSE_S,
+    threads: int | None = None,
     settings: RuntimeSettings | None = None,
+    timer: Timer | None = None,
 ) -> LatencyComparison:
     """Time both models interleaved for `repeats` rounds after `warmup` untimed rounds (at least one); return the
     medians.
 
-    Round i runs feed i mod len(feeds) on the original, then on the compressed model. Sessions are created once,
-    with `settings` (default: `threads` intra-op threads, full ORT optimizations on the CPU), as a deployment would.
+    Round i runs feed i mod len(feeds) on the original, then on the compressed model. `timer` (default: onnxruntime
+    with `settings`, else `threads` intra-op threads, full ORT optimizations on the CPU) does the timing.
     """
     if not feeds:
         raise InputDataError("No samples to time on; give at least one feed (random inputs or an .npz)")
@@ -66,40 +129,22 @@ def measure_latency_ratio(
         raise InvalidOptionError(f"The 'warmup' parameter must be an integer >= 0. Got {warmup!r} instead.")
     if threads is not None and (int(threads) != threads or threads < 1):
         raise InvalidOptionError(f"The 'threads' parameter must be an integer >= 1. Got {threads!r} instead.")
-    if pause_s < 0:
-        raise InvalidOptionError(f"The 'pause_s' parameter must be >= 0 seconds. Got {pause_s!r} instead.")
-
-    settings = settings or RuntimeSettings(threads=None if threads is None else int(threads))
-    sessions = (runtime.session(original, settings=settings),
-                runtime.session(compressed, settings=settings))
-    prepared = [dict(feed) for feed in feeds]
-    for i in range(max(1, int(warmup))):  # at least one untimed round: it also checks the feeds
-        for sess in sessions:
-            runtime.run(sess, prepared[i % len(prepared)])
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(int(repeats)):
-        feed = prepared[i % len(prepared)]
-        for sess, samples in zip(sessions, times):
-            start = time.perf_counter()
-            sess.run(None, feed)  # warm-up already went through runtime.run, which turns bad feeds into errors
-            samples.append((time.perf_counter() - start) * 1000.0)
-            if pause_s:
-                time.sleep(pause_s)
-    original_ms, compressed_ms = statistics.median(times[0]), statistics.median(times[1])
+    timer = timer or OnnxruntimeTimer(settings or RuntimeSettings(threads=None if threads is None else int(threads)))
+    original_ms, compressed_ms = timer.time([original, compressed], [feeds, feeds], int(repeats), int(warmup)).medians
     ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")
     return LatencyComparison(original_ms, compressed_ms, ratio)
 
 
-def model_latency(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], settings: RuntimeSettings,
-                  repeats: int = 15, warmup: int = 3) -> float:
+def model_latency(model: onnx.ModelProto, feed: Feed, settings: RuntimeSettings, repeats: int = 15, warmup: int = 3,
+                  timer: Timer | None = None) -> float:
     """Median milliseconds of one run of `model` on `feed`, after `warmup` untimed runs: the whole-model time the
     latency cost model starts from."""
-    sess = runtime.session(model, settings=settings)
-    for _ in range(max(1, warmup)):
-        runtime.run(sess, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return (timer or OnnxruntimeTimer(settings)).time([model], [[feed]], repeats, warmup).medians[0]
+
+
+def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Sequence[Feed], speed,
+                   rounds: int) -> LatencyComparison:
+    """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`): what
+    verification and the sweep report as the speedup."""
+    return measure_latency_ratio(original, compressed, feeds, repeats=rounds, settings=speed.runtime,
+                                 timer=timer_of(speed))

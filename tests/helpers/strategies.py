@@ -1,13 +1,20 @@
-"""Hypothesis strategies for the fuzz tests: random small valid ONNX graphs, and random corruptions of model files.
+"""Hypothesis strategies shared by the tests: one-layer graphs of every geometry the rewrites handle, random small
+valid ONNX graphs for the fuzz tests, and random corruptions of model files.
 
-A graph is a chain with side branches (residual Add, Concat, extra outputs) over one input: a Conv stage (1-D or
-2-D; any kernel, strides, pads, dilations; group 1 or more; bias or not; BatchNormalization after it or not) that may
-turn into a dense stage through Flatten, Reshape or Reshape + Transpose, or a dense stage alone (Gemm with every
-transB, alpha, beta and C shape; MatMul on 2-D and batched activations, weight on either side), mixed with Relu,
-Sigmoid, Softmax, Transpose and Mul/Add by constants. Weights are initializers or Constant nodes, sometimes shared
-by two nodes; the batch dimension is static or dynamic (sometimes a spatial one too); the model is float32, float16
-throughout, or float32 with float16 weights read through Cast nodes. Shapes are tracked here, so every model
-declares its output shapes and passes the full checker (strict shape inference) before it is used.
+One-layer graphs (`conv_graphs`, `gemm_graphs`, `matmul_graphs`) return (model, input "x", input width): a Conv (1-D
+or 2-D, any strides, pads, dilations, auto_pad, kernel_shape given or inferred, bias or not, maybe a following
+BatchNormalization, weights as initializers or Constant nodes), a Gemm (transB, alpha, beta, every C shape) or a
+MatMul (activation rank 2..4), with an input width that usually has divisors to pick a group count k > 1 from.
+
+A fuzz graph (`fuzz_models`, for tests/test_fuzz.py) is a chain with side branches (residual Add, Concat, extra
+outputs) over one input: a Conv stage (1-D or 2-D; any kernel, strides, pads, dilations; group 1 or more; bias or
+not; BatchNormalization after it or not) that may turn into a dense stage through Flatten, Reshape or Reshape +
+Transpose, or a dense stage alone (Gemm with every transB, alpha, beta and C shape; MatMul on 2-D and batched
+activations, weight on either side), mixed with Relu, Sigmoid, Softmax, Transpose and Mul/Add by constants. Weights
+are initializers or Constant nodes, sometimes shared by two nodes; the batch dimension is static or dynamic
+(sometimes a spatial one too); the model is float32, float16 throughout, or float32 with float16 weights read
+through Cast nodes. Shapes are tracked here, so every model declares its output shapes and passes the full checker
+(strict shape inference) before it is used.
 """
 
 from __future__ import annotations
@@ -16,8 +23,109 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from hypothesis import event
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+from helpers.builders import make_model, tensor
+
+# ------------------------------------------------------------------------------------------- one-layer graphs
+
+
+def _weight_nodes(name: str, array: np.ndarray, as_constant: bool) -> tuple[list, list]:
+    """(nodes, initializers) that provide `array` under `name`."""
+    value = numpy_helper.from_array(array.astype(np.float32), name)
+    if as_constant:
+        return [helper.make_node("Constant", [], [name], value=value)], []
+    return [], [value]
+
+
+def _floats(rng: np.random.Generator, shape, low=-1.0, high=1.0) -> np.ndarray:
+    return rng.uniform(low, high, shape).astype(np.float32)
+
+
+def _width(draw) -> int:
+    """An input width up to 12, drawn as a product so that it usually has divisors to pick k > 1 from."""
+    return draw(st.integers(1, 4)) * draw(st.integers(1, 3))
+
+
+def _one_layer_model(nodes, x_shape, output_rank: int, initializers) -> onnx.ModelProto:
+    return make_model(nodes, [tensor("x", list(x_shape))], [tensor("y", output_rank)], initializers)
+
+
+@st.composite
+def conv_graphs(draw, has_bn: bool | None = None) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """A Conv named "conv", followed by a BatchNormalization "bn" when `has_bn` (None: either, balanced, whatever
+    hypothesis favours, as the bias is); returns (model, input, input channels)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    nd = draw(st.sampled_from([1, 2]))
+    c_in, c_out = _width(draw), draw(st.integers(1, 8))
+    kernel = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd))
+    strides = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    # onnxruntime refuses dilations with SAME_* padding, even in the original model
+    max_dilation = 1 if auto_pad.startswith("SAME") else 2
+    dilations = draw(st.lists(st.integers(1, max_dilation), min_size=nd, max_size=nd))
+    attrs = dict(strides=strides, dilations=dilations, auto_pad=auto_pad)
+    if auto_pad == "NOTSET":
+        attrs["pads"] = draw(st.lists(st.integers(0, 2), min_size=2 * nd, max_size=2 * nd))
+    if draw(st.booleans()):
+        attrs["kernel_shape"] = kernel
+    spatial = [d * (k - 1) + 1 + draw(st.integers(0, 5)) for k, d in zip(kernel, dilations)]
+    has_bias = bool(rng.integers(2))
+    if has_bn is None:
+        has_bn = bool(rng.integers(2))
+
+    nodes, inits = _weight_nodes("W", _floats(rng, (c_out, c_in, *kernel)), draw(st.booleans()))
+    conv_inputs = ["x", "W"]
+    if has_bias:
+        inits.append(numpy_helper.from_array(_floats(rng, c_out), "B"))
+        conv_inputs.append("B")
+    nodes.append(helper.make_node("Conv", conv_inputs, ["conv" if has_bn else "y"], name="conv", **attrs))
+    if has_bn:
+        for name, low, high in (("gamma", 0.5, 1.5), ("beta", -1, 1), ("mean", -1, 1), ("var", 0.5, 2.0)):
+            param_nodes, param_inits = _weight_nodes(name, _floats(rng, c_out, low, high), draw(st.booleans()))
+            nodes = param_nodes + nodes
+            inits += param_inits
+        nodes.append(helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "var"], ["y"],
+                                      name="bn"))
+    event(f"bias={has_bias}, bn={has_bn}")
+    x_shape = [draw(st.integers(1, 2)), c_in, *spatial]
+    return _one_layer_model(nodes, x_shape, 2 + nd, inits), _floats(rng, x_shape), c_in
+
+
+C_SHAPES = ["absent", "scalar", "out", "1,out", "n,out"]
+
+
+@st.composite
+def gemm_graphs(draw) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n, inp, out = draw(st.integers(1, 4)), _width(draw), draw(st.integers(1, 8))
+    trans_b = draw(st.integers(0, 1))
+    alpha, beta = draw(st.floats(-2, 2)), draw(st.floats(-2, 2))
+    c_shape = draw(st.sampled_from(C_SHAPES))
+    nodes, inits = _weight_nodes("W", _floats(rng, (out, inp) if trans_b else (inp, out)), draw(st.booleans()))
+    inputs = ["x", "W"]
+    if c_shape != "absent":
+        shape = {"scalar": (), "out": (out,), "1,out": (1, out), "n,out": (n, out)}[c_shape]
+        inits.append(numpy_helper.from_array(_floats(rng, shape), "C"))
+        inputs.append("C")
+    nodes.append(helper.make_node("Gemm", inputs, ["y"], transB=trans_b, alpha=alpha, beta=beta))
+    return _one_layer_model(nodes, [n, inp], 2, inits), _floats(rng, (n, inp)), inp
+
+
+@st.composite
+def matmul_graphs(draw) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rank = draw(st.integers(2, 4))
+    inp, out = _width(draw), draw(st.integers(1, 8))
+    x_shape = [draw(st.integers(1, 3)) for _ in range(rank - 1)] + [inp]
+    nodes, inits = _weight_nodes("W", _floats(rng, (inp, out)), draw(st.booleans()))
+    nodes.append(helper.make_node("MatMul", ["x", "W"], ["y"]))
+    return _one_layer_model(nodes, x_shape, rank, inits), _floats(rng, x_shape), inp
+
+
+# ------------------------------------------------------------------------------------------------ fuzz graphs
 
 OPSETS = (7, 9, 11, 13, 17, 21, 24)
 # cast16: a float32 graph whose weights are float16 behind Cast nodes; float32 drawn more often, as exporters do

@@ -1,0 +1,280 @@
+"""The Context every stage reads, and the runner that takes a model through the stages in order.
+
+    prepare -> Context -> analyze -> Analysis (holds its Context) -> plan -> Plan -> apply -> (model, Report)
+
+A Context is made once per call (`prepare`): the loaded model with its fingerprint, its input shapes, the samples to
+calibrate and verify on, and the validated settings. An `Analysis` keeps its Context, so planning and applying it
+need nothing else; a `Plan` records the settings and the model's fingerprint, so applying it later to the same
+model reproduces the same bytes and applying it to another is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
+from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
+from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes,
+                                       samples_from)
+from onnx_lowrank.graph.load import check_model, fingerprint, load_model
+from onnx_lowrank.graph.shapes import tensor_shapes
+from onnx_lowrank.ops.base import FAMILIES
+from onnx_lowrank.plan import Plan
+from onnx_lowrank.settings import AnalysisSettings, SpeedSettings
+from onnx_lowrank.stages.analyze import Analysis, analyze_chains, analyze_layers
+from onnx_lowrank.stages.apply import check_plan, write_plan
+from onnx_lowrank.stages.calibrate import calibrate
+from onnx_lowrank.stages.channel_sets import find_chains
+from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.stages.layer_timing import block_size, latency_cost
+from onnx_lowrank.stages.parallel import single_threaded_blas
+from onnx_lowrank.stages.report import Report, build_report
+from onnx_lowrank.stages.timing import compare_models
+from onnx_lowrank.stages.verify import verify
+
+__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "run_apply", "ModelLike", "ShapeSpecs",
+           "SampleSource", "Progress"]
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+ShapeSpecs = Mapping[str, Sequence[int]] | Sequence[str] | None
+SampleSource = str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None
+Progress = Callable[[str, int, int | None], None]
+"""progress(stage, done, total): called as calibration samples, timed, analysed and applied layers, verification
+samples and search steps complete (total None if unknown)."""
+
+_RANDOM_SAMPLES = 2
+_TIMED_ROUNDS = 20  # interleaved rounds when verification times the original and the compressed model
+
+
+@dataclass(frozen=True, eq=False)
+class Context:
+    """A loaded model with what every stage may need: concrete shapes, samples to verify and calibrate on, and the
+    settings, validated once."""
+
+    model: onnx.ModelProto
+    input_shapes: dict[str, tuple[int, ...]] | None  # None when some input dimension is unknown
+    feeds: Samples | None  # verification samples
+    calibration: Samples | None = None  # None: weight-only
+    in_sample: bool = False  # verification and calibration use the same samples
+    settings: AnalysisSettings = AnalysisSettings()  # method resolved
+    speed: SpeedSettings = SpeedSettings()
+    notes: tuple[str, ...] = ()  # what was read differently from the file, in one line each
+    random_verification: bool = False  # verify on random inputs at `input_shapes`, made when first needed
+    needs_shapes: bool = False  # the metric counts FLOPs or time: tensor shapes must be measurable
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the model's graph and weights (`graph.load.fingerprint`), computed when first asked for."""
+        return fingerprint(self.model)
+
+    @cached_property
+    def samples_to_verify(self) -> Samples | None:
+        """The samples verification runs on: given ones, or random ones made now (a model that nothing changed
+        never needs them: its inputs may be of a dtype no random data can be made for)."""
+        if self.feeds is not None or not self.random_verification:
+            return self.feeds
+        return Samples.given(random_feeds(self.model, self.input_shapes, count=_RANDOM_SAMPLES, seed=0), "random")
+
+    def timing_feed(self) -> dict[str, np.ndarray] | None:
+        """One sample to time whole models on: the first verification or calibration sample, else random."""
+        for samples in (self.feeds, self.calibration):
+            if samples is not None:
+                return next(iter(samples))
+        if self.input_shapes is None:
+            return None
+        return random_feeds(self.model, self.input_shapes, count=1, seed=0)[0]
+
+    def shapes_of(self, model: onnx.ModelProto) -> dict[str, tuple[int, ...]] | None:
+        """Concrete shapes of every tensor the cost model reads, or None when the input shapes are unknown."""
+        if self.input_shapes is None:
+            return None
+        counted = {*FAMILIES, "ConvTranspose", "BatchNormalization"}  # the ops whose tensors the costs read
+        names = {t for n in model.graph.node if n.op_type in counted for t in list(n.input[:2]) + list(n.output[:1])}
+        constants = {t.name for t in model.graph.initializer}
+        constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        try:
+            return tensor_shapes(model, self.input_shapes, sorted(names - constants - {""}))
+        except InvalidModelError:  # onnxruntime cannot run the model (a custom op): FLOPs and times stay unknown
+            if self.needs_shapes:
+                raise
+            return None
+
+
+def prepare(
+    model: ModelLike,
+    inputs: SampleSource,
+    input_shapes: ShapeSpecs,
+    need_feeds: bool,
+    calibration: SampleSource = None,
+    settings: AnalysisSettings = AnalysisSettings(),
+    speed: SpeedSettings = SpeedSettings(),
+    need_shapes: bool = False,
+) -> Context:
+    """Load the model and settle its samples, input shapes and method. Shapes that cannot be settled are an error
+    (naming every input that needs one) when verification needs feeds or the metric needs shapes, before any work."""
+    proto, constant_inputs = constant_initializer_inputs(load_model(model))
+    overrides = parse_shape_specs(input_shapes)
+    feeds = samples_from(inputs, proto) if inputs is not None else None
+    calibration_samples = samples_from(calibration, proto) if calibration is not None else None
+    in_sample = False
+    if calibration_samples is None and feeds is not None and not settings.weight_only:
+        calibration_samples, in_sample = feeds, True  # samples the user handed over should help, not only judge
+    notes = _constant_inputs_note(constant_inputs)
+    if feeds is not None:
+        resolved = feeds.first_shapes()  # the first sample fixes the shapes FLOPs are counted at
+    else:
+        try:
+            resolved = resolve_shapes(proto, overrides)
+        except InvalidOptionError:
+            # the sizes are needed only if something can be compressed: a model with nothing to compress is
+            # written unchanged without them
+            if calibration_samples is None and (need_feeds or need_shapes) and discover(proto).layers:
+                raise
+            resolved = calibration_samples.first_shapes() if calibration_samples is not None else None
+        else:
+            if calibration_samples is None:
+                notes += tuple(filter(None, [assumed_sizes_note(proto, overrides)]))
+        if need_feeds and calibration_samples is not None:
+            feeds, in_sample = calibration_samples, True  # real samples judge better than random ones
+    random_verification = need_feeds and feeds is None and resolved is not None
+    return Context(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
+                   in_sample=in_sample, settings=settings.resolved(calibration_samples is not None), speed=speed,
+                   notes=notes, random_verification=random_verification, needs_shapes=need_shapes)
+
+
+def _constant_inputs_note(names: Sequence[str]) -> tuple[str, ...]:
+    if not names:
+        return ()
+    return (f"{len(names)} weight{'s are' if len(names) > 1 else ' is'} also listed as graph input"
+            f"{'s' if len(names) > 1 else ''} (an old exporter convention, e.g. {names[0]!r}): read as constants, as "
+            "onnxruntime does, and written as initializers only.",)
+
+
+def run_analysis(context: Context, progress: Progress | None = None) -> Analysis:
+    """Discover, calibrate, time and analyze: every layer's candidates, held with the Context they came from."""
+    method = context.settings.method
+    if method != "lowrank" and context.calibration is None:
+        raise InvalidOptionError(f"--method {method} needs calibration data (--calibration or --inputs): which "
+                                 "channels the others reproduce is read from the activations.")
+    # Many small decompositions: a second BLAS thread barely helps them and, when onnxruntime or another process
+    # holds the other core, makes them many times slower (measured: 1.3 s with one thread, 14-59 s with two).
+    with single_threaded_blas():
+        return _analysis(context, progress)
+
+
+def _analysis(context: Context, progress: Progress | None) -> Analysis:
+    settings = context.settings
+    shapes = context.shapes_of(context.model)
+    discovery = discover(context.model, shapes=shapes, exclude=settings.exclude)
+    chains = find_chains(context.model, discovery) if settings.method != "lowrank" else None
+    statistics = None if context.calibration is None else {}
+    channel_statistics = {}
+    if context.calibration is not None and discovery.layers:
+        samples = context.calibration
+        calibration = calibrate(  # the channels narrowing fits its folds on are read in the same pass
+            context.model,
+            discovery.layers,
+            samples,
+            tensors={} if chains is None else {name: c.window for c in chains.chains for name in c.fits},
+            progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
+        )
+        statistics, channel_statistics = dict(calibration.layers), calibration.tensors
+    latency = None
+    timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
+                                          for view in layer.views())
+    if context.speed.measure and timeable and discovery.layers:
+        latency = latency_cost(
+            context.model, discovery.layers, shapes, context.speed, context.timing_feed(), settings.max_groups,
+            None if progress is None else lambda done, total: progress("timing layers", done, total),
+            () if chains is None else chains.chains)
+    total = len(discovery.layers)
+    counter = iter(range(1, total + 1))
+    analysis = analyze_layers(
+        context.model,
+        discovery,
+        shapes,
+        max_groups=settings.max_groups,
+        rank_multiple=settings.rank_multiple,
+        progress=None if progress is None else lambda layer: progress("analyzing", next(counter), total),
+        statistics=statistics,
+        shrinkage=settings.shrinkage,
+        calibration=None if context.calibration is None else context.calibration.source,
+        calibration_key=() if context.calibration is None else context.calibration.key,
+        latency=latency,
+        guard=context.speed.guard and latency is not None,
+    )
+    analysis = replace(analysis, notes=context.notes, context=context)
+    if settings.method == "lowrank":
+        return analysis
+    block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths
+    narrowable, too_few = analyze_chains(chains.chains, statistics, channel_statistics, analysis.costs, block,
+                                         guard=analysis.guarded)
+    return replace(analysis, method=settings.method, unnarrowed=chains.skipped + too_few, chains=narrowable)
+
+
+def finish_plan(plan: Plan, analysis: Analysis, refit: bool = False) -> Plan:
+    """The plan with what reproduces it recorded: the method, the analysis settings, refit and the fingerprint of
+    the model it was made for (see `plan.Plan`)."""
+    context = analysis.context
+    return replace(plan, method=analysis.method, refit=bool(refit),
+                   settings=None if context is None else context.settings,
+                   model=None if context is None else context.fingerprint)
+
+
+def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis, seconds: dict,
+              refit: bool = False, time_models: bool = True, progress: Progress | None = None
+              ) -> tuple[onnx.ModelProto, Report]:
+    """Write `plan` into the model (`stages.apply`), check and time the result, and report."""
+    start = time.perf_counter()
+    model = context.model
+    check_plan(plan, analysis)
+    if refit and plan.layers and context.calibration is None:
+        raise InvalidOptionError("refit needs calibration data (--calibration or --inputs).")
+    written = write_plan(model, analysis, plan, calibration=context.calibration if refit else None,
+                         progress=None if progress is None else lambda done, total: progress("applying", done, total))
+    compressed = written.model
+    seconds["apply"] = time.perf_counter() - start
+    changed = bool(plan.layers or plan.widths)
+
+    verification = timing = None
+    if run_verify and changed:
+        start = time.perf_counter()
+        check_model(compressed, full_check=True)  # by path (weights not read) when large or lazily loaded
+        samples = context.samples_to_verify
+        verification = verify(model, compressed, samples, None if progress is None else
+                              lambda done: progress("verifying", done, samples.count))
+        seconds["verify"] = time.perf_counter() - start
+        if time_models:
+            start = time.perf_counter()
+            timing = compare_models(model, compressed, [context.timing_feed()], context.speed, rounds=_TIMED_ROUNDS)
+            seconds["time"] = time.perf_counter() - start
+
+    report = build_report(
+        analysis, plan, written, compressed,
+        after_shapes=context.shapes_of(compressed) if changed else None,
+        verification=verification,
+        verified_on=context.samples_to_verify.source if verification is not None else None,
+        seconds=seconds,
+        in_sample=context.in_sample and verification is not None,
+        refit=refit and changed,
+        latency=timing,
+        speed_note=_speed_note(context, analysis),
+        notes=context.notes,
+    )
+    return compressed, report
+
+
+def _speed_note(context: Context, analysis: Analysis) -> str | None:
+    """Why latency was not measured, when the user asked for it to be."""
+    if context.speed.guard and not analysis.guarded and analysis.layers:
+        return ("Layers were not timed (some input shape is unknown: give --input-shape), so the never-slower "
+                "guard was off.")
+    return None
+

@@ -1,0 +1,96 @@
+"""The user's options as three frozen settings objects, built once from the keywords and validated once.
+
+Every public function (`api`, `sweep`) turns its keywords into settings with `settings_from`, which checks them
+against their declarations (`options.OPTIONS`, one message template) and against each other; the stages then read
+fields of these objects and never validate again. A plan records the settings that shape the model it writes
+(`AnalysisSettings` and `refit`, see `plan.Plan.settings`), so applying it later reproduces the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
+from onnx_lowrank.options import METHODS, check
+
+__all__ = ["AnalysisSettings", "SpeedSettings", "PlanSettings", "CachePath", "default_method", "settings_from"]
+
+CachePath = str | os.PathLike | bool
+"""Where measured latencies are cached: True for the default file (see `latency_cache`), False for none, or a path."""
+
+
+def default_method(calibrated: bool) -> str:
+    """The method when none is given, for every metric: `both` with calibration data (narrowing needs it), else
+    `lowrank`. The benchmark chose it (README, Neuron elimination): on the calibration samples `both` never does
+    worse than low rank alone, whose plans are among those it judges."""
+    return "both" if calibrated else "lowrank"
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What decides each layer's candidates and factors: recorded in a plan, since the written model depends on it."""
+
+    method: str | None = None  # None: `default_method` once it is known whether there is calibration data
+    shrinkage: float = DEFAULT_SHRINKAGE
+    exclude: str | None = None
+    max_groups: int = 8
+    rank_multiple: int = 1
+    weight_only: bool = False
+
+    def resolved(self, calibrated: bool) -> AnalysisSettings:
+        """These settings with the method settled (`default_method` when none was given)."""
+        method = self.method or default_method(calibrated)
+        return AnalysisSettings(method, float(self.shrinkage), self.exclude, int(self.max_groups),
+                                int(self.rank_multiple), bool(self.weight_only))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> AnalysisSettings:
+        """The settings a plan recorded (unknown keys ignored, missing ones at their defaults), checked like
+        keywords: a hand-edited plan gets the same messages."""
+        names = {f.name for f in fields(cls)}
+        values = {name: value for name, value in data.items() if name in names}
+        check(values, "plan")
+        if values.get("method") is not None and values["method"] not in METHODS:
+            raise InvalidOptionError(f"The plan's method must be one of {', '.join(METHODS)}. "
+                                     f"Got {values['method']!r} instead.")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How latency enters: the deployment's session settings, the cache, whether layers are timed at all and whether
+    the never-slower guard filters candidates. One rule for every caller (compress, analyze, sweep): layers are timed
+    unless `allow_slower`, and always for a latency budget; the guard is on unless `allow_slower`."""
+
+    runtime: RuntimeSettings = RuntimeSettings()
+    cache: CachePath = True
+    measure: bool = False
+    guard: bool = False
+    timer: object | None = None  # a `stages.timing.Timer`; None: onnxruntime on this machine
+
+    @classmethod
+    def of(cls, allow_slower: bool, metric: str | None, threads: int | None, provider: str, cache: CachePath,
+           timer: object | None = None) -> SpeedSettings:
+        return cls(RuntimeSettings(threads=threads, provider=provider), cache,
+                   measure=not allow_slower or metric == "latency", guard=not allow_slower, timer=timer)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How the plan is chosen and written: the metric the budget counts, the allocator, and refit."""
+
+    metric: str = "params"
+    allocator: str | None = None  # None: auto with calibration data, alds without
+    refit: bool = False
+
+
+def settings_from(caller: str, values: Mapping[str, object]) -> None:
+    """Check the keywords `caller` was given, once, at the boundary (see `options.check`)."""
+    check({name: value for name, value in values.items()}, caller)
