@@ -152,7 +152,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("weight_only", "ignore sample data for the decomposition: plain SVD of the weights", default=False,
            argparse=_BOOL),
     Option("shrinkage", "regularisation of the calibration statistics: A x their mean eigenvalue is added to every "
-           f"direction (default {DEFAULT_SHRINKAGE:g}; raise it with few samples)", default=DEFAULT_SHRINKAGE,
+           "direction (default: adaptive per layer, Oracle Approximating Shrinkage from its rows and dimensions; "
+           "layers with very few rows fall back to weight-only; a number fixes A for every layer)",
+           default=DEFAULT_SHRINKAGE,
            requirement="a finite number >= 0", valid=_non_negative, argparse={"type": float, "metavar": "A"}),
     Option("threads", "onnxruntime intra-op threads to time with, as deployed (default: onnxruntime's, one per "
            "core)", requirement="a whole number >= 1", valid=_whole_positive, argparse={"type": int, "metavar": "N"}),

@@ -36,7 +36,7 @@ from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
 from onnx_lowrank.stages.report import Report, build_report
-from onnx_lowrank.stages.timing import compare_models
+from onnx_lowrank.stages.timing import SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
 
 __all__ = ["Context", "prepare", "run_analysis", "finish_plan", "run_apply", "ModelLike", "ShapeSpecs",
@@ -243,18 +243,23 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
     seconds["apply"] = time.perf_counter() - start
     changed = bool(plan.layers or plan.widths)
 
-    verification = timing = None
+    verification = timing = check = None
     if run_verify and changed:
         start = time.perf_counter()
         check_model(compressed, full_check=True)  # by path (weights not read) when large or lazily loaded
-        samples = context.samples_to_verify
-        verification = verify(model, compressed, samples, None if progress is None else
-                              lambda done: progress("verifying", done, samples.count))
         seconds["verify"] = time.perf_counter() - start
         if time_models:
             start = time.perf_counter()
             timing = compare_models(model, compressed, [context.timing_feed()], context.speed, rounds=_TIMED_ROUNDS)
+            if analysis.guarded:
+                plan, written, timing, check = _whole_model_check(context, analysis, plan, written, timing, refit)
+                compressed, changed = written.model, bool(plan.layers or plan.widths)
             seconds["time"] = time.perf_counter() - start
+        start = time.perf_counter()
+        samples = context.samples_to_verify
+        verification = verify(model, compressed, samples, None if progress is None else
+                              lambda done: progress("verifying", done, samples.count)) if changed else None
+        seconds["verify"] += time.perf_counter() - start
 
     report = build_report(
         analysis, plan, written, compressed,
@@ -268,7 +273,62 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
         speed_note=_speed_note(context, analysis),
         notes=context.notes,
     )
-    return compressed, report
+    return compressed, replace(report, speed_check=check)
+
+
+def _savings(analysis: Analysis, plan: Plan) -> list[tuple[float, str, str]]:
+    """(measured saving in ms, "layer" or "width", name) of every change `plan` makes, least saving first (model
+    order among equals)."""
+    latency = analysis.costs["latency"]
+    entries = []
+    for entry in analysis.layers:
+        if entry.layer.name in plan.layers:
+            ms = latency.factorized(entry.layer, *plan.layers[entry.layer.name])
+            entries.append((0.0 if ms is None else latency.dense(entry.layer) - ms, "layer", entry.layer.name))
+    for entry in analysis.chains:
+        if entry.chain.name in plan.widths:
+            saving = latency.narrowing_saving([(entry.chain, plan.widths[entry.chain.name])])
+            entries.append((saving or 0.0, "width", entry.chain.name))
+    return sorted(entries, key=lambda item: item[0])
+
+
+def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written, timing, refit: bool):
+    """The never-slower promise about the whole model: when the written model is not measured faster than the
+    original beyond noise (`LatencyComparison.faster`), take out the planned changes with the least measured saving
+    (1, then 1, 2, 4, ... more), writing and timing again, until it is. When no smaller plan is faster, or every
+    change is at onnxruntime's per-node overhead (too small for any measurement to show), the plan stays as it was
+    and the check says so. Returns (plan, written, timing, SpeedCheck)."""
+    if timing.faster:
+        return plan, written, timing, SpeedCheck(kept=True)
+    latency = analysis.costs["latency"]
+    changes = _savings(analysis, plan)
+    layers = {entry.layer.name: [entry.layer] for entry in analysis.layers}
+    layers.update({entry.chain.name: list(entry.chain.layers) for entry in analysis.chains})
+    if all(latency.at_overhead(layers[name]) for _, _, name in changes):
+        return plan, written, timing, SpeedCheck(kept=False, note=(
+            f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise; every changed layer "
+            "runs near onnxruntime's per-node overhead, too small for a measurement to show a saving, so the plan "
+            "was kept as it was."))
+    calibration = context.calibration if refit else None
+    count, step = 0, 1
+    while count < len(changes):
+        count = min(len(changes), count + step)
+        step = max(1, count)
+        gone = changes[:count]
+        names = {name for _, _, name in gone}
+        smaller = replace(plan, layers={n: c for n, c in plan.layers.items() if n not in names},
+                          widths={n: w for n, w in plan.widths.items() if n not in names})
+        if not (smaller.layers or smaller.widths):
+            break  # the original itself: nothing left to show faster
+        again = write_plan(context.model, analysis, smaller, calibration=calibration)
+        measured = compare_models(context.model, again.model, [context.timing_feed()], context.speed,
+                                  rounds=_TIMED_ROUNDS)
+        if measured.faster:
+            return smaller, again, measured, SpeedCheck(kept=True, dropped=tuple(name for _, _, name in gone))
+    return plan, written, timing, SpeedCheck(kept=False, note=(
+        f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise, and no plan with the "
+        "least-saving layers taken out was faster either: the never-slower promise could not be kept for this "
+        "model (the plan was written as made; --exclude the slow layers, or use --allow-slower knowingly)."))
 
 
 def _speed_note(context: Context, analysis: Analysis) -> str | None:

@@ -12,7 +12,8 @@ Plans are plain JSON so they can be reviewed, edited and re-applied (`onnx-lowra
 Version 2 records what the written model depends on besides the choices: the analysis settings, refit, and the
 fingerprint of the model the plan was made for (`graph.load.fingerprint`), so `apply` analyses again exactly as the
 plan was made and refuses another model. Version 1 plans (no settings, no fingerprint) still load and apply as
-before: analysed with the defaults.
+before: analysed with the defaults. A plan kept well below its budget lists why under "gaps" (`Gap`; optional, and
+`apply` ignores it).
 """
 
 from __future__ import annotations
@@ -25,10 +26,42 @@ from pathlib import Path
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.settings import AnalysisSettings
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "Gap"]
 
 _FORMAT = "onnx-lowrank-plan"
 _VERSION = 2
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Why a plan keeps much less than its budget, for one layer (or unit of coupled layers) it changed: the form
+    chosen keeps `kept` of the layer's cost, and the next less-cut candidate (`next_kept`; None: nothing between that
+    form and the dense layer) costs more than the budget leaves. `only`: the chosen form is the layer's only one."""
+
+    layer: str
+    kept: float
+    next_kept: float | None = None
+    only: bool = False
+
+    def describe(self, metric: str) -> str:
+        if self.only:
+            return f"{self.layer}: the only candidate keeps {self.kept:.2f} of its {metric}"
+        if self.next_kept is None:
+            return (f"{self.layer}: no candidate between dense and the one chosen, which keeps {self.kept:.2f} of its "
+                    f"{metric}")
+        return (f"{self.layer}: keeps {self.kept:.2f} of its {metric}; the next candidate up keeps "
+                f"{self.next_kept:.2f}, more than the budget leaves")
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> Gap:
+        valid = isinstance(data, dict) and isinstance(data.get("layer"), str)
+        kept, next_kept = (data.get("kept"), data.get("next_kept")) if valid else (None, None)
+        if not (valid and _number(kept) and (next_kept is None or _number(next_kept))
+                and isinstance(data.get("only", False), bool)):
+            raise InvalidOptionError(f"{source}: each of 'gaps' needs a layer name and the fraction it keeps, like "
+                                     f'{{"layer": "fc1", "kept": 0.12, "next_kept": null}}. Got {data!r} instead.')
+        return cls(data["layer"], float(kept), None if next_kept is None else float(next_kept),
+                   data.get("only", False))
 
 
 @dataclass(frozen=True)
@@ -44,6 +77,8 @@ class Plan:
     settings: AnalysisSettings | None = None  # what the layers were analysed with; None: a version 1 plan
     refit: bool | None = None  # decoders refit on the calibration samples
     model: str | None = None  # fingerprint of the model the plan was made for
+    gaps: tuple[Gap, ...] = ()  # when it keeps over `allocate.SHORTFALL` below its budget: the layers that could not
+    # take more of it, least alternative first (see `Gap`)
 
     def to_dict(self) -> dict:
         recorded = {"method": self.method, "model": self.model, "refit": self.refit,
@@ -58,6 +93,7 @@ class Plan:
             **{key: value for key, value in recorded.items() if value is not None},
             "layers": {name: {"k": k, "rank": r} for name, (k, r) in self.layers.items()},
             **({"widths": dict(self.widths)} if self.widths else {}),
+            **({"gaps": [gap.__dict__ for gap in self.gaps]} if self.gaps else {}),
         }
 
     def to_json(self) -> str:
@@ -95,6 +131,9 @@ class Plan:
             raise InvalidOptionError(f"{source}: 'model' must be a fingerprint string. Got {model!r} instead.")
         if refit is not None and not isinstance(refit, bool):
             raise InvalidOptionError(f"{source}: 'refit' must be true or false. Got {refit!r} instead.")
+        gaps = data.get("gaps", [])
+        if not isinstance(gaps, list):
+            raise InvalidOptionError(f"{source}: 'gaps' must be a list. Got {gaps!r} instead.")
         recorded = None if settings is None else AnalysisSettings.from_dict(settings)
         if data.get("method") is not None:
             AnalysisSettings.from_dict({"method": data["method"]})  # the same check as the recorded settings
@@ -109,6 +148,7 @@ class Plan:
             settings=recorded,
             refit=refit,
             model=model,
+            gaps=tuple(Gap.from_dict(gap, source) for gap in gaps),
         )
 
     @classmethod
@@ -120,6 +160,10 @@ class Plan:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidOptionError(f"cannot read plan file {str(path)!r}: {exc}.") from None
         return cls.from_dict(data, source=f"plan file {str(path)!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _whole(value: object) -> bool:

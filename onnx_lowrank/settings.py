@@ -35,7 +35,7 @@ class AnalysisSettings:
     """What decides each layer's candidates and factors: recorded in a plan, since the written model depends on it."""
 
     method: str | None = None  # None: `default_method` once it is known whether there is calibration data
-    shrinkage: float = DEFAULT_SHRINKAGE
+    shrinkage: float | None = DEFAULT_SHRINKAGE  # None: adaptive per layer (`math.projection.oas_intensity`)
     exclude: str | None = None
     max_groups: int = 8
     rank_multiple: int = 1
@@ -44,7 +44,7 @@ class AnalysisSettings:
     def resolved(self, calibrated: bool) -> AnalysisSettings:
         """These settings with the method settled (`default_method` when none was given)."""
         method = self.method or default_method(calibrated)
-        return AnalysisSettings(method, float(self.shrinkage), self.exclude, int(self.max_groups),
+        return AnalysisSettings(method, None if self.shrinkage is None else float(self.shrinkage), self.exclude, int(self.max_groups),
                                 int(self.rank_multiple), bool(self.weight_only))
 
     def to_dict(self) -> dict:

@@ -294,3 +294,92 @@ def test_widths_keep_the_channel_block_when_asked():
     assert widths(64, 0) == list(range(4, 64, 4))
     assert 21 in widths(64, 21) and widths(64, 21, align=8) == [8, 16, 24, 32, 40, 48, 56, 64]
     assert widths(12, 0, align=8) == [8, 16]  # the caller drops widths not below the channel count
+
+
+# ------------------------------------------------------------------------------ no silent overshoot
+
+
+@st.composite
+def stairs(draw):
+    """A few layers, each dense (score 0) plus random float-scored, float-cost options (dominated ones too), and a
+    capacity anywhere between the cheapest allocation and the dense model."""
+    layers = []
+    for index in range(draw(st.integers(1, 4))):
+        dense = draw(st.floats(1.0, 50.0))
+        options = [Option(0.0, dense, None)]
+        for choice in range(draw(st.integers(0, 4))):
+            score = draw(st.floats(0.001, 1.0))
+            options.append(Option(score, draw(st.floats(0.0, dense)), (1, choice + 1)))
+        layers.append(options)
+    smallest = sum(min(o.cost for o in options) for options in layers)
+    largest = sum(options[0].cost for options in layers)
+    return layers, smallest + draw(st.floats(0.0, 1.0)) * (largest - smallest)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stairs())
+def test_no_feasible_allocation_nearer_the_budget_has_a_smaller_worst_score(instance):
+    """Issue 19: landing far below the budget is only ever forced. Every allocation that fits and spends more of the
+    capacity than the chosen one (lands nearer the budget) has a worst score at least the chosen one's."""
+    layers, capacity = instance
+    chosen, threshold = minmax_select(layers, capacity)
+    spent = sum(o.cost for o in chosen)
+    assert spent <= capacity + 1e-9
+    for combo in itertools.product(*layers):
+        cost = sum(o.cost for o in combo)
+        if spent < cost <= capacity:
+            assert max(o.score for o in combo) >= threshold
+
+
+def _only_candidate(analysis, name: str, keep: float):
+    """The analysis with layer `name` left one candidate: the smallest rank keeping at least `keep` of its params."""
+    entry = analysis.layer(name)
+    dense = entry.dense["params"]
+    survivor = min((c for c in entry.candidates if c.k == 1 and c.costs["params"] >= keep * dense),
+                   key=lambda c: c.costs["params"])
+    layers = tuple(dataclasses.replace(a, candidates=(survivor,)) if a is entry else a for a in analysis.layers)
+    return dataclasses.replace(analysis, layers=layers), survivor.costs["params"] / dense
+
+
+def test_a_plan_far_below_its_budget_records_the_layers_without_a_candidate_between():
+    """The issue's case: one surviving destructive candidate meets a 0.9 budget far below it. The plan says which
+    layer had nothing between dense and the form chosen, and the record round-trips through the plan JSON."""
+    from onnx_lowrank.plan import Plan
+
+    analysis, fraction = _only_candidate(_analysis(), "a", 0.3)
+    others = tuple(dataclasses.replace(a, candidates=()) if a.layer.name != "a" else a for a in analysis.layers)
+    analysis = dataclasses.replace(analysis, layers=others)
+    plan = allocate(analysis, 0.9)
+    assert set(plan.layers) == {"a"}
+    assert len(plan.gaps) == 1 and plan.gaps[0].layer == "a" and plan.gaps[0].only
+    assert plan.gaps[0].kept == pytest.approx(fraction)
+    assert plan.gaps[0].describe("params") == f"a: the only candidate keeps {fraction:.2f} of its params"
+    assert Plan.from_dict(plan.to_dict()).gaps == plan.gaps
+    assert "gaps" not in allocate(_analysis(), 0.9).to_dict()  # a plan near its budget records nothing
+
+
+def test_gaps_name_the_next_candidate_when_there_is_one():
+    analysis = _analysis()
+    entry = analysis.layer("a")
+    dense = entry.dense["params"]
+    k1 = sorted((c for c in entry.candidates if c.k == 1), key=lambda c: c.costs["params"])
+    pair = (k1[0], k1[-1])  # the most cut and the least cut: a big jump between them
+    layers = tuple(dataclasses.replace(a, candidates=pair if a is entry else ()) for a in analysis.layers)
+    analysis = dataclasses.replace(analysis, layers=layers)
+    total = analysis.total("params")
+    rest = total - dense
+    budget = (rest + k1[-1].costs["params"]) / total - 0.001  # the least cut one just misses it
+    plan = allocate(analysis, budget)
+    assert plan.layers["a"] == (k1[0].k, k1[0].rank)
+    (gap,) = plan.gaps
+    assert not gap.only and gap.next_kept == pytest.approx(k1[-1].costs["params"] / dense)
+    assert "the next candidate up keeps" in gap.describe("params")
+
+
+def test_plan_json_without_gaps_and_bad_gaps():
+    from onnx_lowrank.plan import Plan
+
+    data = allocate(_analysis(), 0.5).to_dict()
+    assert Plan.from_dict(data).gaps == ()  # plans written before gaps existed load as they were
+    with pytest.raises(InvalidOptionError, match="gaps"):
+        Plan.from_dict({**data, "gaps": [{"layer": "a"}]})

@@ -44,7 +44,9 @@ def test_returns_positive_medians_and_their_ratio():
     assert isinstance(result, LatencyComparison)
     assert result.original_ms > 0 and result.compressed_ms > 0
     assert result.ratio == pytest.approx(result.compressed_ms / result.original_ms)
-    assert set(result.to_dict()) == {"original_ms", "compressed_ms", "ratio"}
+    assert set(result.to_dict()) == {"original_ms", "compressed_ms", "ratio", "rounds", "rounds_not_faster",
+                                     "faster_beyond_noise"}
+    assert len(result.original_rounds) == len(result.compressed_rounds) == 5
 
 
 class _LoggedSession:

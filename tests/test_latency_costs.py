@@ -17,7 +17,7 @@ from helpers.builders import build_cnn
 from helpers.timers import ScriptedTimer
 from onnx_lowrank.stages import layer_timing
 from onnx_lowrank.stages.allocate import allocate
-from onnx_lowrank.stages.analyze import GUARD_RATIO, analyze_layers
+from onnx_lowrank.stages.analyze import analyze_layers
 from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming, interpolate
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.errors import InvalidOptionError
@@ -202,14 +202,16 @@ def _synthetic_analysis(guard: bool):
     return model, analyze_layers(model, discovery, SHAPES, max_groups=1, latency=latency, guard=guard)
 
 
-def test_guard_keeps_only_candidates_measured_faster_than_dense():
+def test_guard_drops_the_candidates_measured_slower_than_dense():
     _, guarded = _synthetic_analysis(guard=True)
     _, free = _synthetic_analysis(guard=False)
     assert guarded.guarded and not free.guarded
-    assert not guarded.layer("conv3").candidates  # never faster: only dense remains
+    # no per-round times (made by hand): the medians decide; conv3 is as fast as dense at rank 8, slower above
+    assert [c.rank for c in guarded.layer("conv3").candidates] == [8]
     assert free.layer("conv3").candidates and all(c.rank % 8 == 0 for c in free.layer("conv3").candidates)
+    assert len(free.layer("conv3").candidates) > 1
     for entry in guarded.layers:
-        assert all(c.costs["latency"] <= GUARD_RATIO * entry.dense["latency"] for c in entry.candidates)
+        assert all(c.costs["latency"] <= entry.dense["latency"] for c in entry.candidates)
 
 
 def test_latency_budget_counts_the_fixed_rest():

@@ -16,7 +16,6 @@ from helpers.files import save
 from helpers.timers import ScriptedTimer, weights_and_nodes
 
 from onnx_lowrank import api
-from onnx_lowrank.stages.analyze import GUARD_RATIO
 from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import BudgetError
 from onnx_lowrank.stages import timing
@@ -36,7 +35,7 @@ def model_path(tmp_path):
     return save(build_cnn(), tmp_path / "m.onnx")
 
 
-def test_analyze_report_keeps_only_candidates_measured_faster(model_path, tmp_path, capsys):
+def test_analyze_report_prices_the_guarded_candidates(model_path, tmp_path, capsys):
     report = tmp_path / "a.json"
     assert main(["analyze", str(model_path), "--threads", "1", "--report", str(report)]) == 0
     data = json.loads(report.read_text())
@@ -44,8 +43,7 @@ def test_analyze_report_keeps_only_candidates_measured_faster(model_path, tmp_pa
     assert data["totals"]["latency"] > 0
     for layer in data["layers"]:
         assert layer["dense"]["latency"] > 0
-        for candidate in layer["candidates"]:
-            assert candidate["latency"] <= GUARD_RATIO * layer["dense"]["latency"]
+        assert all(candidate["latency"] > 0 for candidate in layer["candidates"])
     assert "latency ms" in capsys.readouterr().out
 
 
@@ -53,10 +51,11 @@ def test_analyze_report_removes_the_candidates_the_timer_measured_slower(model_p
     report = tmp_path / "a.json"
     assert main(["analyze", str(model_path), "--threads", "1", "--report", str(report)]) == 0
     layers = {layer["name"]: layer for layer in json.loads(report.read_text())["layers"]}
-    # weights_and_nodes: fc1 at rank r costs 0.1 ms per node more and 96 r weights instead of 2048: ranks up to 9
-    # are at most 0.95 of dense, 10 and above are not; fc2 (640 weights) has no form fast enough
-    assert [(c["k"], c["rank"]) for c in layers["fc1"]["candidates"]] == [(1, r) for r in range(1, 10)]
-    assert layers["fc2"]["candidates"] == [] and layers["conv3"]["candidates"]
+    # weights_and_nodes (no noise: every round agrees): fc1 at rank r costs 0.1 ms per node more and 96 r weights
+    # instead of 2048, so ranks up to 10 are not slower and 11 and above are slower in every round; fc2 (640
+    # weights, 0.164 ms) is below twice the 0.1 ms per-node overhead, too small to time: not filtered alone
+    assert [(c["k"], c["rank"]) for c in layers["fc1"]["candidates"]] == [(1, r) for r in range(1, 11)]
+    assert layers["fc2"]["candidates"] and layers["conv3"]["candidates"]
     assert scripted.calls
 
 
@@ -94,9 +93,10 @@ def test_latency_metric_says_which_budgets_it_can_meet_when_no_form_is_faster(mo
 def test_guarded_plan_only_uses_forms_measured_faster(model_path, tmp_path):
     analysis = api.analyze(model_path, threads=1, timer=ScriptedTimer(), latency_cache=tmp_path / "latency.json")
     assert analysis.guarded
+    latency = analysis.costs["latency"]
     for entry in analysis.layers:
-        assert all(c.costs["latency"] <= GUARD_RATIO * entry.dense["latency"] for c in entry.candidates)
-    fc1 = analysis.costs["latency"].timings["fc1"]
+        assert not any(latency.slower(entry.layer, c.k, c.rank) for c in entry.candidates)
+    fc1 = latency.timings["fc1"]
     slower = next(rank for rank, ms in fc1.forms[1].points if ms > fc1.dense_ms)  # measured slower than dense
     faster = fc1.forms[1].points[0][0]  # the smallest rank: measured faster
     kept = {(c.k, c.rank) for c in analysis.layer("fc1").candidates}

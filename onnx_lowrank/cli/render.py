@@ -60,6 +60,14 @@ def render(report: Report, console: Console) -> None:
         for count, op, reason, example in skip_summary(report.skipped):
             skipped.add_row(str(count), op, reason, fit(example))
         console.print(skipped)
+    if report.thin_calibration:
+        thin = Table(title="Calibrated on fewer rows than input dimensions", title_justify="left")
+        for column, justify in (("layer", "left"), ("rows", "right"), ("dims", "right"), ("decomposed", "left")):
+            thin.add_column(column, justify=justify, overflow="fold")
+        for entry in report.thin_calibration:
+            thin.add_row(fit(entry.name), str(entry.rows), str(entry.dims),
+                         "weight-only (too few rows)" if entry.weight_only else "on the data, shrunk")
+        console.print(thin)
     if report.narrowed:
         narrowed = Table(title="Narrowed (output channels kept; their readers absorb the rest)", title_justify="left")
         for column, justify in (("layer", "left"), ("op", "left"), ("channels", "right"), ("readers", "right"),
@@ -95,8 +103,16 @@ def render(report: Report, console: Console) -> None:
         console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime: {report.latency.ratio:.3f}x of the "
                       f"original's time (medians of both models timed interleaved{forecast}).")
     if report.guarded:
-        console.print("Never slower: only factorizations measured faster than their dense layer were considered "
+        console.print("Never slower: candidates measured slower than their dense layer beyond noise were left out "
                       "(--allow-slower lifts this).")
+    check = report.speed_check
+    if check is not None:
+        dropped = f"; {len(check.dropped)} planned layer(s) kept dense to get there" if check.dropped else ""
+        if check.kept:
+            console.print(f"Never slower, checked: the written model was measured faster than the original beyond "
+                          f"noise{dropped}.")
+        else:
+            console.print(f"[yellow]Never slower, not shown: {check.note}[/yellow]")
     for note in report.notes:
         console.print(note)
     if report.speed_note:
@@ -147,7 +163,8 @@ def render(report: Report, console: Console) -> None:
         console.print(report.message)
     large = report.verification is not None and not report.verification.worst_relative_l2 < LARGE_ERROR
     for line in report.verdict:
-        style = "bold yellow" if large and line.startswith("Outputs") else "bold"
+        warn = (large and line.startswith("Outputs")) or line.startswith("Far below the budget")
+        style = "bold yellow" if warn else "bold"
         console.print(f"[{style}]{line}[/{style}]")
     if report.seconds:
         console.print("time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in report.seconds.items()))

@@ -23,7 +23,7 @@ from onnx_lowrank.errors import InputDataError, InvalidModelError, InvalidOption
 
 __all__ = [
     "InputSpec", "parse_input_shapes", "model_inputs", "resolve_shapes", "random_feeds", "load_feeds", "iter_feeds",
-    "sample_files", "Samples", "samples_from", "parse_shape_specs",
+    "sample_files", "Samples", "samples_from", "parse_shape_specs", "feed_rows",
 ]
 
 _SHAPE_EXAMPLE = "images:1x3x640x640 (or images:1,3,640,640)"
@@ -335,6 +335,7 @@ class Samples:
         self.count = count
         self.key = key  # equal keys: the same samples (the files behind a path, or the very arrays given)
         self._reader = reader
+        self._rows: int | None = None
 
     @classmethod
     def given(cls, feeds: Sequence[Mapping[str, np.ndarray]], source: str = "given samples") -> Samples:
@@ -352,6 +353,37 @@ class Samples:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._reader()
 
+    @property
+    def rows(self) -> int:
+        """Samples counted by row: a feed holding a batch of 6 (every input's first dimension 6) is 6 (`feed_rows`).
+        Read once (a pass over the files, each dropped after use)."""
+        if self._rows is None:
+            self._rows = sum(feed_rows(feed) for feed in self)
+        return self._rows
+
+    def rows_where(self, keep: Callable[[int], bool], source: str | None = None, by_row: bool = True) -> Samples:
+        """The samples made of the rows whose index (counted over all feeds in order, `rows`) `keep` accepts: each
+        feed cut to those rows (a feed that is not a batch, `feed_rows` 1, is one row, kept or not whole). Without
+        `by_row` (a model whose batch size is fixed), every feed is one unit, kept or not whole."""
+        def units(feed) -> int:
+            return feed_rows(feed) if by_row else 1
+
+        def reader() -> Iterator[dict[str, np.ndarray]]:
+            start = 0
+            for feed in self:
+                n = units(feed)
+                kept = [i for i in range(n) if keep(start + i)]
+                start += n
+                if not kept:
+                    continue
+                yield feed if len(kept) == n else {name: array[kept] for name, array in feed.items()}
+        total = self.rows if by_row else self.count
+        kept = tuple(i for i in range(total) if keep(i))
+        subset = Samples(source or self.source, len(kept), reader, ("rows", by_row, self.key, kept))
+        if by_row:
+            subset._rows = len(kept)
+        return subset
+
     def __len__(self) -> int:
         return self.count
 
@@ -359,6 +391,15 @@ class Samples:
         """Shapes of the first sample's inputs."""
         first = next(iter(self))
         return {name: tuple(array.shape) for name, array in first.items()}
+
+
+def feed_rows(feed: Mapping[str, np.ndarray]) -> int:
+    """How many samples one feed holds: the common first dimension of its inputs when every input has rank >= 2
+    and the same first dimension (a batch), else 1 (a lone sequence of token ids, inputs of different lengths)."""
+    shapes = [np.shape(array) for array in feed.values()]
+    if not shapes or any(len(shape) < 2 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
+        return 1
+    return max(int(shapes[0][0]), 1)
 
 
 def samples_from(source, model: onnx.ModelProto) -> Samples:

@@ -42,6 +42,7 @@ SVD of W_g Sigma_s[g,g]^(1/2) (out x d/k) and never forms an out x out matrix.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -50,15 +51,40 @@ import scipy.linalg
 from onnx_lowrank.math.statistics import InputStatistics
 from onnx_lowrank.math.svd import Factors
 
-__all__ = ["DEFAULT_SHRINKAGE", "shrunk_covariance", "OutputDecomposition"]
+__all__ = ["DEFAULT_SHRINKAGE", "shrunk_covariance", "oas_intensity", "adaptive_shrinkage", "OutputDecomposition"]
 
-DEFAULT_SHRINKAGE = 0.001
+DEFAULT_SHRINKAGE = None
+"""None: adaptive, per layer, from the layer's own statistics (`adaptive_shrinkage`, Oracle Approximating
+Shrinkage); a number fixes it for every layer."""
 _ROUND_OFF = 1e-12  # output variance below this fraction of the mean squared output is round-off, not variation
 
 
-def shrunk_covariance(statistics: InputStatistics, shrinkage: float = DEFAULT_SHRINKAGE) -> np.ndarray:
-    """Sigma + shrinkage * (trace(Sigma) / d) * I of the layer's input (float64, symmetric, d x d)."""
-    shrinkage = _check_shrinkage(shrinkage)
+def oas_intensity(covariance: np.ndarray, rows: int) -> float:
+    """The Oracle Approximating Shrinkage intensity rho in [0, 1] of a sample covariance S (d x d) of `rows` rows
+    (Chen, Wiesel, Eldar, Hero 2010): the estimate (1 - rho) S + rho (trace(S) / d) I. Closed form in trace(S),
+    trace(S^2) and the row count: near 1 with few rows against d (or isotropic inputs), near 0 with many."""
+    d = covariance.shape[0]
+    if d < 2 or rows < 1:
+        return 1.0
+    trace = float(np.trace(covariance))
+    trace2 = float(np.einsum("ij,ij->", covariance, covariance))  # trace(S^2) of a symmetric S
+    denominator = (rows + 1.0 - 2.0 / d) * (trace2 - trace * trace / d)
+    if not trace > 0 or not denominator > 0:  # no variation, or perfectly isotropic: nothing but the target
+        return 1.0
+    return float(min(1.0, ((1.0 - 2.0 / d) * trace2 + trace * trace) / denominator))
+
+
+def adaptive_shrinkage(intensity: float) -> float:
+    """The OAS intensity rho as this module's shrinkage A (Sigma + A * trace(Sigma) / d * I is (1 - rho) S +
+    rho * trace(S) / d * I up to a factor, which the decomposition ignores): A = rho / (1 - rho); inf at rho = 1."""
+    return math.inf if intensity >= 1.0 - 1e-12 else intensity / (1.0 - intensity)
+
+
+def shrunk_covariance(statistics: InputStatistics, shrinkage: float | None = DEFAULT_SHRINKAGE) -> np.ndarray:
+    """Sigma + shrinkage * (trace(Sigma) / d) * I of the layer's input (float64, symmetric, d x d). None: the
+    adaptive (OAS) shrinkage of these statistics; inf: only the isotropic part, (trace(Sigma) / d) * I, whose
+    decomposition is the weight's own (Frobenius) truncation."""
+    shrinkage = _check_shrinkage(shrinkage, special=True)
     # statistics.covariance (gram / count - mean mean^T), built in one d x d array: on large layers every extra
     # d x d temporary costs more (page faults) than the arithmetic
     count = max(statistics.count, 1)
@@ -68,12 +94,17 @@ def shrunk_covariance(statistics: InputStatistics, shrinkage: float = DEFAULT_SH
     step = 256
     for start in range(0, d, step):
         covariance[start : start + step] -= np.outer(mean[start : start + step], mean)
+    if shrinkage is None:
+        shrinkage = adaptive_shrinkage(oas_intensity(covariance, statistics.count))
     if shrinkage and d:
         variation = max(float(np.trace(covariance)), 0.0)
         if variation <= _ROUND_OFF * float(np.trace(statistics.gram)) / count:
             # one row, or inputs that never change: nothing says which directions matter, so regularise with the
             # inputs' size instead; the decomposition then falls back to the weight's own (Frobenius) truncation
             variation = float(np.trace(statistics.gram)) / count
+        if shrinkage == math.inf:
+            covariance[:] = 0.0
+            shrinkage = 1.0
         covariance[np.diag_indices(d)] += shrinkage * variation / d
     return covariance
 
@@ -94,7 +125,7 @@ class OutputDecomposition:
         statistics: InputStatistics,
         k: int,
         bias: np.ndarray | None = None,
-        shrinkage: float = DEFAULT_SHRINKAGE,
+        shrinkage: float | None = DEFAULT_SHRINKAGE,
         covariance: np.ndarray | None = None,
     ) -> None:
         w = np.asarray(matrix, dtype=np.float64)
@@ -108,7 +139,7 @@ class OutputDecomposition:
             raise ValueError(f"cannot split {d} input columns into {k} equal groups")
         if statistics.dim != d:
             raise ValueError(f"statistics are of dimension {statistics.dim}, the matrix has {d} input columns")
-        shrinkage = _check_shrinkage(shrinkage)
+        shrinkage = _check_shrinkage(shrinkage, special=True)
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float64).reshape(-1)
             if bias.shape != (out,):
@@ -244,7 +275,10 @@ class OutputDecomposition:
         return ranks
 
 
-def _check_shrinkage(shrinkage) -> float:
+def _check_shrinkage(shrinkage, special: bool = False) -> float | None:
+    """A finite shrinkage >= 0; with `special`, also None (adaptive) and inf (isotropic only)."""
+    if special and (shrinkage is None or (isinstance(shrinkage, float) and shrinkage == math.inf)):
+        return shrinkage
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, numbers.Real) or not np.isfinite(shrinkage):
         raise ValueError(f"shrinkage must be a finite number >= 0, got {shrinkage!r}")
     if shrinkage < 0:

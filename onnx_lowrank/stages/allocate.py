@@ -28,6 +28,11 @@ subset, up to MAX_CHAINS_PER_UNIT chains), each to its smallest width scoring un
 factorized as they would be alone, counted exactly (each cost model's `narrowing_saving`). Units are independent,
 so the bisection above stays exact, and `both` can always do what either method alone does: its largest score is never
 above theirs.
+
+The optimum can still land far below the budget when a unit's staircase jumps: its only candidates (or the only ones
+the never-slower guard kept) cut much more than the budget asks. A plan more than SHORTFALL of the model below its
+budget records, for every unit it changed, what it kept and what the next less-cut candidate would keep
+(`plan.Gap`), so the report can say why.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ from onnx_lowrank.stages.costs import MIN_SAVING
 from onnx_lowrank.options import ALLOCATORS
 from onnx_lowrank.stages.cost_models import unavailable_reason
 from onnx_lowrank.errors import BudgetError, InvalidOptionError
-from onnx_lowrank.plan import Plan
+from onnx_lowrank.plan import Gap, Plan
 
-__all__ = ["SCORES", "Option", "minmax_select", "allocate", "smallest_budget", "plan_cost"]
+__all__ = ["SCORES", "Option", "minmax_select", "allocate", "smallest_budget", "plan_cost", "SHORTFALL"]
+
+SHORTFALL = 0.05
+"""A plan keeping more than this fraction of the model's metric below its budget records why (`Plan.gaps`)."""
 
 
 @dataclass(frozen=True)
@@ -333,12 +341,34 @@ def allocate(analysis: Analysis, budget: float, metric: str = "params", allocato
             f"this model can keep from {smallest / total:.3f} to 1.0 of its {metric}{guard}."
         )
     chosen, threshold = minmax_select(stairs, budget * total - fixed)
+    units = _units(analysis)
+    kept = (fixed + sum(option.cost for option in chosen)) / total if total else 1.0
+    gaps = _gaps(units, stairs, chosen, metric) if budget - kept > SHORTFALL else ()
     layers = dict(item for option in chosen for item in option.choice.layers)
     widths = dict(item for option in chosen for item in option.choice.widths)
     order = {a.layer.name: index for index, a in enumerate(analysis.layers)}
     return Plan(layers=dict(sorted(layers.items(), key=lambda item: order[item[0]])), allocator=allocator,
                 metric=metric, budget=float(budget), threshold=threshold,
-                widths=dict(sorted(widths.items(), key=lambda item: order[item[0]])))
+                widths=dict(sorted(widths.items(), key=lambda item: order[item[0]])), gaps=gaps)
+
+
+def _gaps(units: list[_Unit], stairs: list[list[Option]], chosen: list[Option], metric: str) -> tuple[Gap, ...]:
+    """Every changed unit's form and its next less-cut candidate, as fractions of the unit's dense cost: those with
+    nothing between dense and their form first, then by how much more the next candidate would have cost."""
+    found = []
+    for unit, stair, option in zip(units, stairs, chosen):
+        stair = _staircase(stair)
+        at = stair.index(option)
+        if at == 0:
+            continue
+        dense = sum(a.dense[metric] for a in unit.layers) or 1.0
+        names = [name for name, _ in option.choice.layers + option.choice.widths]
+        label = names[0] if len(names) == 1 else ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        up = None if at == 1 else stair[at - 1].cost
+        gap = Gap(layer=label, kept=option.cost / dense, next_kept=None if up is None else up / dense,
+                  only=len(stair) == 2)
+        found.append((up is not None, -(stair[at - 1].cost - option.cost), gap))
+    return tuple(gap for *_, gap in sorted(found, key=lambda item: item[:2]))
 
 
 def plan_cost(analysis: Analysis, plan: Plan, metric: str) -> float | None:

@@ -6,15 +6,17 @@ projection on its real inputs (`projection`). Every rank r then gives a candidat
 decomposition and whose costs come from the analysis' cost models (`cost_models`: params, flops, latency). Only
 candidates saving at least `cost.MIN_SAVING` of the dense layer are kept, and with `rank_multiple` only ranks that are multiples of it.
 With measured latencies, only the ranks the latency model prices are kept (on onnxruntime's channel block where
-the measurement showed that ranks off it are slower), and the never-slower guard keeps only candidates measured
-faster than the dense layer (`GUARD_RATIO`). The decompositions are kept, so apply writes the factors without
+the measurement showed that ranks off it are slower), and the never-slower guard removes the candidates measured
+slower than the dense layer beyond the noise of the timing rounds, never a layer at the per-node overhead
+(`LatencyCost.slower`, `LatencyCost.narrowing_slower`). The decompositions are kept, so apply writes the factors without
 decomposing again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -28,34 +30,44 @@ from onnx_lowrank.ops.base import group_counts, width_alignment
 from onnx_lowrank.ops.layer import Chain, Layer, Skipped
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.stages.parallel import map_in_order, single_threaded_blas
-from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE, OutputDecomposition, shrunk_covariance
+from onnx_lowrank.math.projection import (DEFAULT_SHRINKAGE, OutputDecomposition, adaptive_shrinkage,
+                                          oas_intensity, shrunk_covariance)
 from onnx_lowrank.math.statistics import InputStatistics
 from onnx_lowrank.math.svd import Factors
 
 __all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "factors_of", "WEIGHT_MEASURE",
-           "OUTPUT_MEASURE", "GUARD_RATIO", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of",
-           "default_method"]
+           "OUTPUT_MEASURE", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "ThinLayer",
+           "FALLBACK_ROW_FRACTION"]
 
-
-
-def default_method(calibrated: bool, metric: str | None = None) -> str:
-    """The method when none is given: `both` with calibration data (narrowing needs it), else `lowrank`. The
-    benchmark chose it (README, Neuron elimination): on the calibration samples `both` never does worse than
-    low rank alone, whose plans are among those it judges."""
-    return "both" if calibrated else "lowrank"
 
 MIN_ROWS_PER_CHANNEL = 2
 """Calibration rows (positions) needed per channel of a chain before its channels are judged dependent."""
-
-GUARD_RATIO = 0.95
-"""The never-slower guard keeps a candidate only if its measured time is at most this fraction of the dense
-layer's: a margin over the few percent by which repeated measurements of one layer differ."""
 
 WEIGHT_MEASURE = "spectral"
 """Errors are relative spectral errors of the weight, ||W - W_hat||_2 / ||W||_2 (no data)."""
 OUTPUT_MEASURE = "output"
 """Errors are relative output errors of the layer on the calibration data, ||Y - Y_hat||_F / ||Y - mean(Y)||_F:
 relative to how much the output varies (`math.projection`)."""
+
+
+FALLBACK_ROW_FRACTION = 1 / 8
+"""With the adaptive (default) shrinkage, a layer calibrated on fewer rows than this fraction of its input dimension
+d, or whose OAS intensity is 1 (inputs indistinguishable from isotropic noise), falls back to the weight-only
+truncation: its statistics are the isotropic part alone, (trace(Sigma) / d) I, so its factors are the weight's own
+(Frobenius) truncation with the bias correction, and its error is the relative output error under isotropic inputs.
+On such rows the projection only fits the few directions the rows span (6 rows of a 512-wide layer: error 0.02 on
+them, the model's top-1 agreement 0.33 on other samples). Calibration studies (notes) kept data-aware layers with
+0.46-0.8 rows per dimension well ahead of weight-only, so the line is drawn far below that."""
+
+
+class ThinLayer(NamedTuple):
+    """A layer calibrated on fewer rows than its input dimension: (name, rows, dims), and whether it fell back to
+    the weight-only truncation (`FALLBACK_ROW_FRACTION`)."""
+
+    name: str
+    rows: int
+    dims: int
+    weight_only: bool
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class Analysis:
     chains: tuple[ChainAnalysis, ...] = ()  # narrowable layers (method eliminate or both)
     unnarrowed: tuple[Skipped, ...] = ()  # layers whose channels cannot be cut, and why
     context: object | None = None  # the `pipeline.Context` (model, samples, settings) it was made from
+    thin_calibration: tuple[ThinLayer, ...] = ()  # layers with fewer calibration rows than input dimensions
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -164,7 +177,7 @@ def analyze_layers(
     rank_multiple: int = 1,
     progress: Callable[[Layer], None] | None = None,
     statistics: Mapping[str, InputStatistics] | None = None,
-    shrinkage: float = DEFAULT_SHRINKAGE,
+    shrinkage: float | None = DEFAULT_SHRINKAGE,
     calibration: str | None = None,
     calibration_key: tuple = (),
     latency: LatencyCost | None = None,
@@ -186,7 +199,7 @@ def analyze_layers(
     )
     def one(layer: Layer) -> LayerAnalysis:
         layer_statistics = None if statistics is None else statistics[layer.name]
-        return _analyze_layer(layer, max_groups, rank_multiple, layer_statistics, float(shrinkage), costs, guard)
+        return _analyze_layer(layer, max_groups, rank_multiple, layer_statistics, shrinkage, costs, guard)
 
     layers = []
     with single_threaded_blas():
@@ -203,10 +216,51 @@ def analyze_layers(
         measure=WEIGHT_MEASURE if statistics is None else OUTPUT_MEASURE,
         calibration=calibration if statistics is not None else None,
         calibration_key=calibration_key if statistics is not None else (),
+        thin_calibration=() if statistics is None else thin_layers(layers, statistics, shrinkage),
     )
 
 
-def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics | None, shrinkage: float):
+def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], shrinkage: float | None) -> Analysis:
+    """`analysis` with every layer decomposed again on other calibration statistics (a subset of the rows: the
+    judge's fit rows), the same group counts, rank multiple, cost models (measured latencies reused) and guard."""
+    def one(entry: LayerAnalysis) -> LayerAnalysis:
+        return _analyze_layer(entry.layer, max(entry.decompositions), analysis.rank_multiple,
+                              statistics[entry.layer.name], shrinkage, analysis.costs, analysis.guarded)
+
+    with single_threaded_blas():
+        layers = tuple(map_in_order(one, analysis.layers))
+    return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage))
+
+
+def falls_back(statistics: InputStatistics, shrinkage: float | None) -> bool:
+    """Whether the layer is decomposed weight-only though calibrated (`FALLBACK_ROW_FRACTION`): only with the
+    adaptive shrinkage (a number given by the user fixes the decomposition)."""
+    return shrinkage is None and statistics.count < FALLBACK_ROW_FRACTION * statistics.dim
+
+
+def thin_layers(layers: Sequence[LayerAnalysis], statistics: Mapping[str, InputStatistics],
+                shrinkage: float | None) -> tuple[ThinLayer, ...]:
+    """The layers calibrated on fewer rows than their input dimension, in model order, and which fell back."""
+    thin = []
+    for entry in layers:
+        found = statistics[entry.layer.name]
+        if found.count < found.dim:
+            fell_back = falls_back(found, shrinkage) or getattr(entry.decompositions.get(1), "shrinkage", 0) == np.inf
+            thin.append(ThinLayer(entry.layer.name, int(found.count), int(found.dim), bool(fell_back)))
+    return tuple(thin)
+
+
+def layer_shrinkage(statistics: InputStatistics, shrinkage: float | None) -> float:
+    """The shrinkage a layer is decomposed with: the user's number, inf when it falls back (`falls_back`), else
+    the OAS shrinkage of its own statistics."""
+    if shrinkage is not None:
+        return float(shrinkage)
+    if falls_back(statistics, shrinkage):
+        return np.inf
+    return adaptive_shrinkage(oas_intensity(shrunk_covariance(statistics, 0.0), statistics.count))
+
+
+def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics | None, shrinkage: float | None):
     counts = group_counts(layer, max_groups)
     matrix = layer.read_matrix()  # read once for every k; the decompositions keep what they need, not the matrix
     if statistics is None:
@@ -214,6 +268,7 @@ def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics |
         first = WeightDecomposition(matrix, 1, reread=reread)  # k = 1 first: its largest singular value is ||W||_2
         norm = first.reference_norm
         return {k: first if k == 1 else WeightDecomposition(matrix, k, norm, reread=reread) for k in counts}
+    shrinkage = layer_shrinkage(statistics, shrinkage)
     covariance = shrunk_covariance(statistics, shrinkage)  # once per layer, shared by every k
     return {
         k: OutputDecomposition(matrix, statistics, k, bias=layer.bias, shrinkage=shrinkage, covariance=covariance)
@@ -222,17 +277,18 @@ def _decompositions(layer: Layer, max_groups: int, statistics: InputStatistics |
 
 
 def _offered(layer: Layer, k: int, rank: int, shifted: bool, latency: LatencyCost | None, guard: bool) -> bool:
-    """Saves at least cost.MIN_SAVING; priced by the latency model when there is one; and, guarded, measured faster."""
+    """Saves at least cost.MIN_SAVING; priced by the latency model when there is one; and, guarded, not measured
+    slower than dense beyond noise (`LatencyCost.slower`)."""
     if not cost.is_smaller(layer, k, rank, shifted):
         return False
     if latency is None:
         return True
     if not latency.offers(layer, k, rank):
         return False
-    return not guard or latency.factorized(layer, k, rank) <= GUARD_RATIO * latency.dense(layer)
+    return not guard or not latency.slower(layer, k, rank)
 
 
-def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int, statistics, shrinkage: float,
+def _analyze_layer(layer: Layer, max_groups: int, rank_multiple: int, statistics, shrinkage: float | None,
                    costs: Mapping[str, CostModel], guard: bool) -> LayerAnalysis:
     decompositions = _decompositions(layer, max_groups, statistics, shrinkage)
     shifted = statistics is not None  # data-aware factors carry a bias correction
@@ -271,7 +327,7 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
     that can price it; and the chains skipped because the samples are too few to tell which channels the others
     reproduce (with fewer rows than channels, every channel looks like a combination of the others). With `block`
     > 1 (onnxruntime's channel block, when latencies are measured) a chain with a 2-D Conv keeps widths on the
-    block; with `guard`, only widths measured to save at least 1 - GUARD_RATIO of its layers' time are kept."""
+    block; with `guard`, widths measured slower than the dense layers beyond noise are dropped."""
     usable, skipped = [], []
     for chain in chains:
         rows = min(channels[name].count for name in chain.fits)
@@ -290,7 +346,6 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
         elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits])
         n = chain.channels
         dense = sum(cost.dense_params(layer) for layer in chain.layers)
-        dense_ms = sum(latency.dense(layer) for layer in chain.layers) if latency is not None else None
         offered = []
         for width in widths(n, elimination.rank, width_alignment(chain, block)):
             if width >= n:
@@ -299,8 +354,8 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
             savings = {name: value for name, value in savings.items() if value is not None}
             if savings["params"] < cost.MIN_SAVING * dense:
                 continue
-            if guard and savings.get("latency", 0.0) < (1.0 - GUARD_RATIO) * dense_ms:
-                continue  # the never-slower guard, as for factorized layers
+            if guard and latency is not None and latency.narrowing_slower([(chain, width)]):
+                continue  # the never-slower guard, as for factorized layers (`LatencyCost.narrowing_slower`)
             offered.append((width, savings))
         errors = elimination.errors([w for w, _ in offered]) if offered else []
         candidates = tuple(WidthCandidate(width=w, error=float(e), savings=sv) for (w, sv), e in zip(offered, errors))

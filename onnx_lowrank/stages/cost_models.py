@@ -18,6 +18,7 @@ report prints every one the analysis has. Adding a cost = one class with `dense`
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,7 +31,8 @@ from onnx_lowrank.graph.runtime import RuntimeSettings
 from onnx_lowrank.options import METRICS
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
-           "interpolate", "build_cost_models", "unavailable_reason"]
+           "interpolate", "build_cost_models", "unavailable_reason", "NEAR_OVERHEAD",
+           "NOISE_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise"]
 
 
 _UNAVAILABLE = {
@@ -38,6 +40,43 @@ _UNAVAILABLE = {
     "latency": "The latency metric needs measured layer latencies, which need concrete input shapes: pass "
                "--input-shape NAME:1x3x224x224 (or --inputs).",
 }
+
+
+NOISE_LEVEL = 0.05
+"""The one-sided level of the paired sign test that decides "faster" and "slower" beyond noise."""
+
+
+def tolerated_rounds(rounds: int) -> int:
+    """How many of `rounds` paired rounds may go the other way while a difference is still beyond noise: the
+    largest c with P(Binomial(rounds, 1/2) <= c) <= NOISE_LEVEL (the sign test; -1 when no count is, i.e. too few
+    rounds to show anything). Equivalently, the (c+1)-th smallest per-round ratio is a distribution-free one-sided
+    95% confidence bound on the median ratio. 7 rounds: 0 (every round must agree); 20 rounds: 5."""
+    total, tail = 2.0 ** rounds, 0.0
+    for count in range(rounds + 1):
+        tail += math.comb(rounds, count)
+        if tail / total > NOISE_LEVEL:
+            return count - 1
+    return rounds
+
+
+def _beyond_noise(against: Sequence[float], base: Sequence[float], slower: bool) -> bool:
+    pairs = list(zip(against, base))
+    if not pairs:
+        return False
+    contrary = sum(1 for a, b in pairs if (a <= b if slower else a >= b))  # ties count against the claim
+    return contrary <= tolerated_rounds(len(pairs))
+
+
+def slower_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool:
+    """Whether `variant` was slower than `base` beyond the rounds' noise: per-round times of one interleaved
+    measurement, paired by round (the sign test of `tolerated_rounds` on the per-round ratios variant / base)."""
+    return _beyond_noise(variant, base, slower=True)
+
+
+def faster_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool:
+    """Whether `variant` was faster than `base` beyond the rounds' noise (as `slower_beyond_noise`)."""
+    return _beyond_noise(variant, base, slower=False)
+
 
 
 def unavailable_reason(metric: str) -> str:
@@ -126,16 +165,33 @@ def interpolate(points: Sequence[tuple[int, float]], rank: int) -> float:
     return float(c0 + (c1 - c0) * (rank - r0) / (r1 - r0))
 
 
+def _rounds_at(points: Sequence[int], rounds: Sequence[Sequence[float]], rank: int) -> tuple[float, ...]:
+    """Each round's milliseconds at `rank`, interpolated between the grid `points` as the medians are."""
+    return tuple(interpolate(list(zip(points, column)), rank) for column in zip(*rounds))
+
+
 @dataclass(frozen=True)
 class FormTiming:
-    """Measured milliseconds of one layer factorized with k groups, at a grid of ranks."""
+    """Measured milliseconds of one layer factorized with k groups, at a grid of ranks; with the per-round times
+    of every grid rank (`rounds`, parallel to `points`), timed interleaved with the dense layer's rounds."""
 
     points: tuple[tuple[int, float], ...]  # (rank, ms), sorted by rank
     aligned_to: int = 1  # > 1: ranks off this multiple were measured slower, so only its multiples are offered
+    rounds: tuple[tuple[float, ...], ...] = ()  # per grid point: ms of every timed round; () when not kept
 
     def ms(self, rank: int) -> float:
         """Interpolated between the measured ranks (for a rank off `aligned_to`, an underestimate)."""
         return interpolate(self.points, rank)
+
+    def rounds_at(self, rank: int, full: tuple[int, tuple[float, ...]] | None = None) -> tuple[float, ...]:
+        """Per-round milliseconds at `rank` (`full`: one more grid point, the dense layer's rounds at its width);
+        () without per-round times."""
+        if not self.rounds:
+            return ()
+        ranks, rounds = [r for r, _ in self.points], list(self.rounds)
+        if full is not None:
+            ranks, rounds = ranks + [full[0]], rounds + [full[1]]
+        return _rounds_at(ranks, rounds, rank)
 
     def offers(self, rank: int) -> bool:
         return rank % self.aligned_to == 0
@@ -150,6 +206,14 @@ class LayerTiming:
     forms: Mapping[int, FormTiming] = field(default_factory=dict)
     rows: FormTiming | None = None
     columns: FormTiming | None = None
+    dense_rounds: tuple[float, ...] = ()  # the dense layer's ms in every round its variants were timed in
+
+
+NEAR_OVERHEAD = 2.0
+"""A layer whose dense time is below this many times onnxruntime's per-node overhead (a one-Identity model timed
+with the layers, `LatencyCost.overhead_ms`) is too small to time reliably: its own work is at most one more node's
+overhead, the factorized form's extra node decides its time alone, and the guard does not filter it (the whole-model
+check in `pipeline.run_apply` judges it with the rest)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +232,7 @@ class LatencyCost:
     realized: float = 1.0
     realized_narrowing: float = 1.0
     settings: RuntimeSettings = RuntimeSettings()  # the session options everything was timed with
+    overhead_ms: float = 0.0  # a one-Identity model's time: onnxruntime's per-run, per-node overhead
     name: str = "latency"
     unit: str = "ms"
 
@@ -188,6 +253,59 @@ class LatencyCost:
 
     def count(self, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None) -> float | None:
         return None
+
+    def at_overhead(self, layers: Sequence[Layer]) -> bool:
+        """Whether `layers` are too small to time reliably: their dense times together below NEAR_OVERHEAD per-node
+        overheads each."""
+        dense = sum(self.timings[layer.name].dense_ms for layer in layers)
+        return dense < NEAR_OVERHEAD * self.overhead_ms * len(layers)
+
+    def slower(self, layer: Layer, k: int, rank: int) -> bool:
+        """The never-slower guard's one decision for a factorized layer: measured slower than dense beyond noise
+        (the paired sign test on the per-round times of the one interleaved measurement, `timing.slower_beyond_noise`;
+        the realized fraction scales every round's saving alike, so it does not change the verdict). A layer at the
+        per-node overhead is never filtered alone. Without per-round times (a hand-made timing), the medians decide."""
+        timing = self.timings[layer.name]
+        form = timing.forms.get(k)
+        if form is None or self.at_overhead([layer]):
+            return False
+        variant = form.rounds_at(rank)
+        if not variant or not timing.dense_rounds:
+            return form.ms(rank) > timing.dense_ms
+        return slower_beyond_noise(variant, timing.dense_rounds)
+
+    def narrowing_slower(self, cuts: Sequence[tuple[Chain, int]]) -> bool:
+        """The guard's decision for narrowed layers: the narrowed layers' summed per-round times slower than their
+        dense rounds beyond noise (as `slower`); layers at the per-node overhead together are never filtered."""
+        shapes = list(cost.narrowed_shapes(cuts).values())
+        if not shapes or self.at_overhead([layer for layer, _, _ in shapes]):
+            return False
+        dense_total, narrowed_total = None, None
+        for layer, rows, columns in shapes:
+            timing = self.timings.get(layer.name)
+            if timing is None:
+                return False
+            rounds = self._narrowed_rounds(layer, timing, rows, columns)
+            if rounds is None:  # no per-round times: the medians decide
+                ms = self.narrowed(layer, rows, columns)
+                return ms is not None and self.narrowing_saving(cuts) < 0
+            dense_total = timing.dense_rounds if dense_total is None else tuple(map(sum, zip(dense_total,
+                                                                                         timing.dense_rounds)))
+            narrowed_total = rounds if narrowed_total is None else tuple(map(sum, zip(narrowed_total, rounds)))
+        return slower_beyond_noise(narrowed_total, dense_total)
+
+    @staticmethod
+    def _narrowed_rounds(layer, timing: LayerTiming, rows: int, columns: int) -> tuple[float, ...] | None:
+        if not timing.dense_rounds:
+            return None
+        ms = timing.dense_rounds
+        for kept, full, form in ((rows, layer.out_channels, timing.rows), (columns, layer.in_channels, timing.columns)):
+            if kept != full:
+                if form is None or not form.rounds:
+                    return None
+                at = form.rounds_at(kept, (full, timing.dense_rounds))
+                ms = tuple(m * a / max(d, 1e-12) for m, a, d in zip(ms, at, timing.dense_rounds))
+        return ms
 
     def narrowed(self, layer: Layer, rows: int, columns: int) -> float | None:
         """The layer's measured time with `rows` output and `columns` input channels (interpolated between the

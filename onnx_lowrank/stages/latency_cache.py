@@ -1,6 +1,8 @@
 """A disk cache of measured latencies, so a second run on the same machine measures nothing again.
 
-One JSON file maps a key to milliseconds. A key names everything the time depends on: the op and its attributes,
+One JSON file maps a key to milliseconds: a number, or (version 2) the list of a variant's per-round times, whose
+median is its time and whose spread the never-slower guard judges noise by. Version 1 files (numbers only) still
+load; a layer whose entries lack per-round times is timed again. A key names everything the time depends on: the op and its attributes,
 input and weight shapes, dtype, k and rank (or "dense"), and the environment — execution provider, optimization
 level, threads, onnxruntime version and the CPU. Change any of them and the key changes, so stale entries are never
 read (they are simply not found). A cache file that cannot be read or parsed is ignored with a warning and replaced
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +32,8 @@ from onnx_lowrank.graph.runtime import PROTOBUF_LIMIT, RuntimeSettings, model_si
 __all__ = ["LatencyCache", "default_cache_path", "environment_key", "variant_key", "model_key"]
 
 _FORMAT = "onnx-lowrank-latency-cache"
-_VERSION = 1
+_VERSION = 2
+_READABLE = (1, 2)
 
 
 def default_cache_path() -> Path:
@@ -83,40 +87,52 @@ def model_key(model, input_shapes: Mapping[str, tuple[int, ...]], settings: Runt
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 class LatencyCache:
     """Milliseconds by key, loaded from and saved to one JSON file. `path=None` keeps it in memory only."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = None if path is None else Path(path)
-        self._entries: dict[str, float] = {}
+        self._entries: dict[str, float | tuple[float, ...]] = {}
         self._dirty = False
         if self.path is not None:
             self._entries = self._load(self.path)
 
     @staticmethod
-    def _load(path: Path) -> dict[str, float]:
+    def _load(path: Path) -> dict[str, float | tuple[float, ...]]:
         if not path.exists():
             return {}
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != _FORMAT or data.get("version") != _VERSION:
-                raise ValueError("not a version-1 onnx-lowrank latency cache")
+            if data.get("format") != _FORMAT or data.get("version") not in _READABLE:
+                raise ValueError(f"not a version {' or '.join(map(str, _READABLE))} onnx-lowrank latency cache")
             entries = data["entries"]
             if not isinstance(entries, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in entries.values()
+                _positive(v) or (isinstance(v, list) and v and all(map(_positive, v))) for v in entries.values()
             ):
-                raise ValueError("entries are not positive numbers")
-            return {str(k): float(v) for k, v in entries.items()}
+                raise ValueError("entries are not positive numbers or lists of them")
+            return {str(k): tuple(map(float, v)) if isinstance(v, list) else float(v) for k, v in entries.items()}
         except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError, TypeError) as error:
             warnings.warn(f"ignoring the latency cache {path} ({error}); it will be measured again and rewritten",
                           stacklevel=3)
             return {}
 
     def get(self, key: str) -> float | None:
-        return self._entries.get(key)
+        """Milliseconds: the median of the per-round times when they were stored."""
+        value = self._entries.get(key)
+        return statistics.median(value) if isinstance(value, tuple) else value
 
-    def put(self, key: str, ms: float) -> None:
-        self._entries[key] = float(ms)
+    def rounds(self, key: str) -> tuple[float, ...] | None:
+        """The per-round times stored under `key`, or None (a bare number, or nothing)."""
+        value = self._entries.get(key)
+        return value if isinstance(value, tuple) else None
+
+    def put(self, key: str, ms: float | Sequence[float]) -> None:
+        """Store milliseconds, or the per-round times of one measurement (their median is then `get`)."""
+        self._entries[key] = float(ms) if isinstance(ms, (int, float)) else tuple(map(float, ms))
         self._dirty = True
 
     def __len__(self) -> int:
@@ -131,7 +147,8 @@ class LatencyCache:
         """Write the file if anything was added (atomically); an unwritable cache folder only warns."""
         if self.path is None or not self._dirty:
             return
-        text = json.dumps({"format": _FORMAT, "version": _VERSION, "entries": dict(sorted(self._entries.items()))})
+        entries = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self._entries.items())}
+        text = json.dumps({"format": _FORMAT, "version": _VERSION, "entries": entries})
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".tmp")

@@ -49,7 +49,7 @@ from onnx_lowrank.math.svd import Factors
 
 __all__ = ["block_size", "blocked", "rank_grid", "largest_candidate_rank", "layer_key", "measure_layers",
            "narrowing_grid", "realized_fraction", "realized_narrowing", "MIN_REALIZED",
-           "MAX_REALIZED", "latency_cost", "open_cache"]
+           "MAX_REALIZED", "latency_cost", "open_cache", "overhead_model", "per_node_overhead"]
 
 ROUNDS = 7
 """Interleaved rounds per variant; the median is kept."""
@@ -185,7 +185,8 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing,
     keys = [variant_key(description, variant, settings) for variant in variants]
     # Any variant missing: time them all again, together, so a layer's times all come from one period (a layer's
     # dense time cached minutes ago against variants timed now would carry the machine's drift into the ratio).
-    missing = list(zip(variants, keys)) if any(cache.get(key) is None for key in keys) else []
+    # Entries without per-round times (a version 1 cache) count as missing: the guard judges noise by the rounds.
+    missing = list(zip(variants, keys)) if any(cache.rounds(key) is None for key in keys) else []
     if missing:
         isolated = isolate_layer(model, layer, input_shape)
         (alone,) = discover(isolated, shapes={ISOLATED_INPUT: input_shape}).layers
@@ -206,24 +207,35 @@ def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing,
         data = {}
         feeds = [[{ISOLATED_INPUT: data.setdefault(tuple(shape), rng.standard_normal(shape).astype(layer.dtype))}]
                  for shape in feeds]
-        for (_, key), ms in zip(missing, timer.time(models, feeds, ROUNDS, block_s=BLOCK_SECONDS).medians):
-            cache.put(key, ms)
+        for (_, key), rounds in zip(missing, timer.time(models, feeds, ROUNDS, block_s=BLOCK_SECONDS).samples):
+            cache.put(key, rounds)
     measured = {variant: cache.get(key) for variant, key in zip(variants, keys)}
-    result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align)
+    rounds = {variant: cache.rounds(key) for variant, key in zip(variants, keys)}
+    result = {k: FormTiming(points=tuple((r, measured[(k, r)]) for r in grid), aligned_to=align,
+                            rounds=tuple(rounds[(k, r)] for r in grid))
               for k, (grid, align) in forms.items()}
-    narrowed = [FormTiming(points=tuple((w, measured[(role, w)]) for w in grid)) if grid else None
+    narrowed = [FormTiming(points=tuple((w, measured[(role, w)]) for w in grid),
+                           rounds=tuple(rounds[(role, w)] for w in grid)) if grid else None
                 for role, grid in zip(("rows", "columns"), narrowing)]
-    return LayerTiming(dense_ms=measured[None], forms=result, rows=narrowed[0], columns=narrowed[1])
+    return LayerTiming(dense_ms=measured[None], forms=result, rows=narrowed[0], columns=narrowed[1],
+                       dense_rounds=rounds[None])
 
 
 def _summed(parts: Sequence[LayerTiming]) -> LayerTiming:
     """The timing of several nodes that all run, with the same forms and grids (the nodes reading one weight)."""
     if len(parts) == 1:
         return parts[0]
+    def summed(series):  # per-round times of the parts, added round by round
+        return tuple(map(sum, zip(*series))) if all(series) else ()
+
     forms = {k: FormTiming(points=tuple((rank, sum(p.forms[k].points[i][1] for p in parts))
-                                        for i, (rank, _) in enumerate(form.points)), aligned_to=form.aligned_to)
+                                        for i, (rank, _) in enumerate(form.points)), aligned_to=form.aligned_to,
+                           rounds=tuple(summed([p.forms[k].rounds[i] if p.forms[k].rounds else () for p in parts])
+                                        for i in range(len(form.points))) if all(p.forms[k].rounds for p in parts)
+                           else ())
              for k, form in parts[0].forms.items()}
-    return LayerTiming(dense_ms=sum(p.dense_ms for p in parts), forms=forms)
+    return LayerTiming(dense_ms=sum(p.dense_ms for p in parts), forms=forms,
+                       dense_rounds=summed([p.dense_rounds for p in parts]))
 
 
 MIN_REALIZED, MAX_REALIZED = 0.1, 1.5
@@ -316,13 +328,15 @@ def latency_cost(model: onnx.ModelProto, layers: Sequence[Layer], shapes, speed,
             narrowing[layer.name] = (narrowing.get(layer.name, ([], []))[0], grid)
     timings = measure_layers(model, layers, shapes, speed.runtime, cache, max_groups=max_groups, progress=progress,
                              narrowing=narrowing, timer=timer)
+    overhead = per_node_overhead(cache, speed.runtime, timer)
     key = model_key(model, {name: value.shape for name, value in feed.items()}, speed.runtime)
     keys = (None, None, None) if key is None else (key + "/total", key + "/realized", key + "/narrowed")
     cached = (None, None, None) if key is None or cache.changed else tuple(cache.get(k) for k in keys)
     total, realized, narrowed = cached
     if total is None or realized is None:
         total, realized = realized_fraction(model, layers, timings, feed, speed.runtime, timer=timer)
-    latency = LatencyCost(total=total, timings=timings, realized=realized, settings=speed.runtime)
+    latency = LatencyCost(total=total, timings=timings, realized=realized, settings=speed.runtime,
+                          overhead_ms=overhead)
     if chains and narrowed is None:
         narrowed = realized_narrowing(model, chains, latency, feed, speed.runtime, timer=timer)
     latency = replace(latency, realized_narrowing=1.0 if narrowed is None else narrowed)
@@ -332,6 +346,25 @@ def latency_cost(model: onnx.ModelProto, layers: Sequence[Layer], shapes, speed,
                 cache.put(name, value)
     cache.save()
     return latency
+
+
+def overhead_model() -> onnx.ModelProto:
+    """One Identity node on a 16-float tensor: what onnxruntime spends on a run and a node, whatever the node does."""
+    value = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 16]) for name in ("x", "y")]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "overhead", value[:1], value[1:])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+def per_node_overhead(cache: LatencyCache, settings: RuntimeSettings, timer: Timer) -> float:
+    """Milliseconds of `overhead_model` (the median of ROUNDS, timed as the layers are), cached with them and
+    measured again whenever a layer was, so it comes from the same period as the layers it is compared with."""
+    key = variant_key({"op": "per-node overhead", "model": "Identity 1x16"}, None, settings)
+    ms = None if cache.changed else cache.get(key)
+    if ms is None:
+        feed = [[{"x": np.zeros((1, 16), np.float32)}]]
+        ms = timer.time([overhead_model()], feed, ROUNDS, block_s=BLOCK_SECONDS).medians[0]
+        cache.put(key, ms)
+    return float(ms)
 
 
 def open_cache(cache) -> LatencyCache:

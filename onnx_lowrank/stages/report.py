@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ from onnx_lowrank.stages.allocate import plan_cost
 from onnx_lowrank.stages.analyze import Analysis
 from onnx_lowrank.stages.apply import Written
 from onnx_lowrank.ops.layer import Skipped
-from onnx_lowrank.stages.timing import LatencyComparison
+from onnx_lowrank.stages.timing import LatencyComparison, SpeedCheck
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.stages.verify import Verification
 
@@ -27,10 +28,12 @@ _MOVEMENT = (
     (0.01, "practically unchanged."),
     (0.05, "a small change; check your task metric."),
     (0.2, "a noticeable change; check your task metric before deploying."),
-    (math.inf, "a large change: the model's answers are likely wrong. Give calibration data (--calibration), raise "
-               "the budget, or keep sensitive layers dense (--exclude)."),
+    (math.inf, "a large change: the model's answers are likely wrong."),
 )
-"""Worst relative output error -> what it means for a user (upper limits, first match)."""
+"""Worst relative output error -> what it means for a user (upper limits, first match). A large change is followed
+by the cures that fit the report (`Report.cures`)."""
+DOMINANT = 2.0
+"""A changed layer dominates the error when its error is at least this many times every other changed layer's."""
 LARGE_ERROR = 0.2
 _NOT_FINITE = ("the outputs hold NaN or infinite values, so how far they moved is unknown; check the original model's "
                "outputs on real samples (--inputs).")
@@ -97,6 +100,8 @@ class Report:
     units: Mapping[str, str] = field(default_factory=dict)  # cost model name -> unit ("" for counts, "ms")
     notes: tuple[str, ...] = ()  # how the model was read, when not as written (initializers listed as inputs)
     narrowed: tuple[NarrowedRow, ...] = ()  # layers whose output channels were cut (method eliminate or both)
+    speed_check: SpeedCheck | None = None  # the guard's whole-model check; None: not made (guard off, not timed)
+    thin_calibration: tuple = ()  # `analyze.ThinLayer`s: fewer calibration rows than input dimensions, fallbacks
 
     def ratio(self, metric: str) -> float | None:
         """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
@@ -138,6 +143,8 @@ class Report:
             ratio = self.ratio(metric)
             met = "met" if ratio <= self.plan.budget + 1e-9 else "missed"
             lines.append(f"Budget {met}: {metric} {ratio:.3f} of the original (asked {self.plan.budget:g}).")
+            if self.plan.gaps:
+                lines.append(self._shortfall(ratio))
         fraction = self.compressible_fraction
         if fraction < 0.9:
             where = "; ".join(f"{count} {op}: {reason}" for count, op, reason, _ in skip_summary(self.skipped)[:2])
@@ -146,8 +153,60 @@ class Report:
         if self.verification is not None:
             error = self.verification.worst_relative_l2
             words = next((text for limit, text in _MOVEMENT if error < limit), _NOT_FINITE)
-            lines.append(f"Outputs moved by {error:.3g} (worst relative L2): {words}")
+            cures = self.cures if not error < LARGE_ERROR and math.isfinite(error) else ()
+            cure = "" if not cures else " " + _sentence(cures)
+            lines.append(f"Outputs moved by {error:.3g} (worst relative L2): {words}{cure}")
         return tuple(lines)
+
+    def _shortfall(self, ratio: float) -> str:
+        """One line: the plan keeps far less than its budget, and the layers that had nothing nearer it."""
+        shown = "; ".join(gap.describe(self.plan.metric) for gap in self.plan.gaps[:3])
+        more = f"; {len(self.plan.gaps) - 3} more in the plan's gaps" if len(self.plan.gaps) > 3 else ""
+        guard = " (only candidates measured faster count; --allow-slower lifts that)" if self.guarded else ""
+        return (f"Far below the budget ({self.plan.metric} {ratio:.3f}, asked {self.plan.budget:g}): no layer had a "
+                f"form between this plan and the budget ({shown}{more}){guard}.")
+
+    @property
+    def cures(self) -> tuple[str, ...]:
+        """What would move the outputs less, for this report: calibration data when there was none (or when
+        --weight-only ignored it), more samples (or planning on the weights) when layers saw fewer rows than inputs,
+        --allow-slower when the guard left only destructive forms, --exclude for a layer that dominates the error,
+        and a higher budget when one helps."""
+        cures = []
+        thin = tuple(self.thin_calibration)
+        weight_only = self.plan.settings is not None and self.plan.settings.weight_only
+        if weight_only:
+            cures.append("plan on calibration data (--calibration, without --weight-only)")
+        elif self.calibrated_on is None and (self.layers or self.narrowed):
+            cures.append("give calibration data (--calibration)")
+        elif thin:
+            worst = min(thin, key=lambda t: t.rows / max(t.dims, 1))
+            others = f" and {len(thin) - 1} more" if len(thin) > 1 else ""
+            cures.append(f"calibrate on more samples ({worst.name} saw {worst.rows} rows for {worst.dims} inputs"
+                         f"{others})")
+            if not all(t.weight_only for t in thin):
+                cures.append("plan on the weights alone (--weight-only)")
+        stuck = [gap for gap in self.plan.gaps if gap.next_kept is None]
+        if stuck and self.guarded:
+            cures.append("let factorizations not measured faster count (--allow-slower)")
+        dominant = self._dominant_layer()
+        changed = [row.name for row in self.factorized] + [row.name for row in self.narrowed]
+        if dominant is None and stuck and len(changed) > 1 and stuck[0].layer in changed:
+            dominant = stuck[0].layer  # its only forms cut too deep: the others can take the budget instead
+        if dominant is not None:
+            cures.append(f"keep {dominant} dense (--exclude '^{re.escape(dominant)}$')")
+        if not self.plan.gaps or len(stuck) < len(self.plan.gaps):
+            cures.append("raise the budget")
+        return tuple(cures)
+
+    def _dominant_layer(self) -> str | None:
+        """The changed layer whose error is at least DOMINANT times every other changed layer's, if any."""
+        errors = [(row.error, row.name) for row in self.factorized if row.error is not None]
+        errors += [(row.error, row.name) for row in self.narrowed]
+        errors = sorted((e for e in errors if math.isfinite(e[0])), reverse=True)
+        if len(errors) < 2 or not errors[0][0] > 0 or errors[0][0] < DOMINANT * errors[1][0]:
+            return None
+        return errors[0][1]
 
     @property
     def factorized(self) -> tuple[LayerRow, ...]:
@@ -177,6 +236,8 @@ class Report:
                 "message": self.message,
                 "notes": list(self.notes),
                 "speed_note": self.speed_note,
+                "never_slower_check": None if self.speed_check is None else self.speed_check.to_dict(),
+                "thin_calibration": [t._asdict() for t in self.thin_calibration],
             },
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
@@ -188,6 +249,12 @@ class Report:
             "verified_on": self.verified_on,
             "seconds": dict(self.seconds),
         }
+
+
+def _sentence(parts: Sequence[str]) -> str:
+    """'A, b, or c.' from parts."""
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", or " + parts[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 def _row_dict(row: LayerRow) -> dict:
@@ -259,6 +326,7 @@ def build_report(analysis: Analysis, plan: Plan, written: Written, compressed, *
         units={name: cost_model.unit for name, cost_model in analysis.costs.items()},
         notes=notes,
         narrowed=narrowed_rows,
+        thin_calibration=analysis.thin_calibration,
     )
 
 

@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -28,9 +28,10 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.stages.cost_models import faster_beyond_noise
 
 __all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
-           "model_latency", "compare_models"]
+           "model_latency", "compare_models", "SpeedCheck"]
 
 Feed = Mapping[str, np.ndarray]
 
@@ -95,14 +96,43 @@ def timer_of(speed) -> Timer:
 
 @dataclass(frozen=True)
 class LatencyComparison:
-    """Median milliseconds per run of each model, and compressed / original (below 1 means faster)."""
+    """Median milliseconds per run of each model, and compressed / original (below 1 means faster); with the
+    per-round times of both (interleaved, paired by round), whether the compressed model was faster beyond noise."""
 
     original_ms: float
     compressed_ms: float
     ratio: float
+    original_rounds: tuple[float, ...] = ()
+    compressed_rounds: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    @property
+    def faster(self) -> bool:
+        """Measured faster than the original beyond noise (`faster_beyond_noise` on the paired rounds)."""
+        return faster_beyond_noise(self.compressed_rounds, self.original_rounds)
+
+    @property
+    def slower_rounds(self) -> int:
+        """Rounds in which the compressed model was not faster than the original."""
+        return sum(1 for c, o in zip(self.compressed_rounds, self.original_rounds) if c >= o)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"original_ms": self.original_ms, "compressed_ms": self.compressed_ms, "ratio": self.ratio,
+                "rounds": len(self.compressed_rounds), "rounds_not_faster": self.slower_rounds,
+                "faster_beyond_noise": self.faster}
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """The never-slower guard's whole-model check after writing (`pipeline.run_apply`): whether the written model
+    was measured faster than the original beyond noise (`LatencyComparison.faster`), which planned layers (and
+    narrowed sets) were taken out, least measured saving first, to get there, and, when it was not shown, why."""
+
+    kept: bool  # measured faster beyond noise: the promise holds for this model, as measured
+    dropped: tuple[str, ...] = ()  # taken out of the plan by the check, in the order they went
+    note: str | None = None  # one plain sentence when the promise was not shown
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kept": self.kept, "dropped": list(self.dropped), "note": self.note}
 
 
 def measure_latency_ratio(
@@ -130,9 +160,10 @@ def measure_latency_ratio(
     if threads is not None and (int(threads) != threads or threads < 1):
         raise InvalidOptionError(f"The 'threads' parameter must be an integer >= 1. Got {threads!r} instead.")
     timer = timer or OnnxruntimeTimer(settings or RuntimeSettings(threads=None if threads is None else int(threads)))
-    original_ms, compressed_ms = timer.time([original, compressed], [feeds, feeds], int(repeats), int(warmup)).medians
+    timings = timer.time([original, compressed], [feeds, feeds], int(repeats), int(warmup))
+    original_ms, compressed_ms = timings.medians
     ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")
-    return LatencyComparison(original_ms, compressed_ms, ratio)
+    return LatencyComparison(original_ms, compressed_ms, ratio, *map(tuple, timings.samples))
 
 
 def model_latency(model: onnx.ModelProto, feed: Feed, settings: RuntimeSettings, repeats: int = 15, warmup: int = 3,

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.graph import runtime
+from onnx_lowrank.graph.inputs import feed_rows
 from onnx_lowrank.errors import InputDataError, InvalidModelError
 
 __all__ = ["OutputComparison", "Verification", "verify", "verify_many", "is_score_output", "class_score_outputs"]
@@ -45,16 +46,18 @@ class Verification:
     outputs: tuple[OutputComparison, ...]
     samples: int  # feeds run
     rows: int | None = None  # items in them (the first input's batch dimension summed over feeds)
-    squares: tuple[tuple[tuple[float, float], ...], ...] = ()  # per output, per feed: (||a - b||^2, ||a||^2)
+    squares: tuple[tuple[tuple[float, float], ...], ...] = ()  # per output, per row: (||a - b||^2, ||a||^2)
 
     def leave_one_out(self) -> list[float]:
-        """The worst relative L2 error with each feed left out in turn (what a jackknife of it is made of)."""
-        if self.samples < 2 or not self.squares:
+        """The worst relative L2 error with each row left out in turn (what a jackknife of it is made of): every row
+        of a batch is a sample (a feed whose outputs are not per row counts as one)."""
+        units = len(self.squares[0]) if self.squares else 0
+        if units < 2:
             return []
         totals = [(sum(d for d, _ in output), sum(r for _, r in output)) for output in self.squares]
         return [max((_relative(diff - output[i][0], ref - output[i][1])
                      for (diff, ref), output in zip(totals, self.squares)), default=0.0)
-                for i in range(self.samples)]
+                for i in range(units)]
 
     def describe(self) -> str:
         """'16 samples', or '12 rows in 1 batch' when a feed holds a batch."""
@@ -155,13 +158,16 @@ class _Accumulator:
         self.positions = 0
         self.squares: list[tuple[float, float]] = []  # per feed
 
-    def add(self, reference: np.ndarray, compressed: np.ndarray) -> None:
-        a = np.asarray(reference, dtype=np.float64).ravel()
-        b = np.asarray(compressed, dtype=np.float64).ravel()
+    def add(self, reference: np.ndarray, compressed: np.ndarray, rows: int = 1) -> None:
+        """One feed's outputs; `rows` > 1: its first axis holds that many samples, each squared apart."""
+        a = np.asarray(reference, dtype=np.float64).reshape(max(rows, 1), -1)
+        b = np.asarray(compressed, dtype=np.float64).reshape(max(rows, 1), -1)
         diff = a - b
-        self.squares.append((float(diff @ diff), float(a @ a)))
-        self.diff_sq += self.squares[-1][0]
-        self.ref_sq += self.squares[-1][1]
+        per_row = [(float(d @ d), float(r @ r)) for d, r in zip(diff, a)]
+        self.squares.extend(per_row)
+        self.diff_sq += sum(d for d, _ in per_row)
+        self.ref_sq += sum(r for _, r in per_row)
+        a, b, diff = a.ravel(), b.ravel(), diff.ravel()
         self.cmp_sq += float(b @ b)
         self.dot += float(a @ b)
         if diff.size:
@@ -224,9 +230,12 @@ def verify_many(
     rows = 0
     for feed in feeds:
         samples += 1
-        first = np.asarray(next(iter(feed.values()))) if feed else np.zeros(())
-        rows += int(first.shape[0]) if first.ndim else 1
+        batch = feed_rows(feed)
+        rows += batch
         reference = runtime.run(reference_session, feed)
+        # every row of a batch is a sample (jackknife, judge) when every output has it on its first axis
+        split = batch if batch > 1 and all(np.ndim(reference[n]) and np.shape(reference[n])[0] == batch
+                                           for n in names) else 1
         for sess, accumulators in zip(sessions, sums):
             outputs = runtime.run(sess, feed)
             for name in names:
@@ -236,7 +245,7 @@ def verify_many(
                         f"Output {name!r} has shape {np.shape(a)} in the original but {np.shape(b)} in the "
                         "compressed model; the rewrite changed what the model computes"
                     )
-                accumulators[name].add(a, b)
+                accumulators[name].add(a, b, split)
         if progress is not None:
             progress(samples)
     if not samples:

@@ -30,10 +30,14 @@ def weights_and_nodes(model: onnx.ModelProto, per_node: float = PER_NODE_MS,
 
 
 class ScriptedTimer:
-    """A Timer returning `ms(model)` for every round of every model; `calls` holds the models of each call."""
+    """A Timer returning `ms(model)` for every round of every model; `calls` holds the models of each call.
 
-    def __init__(self, ms: Callable[[onnx.ModelProto], float] = weights_and_nodes):
+    `jitter` > 0 scripts noise: round i of the j-th model of a call takes ms(model) x (1 + jitter (-1)^(i+j)), so
+    two models of one call differ by less than the noise unless their times differ by more than the jitter does."""
+
+    def __init__(self, ms: Callable[[onnx.ModelProto], float] = weights_and_nodes, jitter: float = 0.0):
         self.ms = ms
+        self.jitter = jitter
         self.calls: list[list[onnx.ModelProto]] = []
 
     def time(self, models: Sequence[onnx.ModelProto], feeds, rounds: int, warmup: int = 1,
@@ -41,7 +45,9 @@ class ScriptedTimer:
         assert len(feeds) == len(models) and all(len(own) >= 1 for own in feeds)
         self.calls.append(list(models))
         medians = tuple(float(self.ms(model)) for model in models)
-        return Timings(medians, tuple((ms,) * rounds for ms in medians))
+        samples = tuple(tuple(ms * (1 + self.jitter * (-1) ** (i + j)) for i in range(rounds))
+                        for j, ms in enumerate(medians))
+        return Timings(medians, samples)
 
     @property
     def models_timed(self) -> int:

@@ -1,0 +1,127 @@
+"""Issue 19, few samples: rows of a batch count, shrinkage adapts to rows against dimensions, thin layers fall back
+to weight-only and are reported, and the auto judge scores plans on rows that did not fit them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_lowrank
+from onnx_lowrank.graph import runtime
+from onnx_lowrank.graph.inputs import Samples
+from onnx_lowrank.math.projection import oas_intensity, shrunk_covariance
+from onnx_lowrank.math.statistics import StatisticsAccumulator
+from onnx_lowrank.stages import judge
+from onnx_lowrank.stages.verify import verify
+
+
+def _low_rankish(rng, out, d, decay):
+    u, _ = np.linalg.qr(rng.standard_normal((out, min(out, d))))
+    v, _ = np.linalg.qr(rng.standard_normal((d, min(out, d))))
+    s = np.exp(-np.arange(min(out, d)) / decay)
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+def classifier(seed=0) -> onnx.ModelProto:
+    """x (N, 64, 8) -> GlobalAveragePool -> Flatten -> Gemm 64->512 -> Relu -> Gemm 512->10 (logits)."""
+    rng = np.random.default_rng(seed)
+    w1 = _low_rankish(rng, 512, 64, 16.0)
+    w2 = _low_rankish(rng, 10, 512, 4.0) * 8
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1, name="dense1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1, name="dense2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.full(512, 0.01, np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _batch(rng, n):
+    mixing = np.random.default_rng(99).standard_normal((64, 64)) / 8
+    return (rng.standard_normal((n, 8, 64)) @ mixing).transpose(0, 2, 1).astype(np.float32)
+
+
+def _statistics(rows):
+    accumulator = StatisticsAccumulator(rows.shape[1])
+    accumulator.add(rows)
+    return accumulator.result()
+
+
+def test_a_batch_of_six_is_six_samples(tmp_path):
+    model = classifier()
+    rng = np.random.default_rng(1)
+    path = tmp_path / "batch.npz"
+    np.savez(path, x=_batch(rng, 6))
+    samples = Samples.from_path(path, model)
+    assert samples.count == 1 and samples.rows == 6
+    check = verify(model, model, samples)
+    assert check.describe() == "6 rows in 1 batch"
+    assert len(check.leave_one_out()) == 6  # the jackknife leaves one row out
+    assert samples.rows_where(lambda i: i % 2 == 0).rows == 3
+
+
+def test_oas_intensity_is_high_for_few_rows_and_near_zero_for_many():
+    rng = np.random.default_rng(2)
+    few = _statistics(rng.standard_normal((6, 512)))
+    assert oas_intensity(shrunk_covariance(few, 0.0), few.count) > 0.5
+    scales = np.exp(-np.arange(8) / 2.0)
+    many = _statistics(rng.standard_normal((20000, 8)) * scales)
+    assert oas_intensity(shrunk_covariance(many, 0.0), many.count) < 0.01
+
+
+def test_thin_layers_fall_back_to_weight_only_and_are_reported():
+    model = classifier()
+    feeds = [{"x": _batch(np.random.default_rng(3), 6)}]
+    analysis = onnx_lowrank.analyze(model, calibration=feeds, method="lowrank", allow_slower=True)
+    thin = {t.name: t for t in analysis.thin_calibration}
+    assert (thin["dense1"].rows, thin["dense1"].dims, thin["dense1"].weight_only) == (6, 64, True)
+    assert (thin["dense2"].rows, thin["dense2"].dims, thin["dense2"].weight_only) == (6, 512, True)
+    _, report = onnx_lowrank.compress(model, 0.8, calibration=feeds, method="lowrank", allow_slower=True,
+                                      verify=False)
+    listed = report.to_dict()["summary"]["thin_calibration"]
+    assert {entry["name"] for entry in listed} == {"dense1", "dense2"}
+    # a number given by the user fixes the shrinkage: no fallback
+    fixed = onnx_lowrank.analyze(model, calibration=feeds, method="lowrank", allow_slower=True, shrinkage=0.0)
+    assert not any(t.weight_only for t in fixed.thin_calibration)
+
+
+def _top1(model, compressed, feed):
+    a, b = runtime.run(runtime.session(model), feed)["logits"], runtime.run(runtime.session(compressed), feed)["logits"]
+    return float(np.mean(np.argmax(a, -1) == np.argmax(b, -1)))
+
+
+def test_the_issue_scenario_in_small_keeps_top1_as_well_as_weight_only():
+    model = classifier()
+    rng = np.random.default_rng(4)
+    calibration, disjoint = [{"x": _batch(rng, 6)}], {"x": _batch(rng, 6)}
+    default, report = onnx_lowrank.compress(model, 0.8, calibration=calibration, allow_slower=True, verify=False)
+    weight_only, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
+    assert report.params_ratio <= 0.8
+    assert _top1(model, default, disjoint) >= _top1(model, weight_only, disjoint)
+
+
+def test_the_judge_scores_on_held_out_rows_and_an_overfitted_plan_loses():
+    model = classifier()
+    rng = np.random.default_rng(5)
+    samples = Samples.given([{"x": _batch(rng, 8)}, {"x": _batch(rng, 8)}])  # 16 rows: 4 held out
+    analysis = onnx_lowrank.analyze(model, calibration=samples, method="lowrank", allow_slower=True)
+    scored, judged, where = judge._scoring(model, analysis, samples)
+    assert scored.rows == 4 and judged is not analysis and "held-out" in where
+    held = [i for i in range(16) if judge.held_out(i)]
+    everything = np.concatenate([feed["x"] for feed in samples])
+    assert np.array_equal(np.concatenate([feed["x"] for feed in scored]), everything[held])
+    plan = onnx_lowrank.plan(analysis, 0.8)
+    assert "held-out calibration samples" in plan.notes[0]
+
+    # what held-out scoring protects against: a plan fitted, unshrunk, on 6 rows of the 512-wide layer scores
+    # best on those rows and worst on others, against the weight-only plan
+    fit_rows, other = [{"x": _batch(rng, 6)}], [{"x": _batch(rng, 6)}]
+    overfitted, _ = onnx_lowrank.compress(model, 0.8, calibration=fit_rows, shrinkage=0.0, method="lowrank",
+                                          allocator="alds", allow_slower=True, verify=False)
+    plain, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
+    assert verify(model, overfitted, fit_rows).worst_relative_l2 < verify(model, plain, fit_rows).worst_relative_l2
+    assert verify(model, overfitted, other).worst_relative_l2 > verify(model, plain, other).worst_relative_l2
