@@ -20,13 +20,14 @@ differently, which is why `fetch.py` checks no sha256 for built models.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import building  # noqa: E402
 
 NAME = "digits-encoder"
 TRAIN = 1197  # of scikit-learn's 1797 digits; the other 600 are the benchmark's calibration and evaluation splits
@@ -93,78 +94,32 @@ def _build(torch):
 
 def train(epochs: int = 30) -> tuple[object, float]:
     """The trained model and its accuracy on the 600 held-out digits."""
-    import torch
     from sklearn.datasets import load_digits
 
-    torch.manual_seed(SEED)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    torch = building.deterministic_torch(SEED)
     digits = load_digits()
     order = split(len(digits.target))
     x = torch.from_numpy(images(digits.data))
     y = torch.from_numpy(digits.target.astype(np.int64))
     train_x, train_y = x[order[:TRAIN]], y[order[:TRAIN]]
-    model = _build(torch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * -(-TRAIN // 32))
-    generator = torch.Generator().manual_seed(SEED)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(TRAIN, generator=generator).split(32):
-            loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    with torch.no_grad():
-        held_out = model(x[order[TRAIN:]]).argmax(1)
-    return model, float((held_out == y[order[TRAIN:]]).float().mean())
+    model = building.fit(torch, _build(torch), train_x, train_y, epochs, batch=32, lr=1e-3, max_lr=2e-3,
+                         weight_decay=0.05, seed=SEED)
+    return model, building.accuracy(torch, model, x[order[TRAIN:]], y[order[TRAIN:]])
 
 
 def export(model, path: Path) -> None:
     import torch
 
-    example = torch.from_numpy(images(np.zeros((1, 64))))
-    with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), input_names=["pixels"], output_names=["logits"],
-                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+    building.export_torchscript(model, torch.from_numpy(images(np.zeros((1, 64)))), path, "pixels")
 
 
 def build(dest: str | os.PathLike | None = None, epochs: int = 30) -> Path:
     """Train, export and store the model as <dest>/digits-encoder.onnx (atomically); returns its path."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from fetch import models_dir
-
-    folder = models_dir(dest)
-    folder.mkdir(parents=True, exist_ok=True)
-    model, accuracy = train(epochs)
-    print(f"{NAME}: held-out accuracy {accuracy:.4f}", file=sys.stderr)
-    handle, temporary = tempfile.mkstemp(suffix=".onnx", dir=folder)
-    os.close(handle)
-    try:
-        export(model, Path(temporary))
-        os.replace(temporary, folder / f"{NAME}.onnx")
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return folder / f"{NAME}.onnx"
+    return building.build(NAME, train, export, dest, epochs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", help="cache folder (default: $ONNX_LOWRANK_MODELS or ~/.cache/onnx-lowrank/models)")
-    parser.add_argument("--epochs", type=int, default=30)
-    args = parser.parse_args(argv)
-    try:
-        import sklearn  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as error:
-        print(f"error: building {NAME} needs {error.name}: pip install torch scikit-learn onnx", file=sys.stderr)
-        return 2
-    print(f"{NAME}\t{build(args.dest, args.epochs)}")
-    return 0
+    return building.main(NAME, __doc__, train, export, 30, argv)
 
 
 if __name__ == "__main__":

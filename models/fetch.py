@@ -138,7 +138,7 @@ def fetch_all(names: Iterable[str] | None = None, dest: str | os.PathLike | None
     unbuilt = [n for n in wanted if "build" in table[n] and not paths[n].is_file()]
     if unbuilt:
         raise FetchError(f"{unbuilt[0]!r} is built, not downloaded: run python {table[unbuilt[0]]['build']} "
-                         f"(it needs torch and scikit-learn){'' if dest is None else f' --dest {folder}'}")
+                         f"(it needs torch: see models/README.md){'' if dest is None else f' --dest {folder}'}")
     missing: dict[tuple[str, str], list[str]] = {}
     for n in wanted:
         if "build" not in table[n] and not _is_current(paths[n], table[n]):

@@ -20,6 +20,10 @@ ppocrv4-rec     ppocrv4-rec     char accuracy vs ground      rendered text lines
                                 truth
 ppocr-cls       ppocr-cls       top-1 agreement vs original  rendered lines, half rotated by 180
 digits-encoder  digits-encoder  top-1 agreement vs original  scikit-learn digits the model was not trained on
+bytes-          bytes-          top-1 agreement vs original  generated 256-byte windows of 8 file contents,
+classifier      classifier                                   held out from training
+text-           text-           top-1 agreement vs original  generated token sequences (majority token),
+transformer     transformer                                  held out from training
 ==============  ==============  ===========================  ===============================================
 """
 
@@ -31,6 +35,7 @@ from .base import Feed, Sample, Session, Workload, model_path, open_session, run
 from .detection import DetectionWorkload
 from .digits import DigitsWorkload
 from .ocr import AngleWorkload, RecognitionWorkload, TextDetectionWorkload
+from .tokens import BytesWorkload, TextTransformerWorkload
 
 __all__ = [
     "Feed",
@@ -42,6 +47,8 @@ __all__ = [
     "RecognitionWorkload",
     "AngleWorkload",
     "DigitsWorkload",
+    "BytesWorkload",
+    "TextTransformerWorkload",
     "workloads",
     "model_path",
     "open_session",
@@ -51,7 +58,8 @@ __all__ = [
 
 @cache
 def _defaults() -> tuple[Workload, ...]:
-    return (DetectionWorkload(), TextDetectionWorkload(), RecognitionWorkload(), AngleWorkload(), DigitsWorkload())
+    return (DetectionWorkload(), TextDetectionWorkload(), RecognitionWorkload(), AngleWorkload(), DigitsWorkload(),
+            BytesWorkload(), TextTransformerWorkload())
 
 
 def workloads() -> dict[str, Workload]:

@@ -12,18 +12,18 @@ import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Feed", "Session", "Sample", "Workload", "open_session", "run_first_output", "model_path"]
+__all__ = ["Feed", "Session", "Sample", "Workload", "open_session", "run_first_output", "model_path", "models_script"]
 
 Feed = dict[str, np.ndarray]
 
-_MODELS_FETCH = Path(__file__).resolve().parents[2] / "models" / "fetch.py"
+_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 class Session(Protocol):
@@ -84,6 +84,11 @@ class Workload(ABC):
         """Inputs on which `score` runs both models."""
         return [dict(s.feed) for s in self._evaluation]
 
+    def with_calibration(self, count: int) -> "Workload":
+        """The same workload with at least `count` calibration samples, whose first ones are this workload's (the
+        evaluation split unchanged): what a study of the number of calibration samples takes prefixes of."""
+        return replace(self, n_calibration=max(self.n_calibration, count))
+
     def outputs(self, session: Session) -> list[np.ndarray]:
         """The first output of `session` on every evaluation feed (compute it once for the original in a sweep)."""
         return run_first_output(session, self.evaluation_feeds())
@@ -115,16 +120,23 @@ def open_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _fetch_module():
-    """models/fetch.py, loaded by file path: `models` is not a package, and a same-named one elsewhere on sys.path
-    must not win."""
-    module = sys.modules.get("onnx_lowrank_models_fetch")
+def models_script(stem: str):
+    """models/<stem>.py, loaded by file path as module onnx_lowrank_models_<stem>: `models` is not a package, and
+    a same-named one elsewhere on sys.path must not win. The build scripts need only numpy at import, so their
+    data generators and splits serve the workloads without torch."""
+    name = f"onnx_lowrank_models_{stem}"
+    module = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location("onnx_lowrank_models_fetch", _MODELS_FETCH)
+        spec = importlib.util.spec_from_file_location(name, _MODELS / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     return module
+
+
+def _fetch_module():
+    """models/fetch.py (see `models_script`)."""
+    return models_script("fetch")
 
 
 def model_path(name: str, dest: str | Path | None = None) -> Path:

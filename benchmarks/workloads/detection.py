@@ -15,7 +15,7 @@ input pixels and 18 class scores (already sigmoid). `decode` keeps anchors whose
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -140,6 +140,10 @@ class DetectionWorkload(Workload):
     iou_threshold: float = 0.45
     match_iou: float = 0.5
     seed: int = 20240404
+
+    def with_calibration(self, count: int) -> "DetectionWorkload":
+        """At least `count` calibration images: the 4 photos, then more face mosaics (the first ones unchanged)."""
+        return replace(self, n_mosaics_calibration=max(self.n_mosaics_calibration, count - 4))
 
     def images(self, split: str) -> list[np.ndarray]:
         """The RGB images of a split, before letterboxing."""

@@ -8,32 +8,21 @@ as a deployed classifier runs.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
-from .base import Sample, Workload
+from .base import Sample, Workload, models_script
+from .metrics import classifier_scores
 
 __all__ = ["DigitsWorkload"]
 
-_ENCODER = Path(__file__).resolve().parents[2] / "models" / "encoder.py"
-
 
 def _encoder_module():
-    """models/encoder.py by file path (it needs only numpy at import): its split and preprocessing are the model's."""
-    module = sys.modules.get("onnx_lowrank_models_encoder")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("onnx_lowrank_models_encoder", _ENCODER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
+    """models/encoder.py by file path (its split and preprocessing are the model's)."""
+    return models_script("encoder")
 
 @dataclass(frozen=True)
 class DigitsWorkload(Workload):
@@ -68,17 +57,4 @@ class DigitsWorkload(Workload):
         return np.array([s.truth for s in self._evaluation], dtype=np.int64)
 
     def compare(self, candidate: Sequence[np.ndarray], original: Sequence[np.ndarray]) -> dict[str, float]:
-        cand = np.concatenate([np.asarray(o).reshape(-1, 10) for o in candidate])
-        orig = np.concatenate([np.asarray(o).reshape(-1, 10) for o in original])
-        truth = self.labels()
-        return {
-            "metric": float(np.mean(cand.argmax(1) == orig.argmax(1))),
-            "accuracy": float(np.mean(cand.argmax(1) == truth)),
-            "accuracy_original": float(np.mean(orig.argmax(1) == truth)),
-            "prob_mae": float(np.mean(np.abs(_softmax(cand) - _softmax(orig)))),
-        }
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+        return classifier_scores(candidate, original, self.labels(), 10)

@@ -1,4 +1,5 @@
-"""Task metrics in plain numpy: box IoU, class-wise NMS, detection matching/F1, edit distance, CTC decoding, mask IoU.
+"""Task metrics in plain numpy: box IoU, class-wise NMS, detection matching/F1, edit distance, CTC decoding, mask IoU,
+classifier agreement.
 
 Boxes are float arrays of shape (N, 4) in corner form ``x1, y1, x2, y2``. Nothing here imports onnx or onnxruntime.
 """
@@ -19,6 +20,7 @@ __all__ = [
     "char_accuracy",
     "ctc_greedy_decode",
     "mask_iou",
+    "classifier_scores",
 ]
 
 
@@ -165,3 +167,23 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
     union = np.count_nonzero(a | b)
     return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def classifier_scores(candidate: Sequence[np.ndarray], original: Sequence[np.ndarray], truth: np.ndarray,
+                      classes: int) -> dict[str, float]:
+    """A classifier's logits against the original's: {"metric": top-1 agreement, "accuracy" and
+    "accuracy_original" against the true classes `truth`, "prob_mae": mean absolute difference of the softmax
+    probabilities}. Outputs of every feed are pooled (each reshaped to (-1, classes))."""
+    cand = np.concatenate([np.asarray(o).reshape(-1, classes) for o in candidate])
+    orig = np.concatenate([np.asarray(o).reshape(-1, classes) for o in original])
+    return {
+        "metric": float(np.mean(cand.argmax(1) == orig.argmax(1))),
+        "accuracy": float(np.mean(cand.argmax(1) == truth)),
+        "accuracy_original": float(np.mean(orig.argmax(1) == truth)),
+        "prob_mae": float(np.mean(np.abs(_softmax(cand) - _softmax(orig)))),
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
