@@ -90,7 +90,7 @@ def plan(
 
 
 def _choose(analysis: Analysis, budget: float, metric: str, allocator: str | None, model: ModelLike | None = None,
-            calibration: SampleSource = None) -> Plan:
+            calibration: SampleSource = None, weight_only_plans: bool = True) -> Plan:
     chosen = _default_allocator(analysis, allocator)
     if chosen != "auto":
         return allocate(analysis, budget, metric=metric, allocator=chosen)
@@ -104,13 +104,18 @@ def _choose(analysis: Analysis, budget: float, metric: str, allocator: str | Non
         raise InvalidOptionError("The auto allocator compares plans end to end on the calibration samples: this "
                                  "analysis has none; pass model= and calibration=.")
     speed = None if context is None else context.speed
-    return choose_plan(proto, analysis, budget, metric, samples, speed)
+    return choose_plan(proto, analysis, budget, metric, samples, speed, weight_only_plans)
 
 
 def _default_allocator(analysis: Analysis, allocator: str | None) -> str:
     if allocator is None:
         return "auto" if analysis.measure == OUTPUT_MEASURE else "alds"
     if allocator == "auto" and analysis.measure != OUTPUT_MEASURE:
+        few = None if analysis.context is None else analysis.context.few_samples
+        if few is not None:
+            raise InvalidOptionError(f"The auto allocator needs at least 4 calibration samples ({few} given, too few "
+                                     "to tell a data-aware plan from an overfitted one): give more, or choose "
+                                     "--allocator alds.")
         raise InvalidOptionError("The auto allocator needs calibration data (--calibration or --inputs).")
     return allocator
 
@@ -137,7 +142,9 @@ def apply(
     Returns the new ModelProto (the input is not modified) and a Report. Pass the `analysis` the plan came from to
     reuse its decompositions, calibration and latency costs; without it the model is analysed again (on
     `calibration` if given, or on `inputs` unless `weight_only`; layers are not timed) with the settings the plan
-    recorded, so the same model and samples give the same bytes. A plan made for another model is refused. `refit`
+    recorded, so the same model and samples give the same bytes; a plan whose settings are weight-only (the auto
+    judge chose the weights alone, or calibration had too few samples) is written from the weights alone, with or
+    without `analysis`. A plan made for another model is refused. `refit`
     (or a plan made with refit) re-fits every decoder on the calibration samples (see `stages.refit`).
     Verification also times both models with `threads` and `provider`.
     """
@@ -148,7 +155,8 @@ def apply(
         recorded = plan.settings or _version1_settings(plan)
     settings = replace(recorded, weight_only=weight_only or recorded.weight_only)
     speed = SpeedSettings.of(True, None, threads, provider, False, timer)
-    context = prepare(model, inputs, input_shapes, verify, calibration, settings, speed)
+    context = prepare(model, inputs, input_shapes, verify, calibration, settings, speed,
+                      few_samples_fallback=False)  # the plan's settings say whether it is weight-only
     if plan.model is not None and plan.model != context.fingerprint:
         raise InvalidOptionError(f"The plan was made for another model (fingerprint {plan.model}, this one "
                                  f"{context.fingerprint}): apply it to the model it was planned on, or plan again.")
@@ -209,7 +217,10 @@ def compress(
 
     With `calibration` (or `inputs`, unless `weight_only`) every layer is decomposed on its real inputs (see
     `math.projection`), the default allocator is `auto` and the default `method` is `both` for every metric (layers
-    are narrowed or factorized). Every layer is timed in onnxruntime with the deployment's `threads` and `provider`
+    are narrowed or factorized); with fewer than 4 independent calibration samples (rows of a batch count) no plan
+    can be checked on samples that did not fit it, so the compression is weight-only and the report says so
+    (unless `method` eliminate or both, or `refit`, asks for data). Every layer is timed in onnxruntime with the
+    deployment's `threads` and `provider`
     (cached in `latency_cache`, see `stages.latency_cache`; `timer` replaces the measurement), and a layer is only
     factorized into a form measured faster than it, unless `allow_slower`. Verification times both models and
     reports the speedup. The report's plan records the settings, so `apply(model, report.plan, ...)` with the same
@@ -227,7 +238,8 @@ def compress(
     settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
     speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache, timer)
     context = prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, settings, speed,
-                      need_shapes=metric != "params")  # flops and latency need shapes: say so now
+                      need_shapes=metric != "params",  # flops and latency need shapes: say so now
+                      few_samples_fallback=not refit)  # refit fits the decoders on the samples, however few
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
     analysis = run_analysis(context, progress)
@@ -235,7 +247,8 @@ def compress(
     start = time.perf_counter()
 
     def make_plan(fraction: float) -> Plan:
-        return finish_plan(_choose(analysis, fraction, metric, allocator), analysis, refit)
+        return finish_plan(_choose(analysis, fraction, metric, allocator, weight_only_plans=not refit), analysis,
+                           refit)  # a weight-only plan has no data to refit its decoders on
 
     if not targeted:
         chosen = make_plan(budget)

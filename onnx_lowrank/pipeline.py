@@ -22,24 +22,25 @@ import onnx
 from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
 from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
 from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes,
-                                       samples_from)
+                                       sample_units, samples_from)
 from onnx_lowrank.graph.load import check_model, fingerprint, load_model
 from onnx_lowrank.graph.shapes import tensor_shapes
 from onnx_lowrank.ops.base import FAMILIES
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.settings import AnalysisSettings, SpeedSettings
-from onnx_lowrank.stages.analyze import Analysis, analyze_chains, analyze_layers
+from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, weight_only
 from onnx_lowrank.stages.apply import check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
 from onnx_lowrank.stages.discover import discover
+from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
 from onnx_lowrank.stages.report import Report, build_report
 from onnx_lowrank.stages.timing import SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
 
-__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "run_apply", "ModelLike", "ShapeSpecs",
+__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "ModelLike", "ShapeSpecs",
            "SampleSource", "Progress"]
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -68,6 +69,7 @@ class Context:
     notes: tuple[str, ...] = ()  # what was read differently from the file, in one line each
     random_verification: bool = False  # verify on random inputs at `input_shapes`, made when first needed
     needs_shapes: bool = False  # the metric counts FLOPs or time: tensor shapes must be measurable
+    few_samples: int | None = None  # calibration samples given, when too few to calibrate on (weight-only instead)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -116,9 +118,16 @@ def prepare(
     settings: AnalysisSettings = AnalysisSettings(),
     speed: SpeedSettings = SpeedSettings(),
     need_shapes: bool = False,
+    few_samples_fallback: bool = True,
 ) -> Context:
     """Load the model and settle its samples, input shapes and method. Shapes that cannot be settled are an error
-    (naming every input that needs one) when verification needs feeds or the metric needs shapes, before any work."""
+    (naming every input that needs one) when verification needs feeds or the metric needs shapes, before any work.
+
+    Calibration samples holding fewer than `judge.MIN_CALIBRATION_UNITS` independent samples (`sample_units`) are
+    too few for the judge to check any data-aware plan on samples that did not fit it: unless the method needs data
+    (eliminate, both asked for) or `few_samples_fallback` is off (apply, which follows the plan's settings), the
+    compression is weight-only, the settings say so (a plan records it) and a note tells why. With weight-only
+    settings, calibration samples only verify."""
     proto, constant_inputs = constant_initializer_inputs(load_model(model))
     overrides = parse_shape_specs(input_shapes)
     feeds = samples_from(inputs, proto) if inputs is not None else None
@@ -144,9 +153,20 @@ def prepare(
         if need_feeds and calibration_samples is not None:
             feeds, in_sample = calibration_samples, True  # real samples judge better than random ones
     random_verification = need_feeds and feeds is None and resolved is not None
+    few = None
+    if calibration_samples is not None and (settings.weight_only or (
+            few_samples_fallback and settings.method in (None, "lowrank")
+            and calibration_samples.count < MIN_CALIBRATION_UNITS
+            and (units := sample_units(calibration_samples, proto)) < MIN_CALIBRATION_UNITS)):
+        if not settings.weight_only:  # too few to check a data-aware plan on samples that did not fit it
+            notes += (f"calibration had {units} sample{'s' if units != 1 else ''}: too few to tell a data-aware plan "
+                      "from an overfitted one; compressed from the weights alone; give at least "
+                      f"{MIN_CALIBRATION_UNITS}.",)
+            settings, few = replace(settings, weight_only=True), units
+        calibration_samples, in_sample = None, False  # weight-only (a plan's recorded setting): they only verify
     return Context(model=proto, input_shapes=resolved, feeds=feeds, calibration=calibration_samples,
                    in_sample=in_sample, settings=settings.resolved(calibration_samples is not None), speed=speed,
-                   notes=notes, random_verification=random_verification, needs_shapes=need_shapes)
+                   notes=notes, random_verification=random_verification, needs_shapes=need_shapes, few_samples=few)
 
 
 def _constant_inputs_note(names: Sequence[str]) -> tuple[str, ...]:
@@ -219,20 +239,40 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
     return replace(analysis, method=settings.method, unnarrowed=chains.skipped + too_few, chains=narrowable)
 
 
+def written_with(analysis: Analysis, plan: Plan) -> Analysis:
+    """The analysis `plan` is written from: a plan whose settings are weight-only (the `auto` judge chose a
+    weight-only plan) is written from the weight-only analysis of a calibrated one (`analyze.weight_only`, its context
+    without calibration, settings weight-only and lowrank), so its report, its JSON and `apply` agree; else
+    `analysis` itself."""
+    if plan.settings is None or not plan.settings.weight_only or analysis.measure != OUTPUT_MEASURE:
+        return analysis
+    context = analysis.context
+    if context is not None:
+        context = replace(context, calibration=None, in_sample=False,
+                          settings=replace(context.settings, weight_only=True, method="lowrank"))
+    return replace(weight_only(analysis), notes=analysis.notes, context=context,
+                   thin_calibration=analysis.thin_calibration)  # what the samples could not support, still said
+
+
 def finish_plan(plan: Plan, analysis: Analysis, refit: bool = False) -> Plan:
     """The plan with what reproduces it recorded: the method, the analysis settings, refit and the fingerprint of
-    the model it was made for (see `plan.Plan`)."""
-    context = analysis.context
-    return replace(plan, method=analysis.method, refit=bool(refit),
-                   settings=None if context is None else context.settings,
+    the model it was made for (see `plan.Plan`); of the analysis it is written from (`written_with`)."""
+    writer = written_with(analysis, plan)
+    context = writer.context
+    return replace(plan, method=writer.method, refit=bool(refit),
+                   settings=plan.settings if context is None else context.settings,
                    model=None if context is None else context.fingerprint)
 
 
 def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis, seconds: dict,
               refit: bool = False, time_models: bool = True, progress: Progress | None = None
               ) -> tuple[onnx.ModelProto, Report]:
-    """Write `plan` into the model (`stages.apply`), check and time the result, and report."""
+    """Write `plan` into the model (`stages.apply`, from the analysis `written_with` names), check and time the
+    result, and report."""
     start = time.perf_counter()
+    writer = written_with(analysis, plan)
+    if writer is not analysis:  # a weight-only plan: no sample fitted it
+        analysis, context = writer, replace(context, in_sample=False)
     model = context.model
     check_plan(plan, analysis)
     if refit and plan.layers and context.calibration is None:
@@ -272,6 +312,7 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
         latency=timing,
         speed_note=_speed_note(context, analysis),
         notes=context.notes,
+        few_samples=context.few_samples,
     )
     return compressed, replace(report, speed_check=check)
 

@@ -60,6 +60,23 @@ def test_weight_only_with_calibration_available_is_told_to_use_it():
     assert "give calibration data" not in " ".join(report.cures)
 
 
+def test_weight_only_because_the_samples_were_too_few_asks_for_more_samples():
+    settings = AnalysisSettings(weight_only=True)
+    report = _report(calibrated_on=None, few_samples=2)
+    report = dataclasses.replace(report, plan=dataclasses.replace(report.plan, settings=settings))
+    assert report.cures[0] == "calibrate on more samples (at least 4; 2 given)"
+    assert "--weight-only" not in " ".join(report.cures) and "give calibration data" not in " ".join(report.cures)
+
+
+def test_weight_only_chosen_by_the_judge_asks_for_more_samples():
+    settings = AnalysisSettings(weight_only=True, method="lowrank")
+    report = _report(calibrated_on=None)
+    report = dataclasses.replace(report, plan=dataclasses.replace(report.plan, settings=settings,
+                                                                   allocator="alds (weight only)"))
+    assert report.cures[0].startswith("calibrate on more samples (on these, every data-aware plan did worse")
+    assert "--weight-only" not in " ".join(report.cures)
+
+
 def test_thin_calibration_asks_for_more_samples_or_weight_only():
     thin = (ThinLayer("fc1", 6, 512, False), ThinLayer("fc2", 6, 64, False))
     line = _movement(_report(thin_calibration=thin))

@@ -147,7 +147,7 @@ def test_measure_is_output_with_calibration_and_spectral_without(cnn_model, cali
 
     folder = tmp_path / "cal"
     folder.mkdir()
-    for index, feed in enumerate(calibration_feeds[:3]):
+    for index, feed in enumerate(calibration_feeds[:4]):  # fewer than 4 compress weight-only (test_few_samples)
         np.savez(folder / f"{index}.npz", **feed)
     _, path_report = onnx_lowrank.compress(cnn_model, 0.5, calibration=folder, allow_slower=True)
     assert path_report.calibrated_on == str(folder)
@@ -245,9 +245,10 @@ def test_calibration_and_weight_only_are_refused(cnn_model, calibration_feeds, c
 
 
 def test_cli_prints_the_in_sample_warning(files, capsys):
-    model_path, _, held = files
+    model_path, folder, held = files
     out = model_path.parent / "out"
-    code = main(["compress", str(model_path), str(out / "a.onnx"), "--budget", "0.5", "--inputs", str(held),
+    # 16 samples: one sample alone would compress weight-only (too few to calibrate, test_few_samples)
+    code = main(["compress", str(model_path), str(out / "a.onnx"), "--budget", "0.5", "--inputs", str(folder),
                  "--report", str(out / "a.json"), *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -371,7 +372,7 @@ def test_auto_picks_the_plan_with_the_smallest_calibration_error(cnn_model, cali
     from onnx_lowrank.graph.inputs import samples_from
     from onnx_lowrank.stages import judge
     samples = samples_from(calibration_feeds, cnn_model)
-    scored, judged, where = judge._scoring(cnn_model, dataclasses.replace(calibrated_analysis,
+    [(scored, judged)], where = judge._folds(cnn_model, dataclasses.replace(calibrated_analysis,
                                                                            calibration_key=samples.key), samples)
     assert where in chosen.notes[0]
     scored_feeds = list(scored)

@@ -109,7 +109,7 @@ def test_the_judge_scores_on_held_out_rows_and_an_overfitted_plan_loses():
     rng = np.random.default_rng(5)
     samples = Samples.given([{"x": _batch(rng, 8)}, {"x": _batch(rng, 8)}])  # 16 rows: 4 held out
     analysis = onnx_lowrank.analyze(model, calibration=samples, method="lowrank", allow_slower=True)
-    scored, judged, where = judge._scoring(model, analysis, samples)
+    [(scored, judged)], where = judge._folds(model, analysis, samples)
     assert scored.rows == 4 and judged is not analysis and "held-out" in where
     held = [i for i in range(16) if judge.held_out(i)]
     everything = np.concatenate([feed["x"] for feed in samples])
@@ -125,3 +125,79 @@ def test_the_judge_scores_on_held_out_rows_and_an_overfitted_plan_loses():
     plain, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
     assert verify(model, overfitted, fit_rows).worst_relative_l2 < verify(model, plain, fit_rows).worst_relative_l2
     assert verify(model, overfitted, other).worst_relative_l2 > verify(model, plain, other).worst_relative_l2
+
+
+# ----------------------------------------------- the fold rule, and weight-only plans among the judge's candidates
+
+
+def _same_bytes(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("count, batch", [(1, 1), (3, 1), (1, 3)])
+def test_fewer_than_four_samples_compress_from_the_weights_alone_and_say_so(count, batch):
+    model = classifier()
+    rng = np.random.default_rng(6)
+    calibration = [{"x": _batch(rng, batch)} for _ in range(count)]
+    compressed, report = onnx_lowrank.compress(model, 0.8, calibration=calibration, allow_slower=True, verify=False)
+    assert report.plan.settings.weight_only and report.plan.method == "lowrank" and report.calibrated_on is None
+    assert report.plan.to_dict()["settings"]["weight_only"] is True
+    units = count * batch
+    assert any(note.startswith(f"calibration had {units} sample") and "compressed from the weights alone; give at "
+               "least 4" in note for note in report.to_dict()["summary"]["notes"])
+    plain, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
+    assert _same_bytes(compressed, plain)
+    again, _ = onnx_lowrank.apply(model, report.plan, calibration=calibration, verify=False)
+    assert _same_bytes(again, compressed)
+    assert onnx_lowrank.analyze(model, calibration=calibration, allow_slower=True).measure == "spectral"
+
+
+@pytest.mark.parametrize("rows", [4, 6, 15])
+def test_four_to_fifteen_samples_are_judged_in_four_folds(rows):
+    model = classifier()
+    samples = Samples.given([{"x": _batch(np.random.default_rng(7), rows)}])
+    analysis = onnx_lowrank.analyze(model, calibration=samples, method="lowrank", allow_slower=True)
+    folds, where = judge._folds(model, analysis, samples)
+    assert len(folds) == judge.FOLDS and "in 4 folds" in where
+    everything = np.concatenate([feed["x"] for feed in samples])
+    for fold, (scored, judged) in enumerate(folds):
+        assert judged is not analysis
+        held = [i for i in range(rows) if i % judge.FOLDS == fold]
+        assert np.array_equal(np.concatenate([feed["x"] for feed in scored]), everything[held])
+    plan = onnx_lowrank.plan(analysis, 0.8)
+    assert f"{rows} calibration samples in 4 folds" in plan.notes[0]
+
+
+def test_a_weight_only_plan_wins_where_the_data_aware_one_overfits_and_is_written_weight_only():
+    model = classifier()
+    rng = np.random.default_rng(5)
+    fit_rows, other = [{"x": _batch(rng, 6)}], {"x": _batch(rng, 6)}
+    # unshrunk on 6 rows of a 512-wide layer: the data-aware plans overfit (test above); the judge sees it in folds
+    compressed, report = onnx_lowrank.compress(model, 0.8, calibration=fit_rows, shrinkage=0.0, method="lowrank",
+                                               allow_slower=True, verify=False)
+    plan = report.plan
+    assert plan.allocator.endswith("(weight only)") and plan.notes[0].startswith("auto: alds (weight only)")
+    assert "in 4 folds" in plan.notes[0]
+    assert plan.settings.weight_only and plan.method == "lowrank" and plan.to_dict()["settings"]["weight_only"]
+    assert report.calibrated_on is None and report.measure == "spectral"  # the report tells what was written
+    plain, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
+    assert _same_bytes(compressed, plain)
+    assert _top1(model, compressed, other) >= _top1(model, plain, other)
+    # apply reproduces it: from the JSON with the same samples, and with the calibrated analysis given
+    reloaded = onnx_lowrank.Plan.from_dict(plan.to_dict())
+    again, _ = onnx_lowrank.apply(model, reloaded, calibration=fit_rows, verify=False)
+    assert _same_bytes(again, compressed)
+    analysis = onnx_lowrank.analyze(model, calibration=fit_rows, shrinkage=0.0, method="lowrank", allow_slower=True)
+    chosen = onnx_lowrank.plan(analysis, 0.8)
+    assert chosen.settings.weight_only and dict(chosen.layers) == dict(plan.layers)
+    from_analysis, _ = onnx_lowrank.apply(model, chosen, analysis=analysis, verify=False)
+    assert _same_bytes(from_analysis, compressed)
+
+
+def test_auto_asked_for_with_too_few_samples_says_how_many_it_needs():
+    from helpers.builders import build_cnn
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    with pytest.raises(onnx_lowrank.InvalidOptionError, match=r"at least 4 calibration samples \(2 given"):
+        onnx_lowrank.compress(build_cnn(), 0.7, calibration=feeds, allocator="auto", allow_slower=True)

@@ -65,6 +65,9 @@ def _judged(monkeypatch, checks: dict):
 
     monkeypatch.setattr(select, "allocate", allocate)
     monkeypatch.setattr(select, "verify_many", fake_verify)
+    # the data-aware plans alone, scored on one fold (folds and weight-only plans: tests/test_few_samples.py)
+    monkeypatch.setattr(select, "weight_only", lambda analysis: None)
+    monkeypatch.setattr(select, "_folds", lambda model, analysis, samples: ([(samples, analysis)], "the samples"))
     return model, analysis, onnx_lowrank.graph.inputs.Samples.given(feeds, "test"), judged_plans
 
 

@@ -23,7 +23,7 @@ from onnx_lowrank.errors import InputDataError, InvalidModelError, InvalidOption
 
 __all__ = [
     "InputSpec", "parse_input_shapes", "model_inputs", "resolve_shapes", "random_feeds", "load_feeds", "iter_feeds",
-    "sample_files", "Samples", "samples_from", "parse_shape_specs", "feed_rows",
+    "sample_files", "Samples", "samples_from", "parse_shape_specs", "feed_rows", "batch_can_be_cut", "sample_units",
 ]
 
 _SHAPE_EXAMPLE = "images:1x3x640x640 (or images:1,3,640,640)"
@@ -400,6 +400,16 @@ def feed_rows(feed: Mapping[str, np.ndarray]) -> int:
     if not shapes or any(len(shape) < 2 for shape in shapes) or len({shape[0] for shape in shapes}) != 1:
         return 1
     return max(int(shapes[0][0]), 1)
+
+
+def batch_can_be_cut(model: onnx.ModelProto) -> bool:
+    """Whether every input's first dimension is free, so a batch can be cut into its rows (`Samples.rows_where`)."""
+    return all(spec.shape and spec.shape[0] is None for spec in model_inputs(model))
+
+
+def sample_units(samples: Samples, model: onnx.ModelProto) -> int:
+    """How many independent samples `samples` holds for `model`: its rows when a batch can be cut, else its feeds."""
+    return samples.rows if batch_can_be_cut(model) else samples.count
 
 
 def samples_from(source, model: onnx.ModelProto) -> Samples:

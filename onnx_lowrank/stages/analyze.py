@@ -14,6 +14,7 @@ decomposing again.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from onnx_lowrank.math.svd import Factors
 
 __all__ = ["Candidate", "LayerAnalysis", "Analysis", "analyze_layers", "factors_of", "WEIGHT_MEASURE",
            "OUTPUT_MEASURE", "WidthCandidate", "ChainAnalysis", "analyze_chains", "cuts_of", "ThinLayer",
-           "FALLBACK_ROW_FRACTION"]
+           "FALLBACK_ROW_FRACTION", "reanalyzed", "weight_only"]
 
 
 MIN_ROWS_PER_CHANNEL = 2
@@ -230,6 +231,34 @@ def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], sh
     with single_threaded_blas():
         layers = tuple(map_in_order(one, analysis.layers))
     return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage))
+
+
+_WEIGHT_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # analysis -> its weight-only analysis
+
+
+def weight_only(analysis: Analysis) -> Analysis:
+    """`analysis` decomposed from the weights alone (as `analyze_layers` without statistics): the same layers, group
+    counts, rank multiple, measured latencies and guard, params priced without the bias correction, no chains (their
+    fits need data) and no context. Made once per analysis (the judge's candidates and the plan written from them
+    share it); an analysis that is weight-only already is its own."""
+    if analysis.measure == WEIGHT_MEASURE:
+        return analysis
+    made = _WEIGHT_ONLY.get(analysis)
+    if made is None:
+        costs = dict(analysis.costs)
+        costs["params"] = replace(costs["params"], bias_correction=False)
+
+        def one(entry: LayerAnalysis) -> LayerAnalysis:
+            return _analyze_layer(entry.layer, max(entry.decompositions), analysis.rank_multiple, None, None, costs,
+                                  analysis.guarded)
+
+        with single_threaded_blas():
+            layers = tuple(map_in_order(one, analysis.layers))
+        made = replace(analysis, layers=layers, costs=costs, measure=WEIGHT_MEASURE, calibration=None,
+                       calibration_key=(), method="lowrank", chains=(), unnarrowed=(), context=None,
+                       thin_calibration=())
+        _WEIGHT_ONLY[analysis] = made
+    return made
 
 
 def falls_back(statistics: InputStatistics, shrinkage: float | None) -> bool:

@@ -9,7 +9,8 @@ among them too, so `both` never loses to either on the calibration data. Costs o
 samples per plan.
 
 When layers are timed, a plan whose error the samples cannot tell from the best one's is as good, and the fastest
-of those wins: "cannot tell" is a difference of less than two standard errors, the standard error of the paired
+of those wins (not when the judge scored in folds, below: with that few samples the smallest error wins): "cannot
+tell" is a difference of less than two standard errors, the standard error of the paired
 difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
 resolution is coarse, so more calibration samples make the judge sharper. "Fastest" is measured: those plans'
 models are timed against each other, interleaved, with the deployment's session settings (predictions rank plans
@@ -20,37 +21,57 @@ Every row of a batch is a sample (an .npz holding a batch of 6 is 6): plans are 
 
 Held-out scoring: a plan scored on the rows its statistics were fitted on looks better than it is (6 rows of a
 512-wide layer: error 0.02 on them, top-1 0.33 elsewhere). So when the judge's samples are the analysis' own
-calibration samples and hold at least `MIN_HELD_OUT_ROWS` rows, every `HOLD_OUT_EVERY`-th row (index i with
-i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1, counted over all feeds in order) is held out: the layers are calibrated
-and decomposed again on the other rows alone (one streaming pass and one decomposition per layer; the layers'
-measured latencies are reused, nothing is timed again), every candidate allocator builds its plan on that analysis,
-and those plans are scored on the held-out rows, which did not fit them. The winning allocator (and method) then
-builds the plan from the full analysis, on all rows. Narrowing is judged on the full analysis' chains (their fits
-are not re-done on the subset). With fewer rows, the plans are scored on the rows they were fitted on, and the
-note says so: `analyze.FALLBACK_ROW_FRACTION` then keeps the thinnest layers weight-only. Samples other than the
-analysis' own never fitted the plans, so all their rows score.
+calibration samples, the plans are scored on units (rows, or whole samples when the model's batch is fixed,
+`inputs.sample_units`) that did not fit them, counted over all feeds in order:
+
+- at least `SINGLE_SPLIT_UNITS`: one split, every `FOLDS`-th unit held out (index i with i % FOLDS == FOLDS - 1);
+- `MIN_CALIBRATION_UNITS` (= `FOLDS`) to `SINGLE_SPLIT_UNITS` - 1: `FOLDS` folds, unit i held out in fold i % FOLDS,
+  so every unit scores once;
+- fewer: too few to check any data-aware plan on held-out data, so `pipeline.prepare` makes the whole compression
+  weight-only (with a note) and the judge is not reached by default; if it is (a method that needs data asked for),
+  the plans are scored on the rows they were fitted on and the note says so.
+
+In each fold the layers are calibrated and decomposed again on the fold's fit rows alone (`analyze.reanalyzed`: one
+streaming pass and one decomposition per layer; the measured latencies are reused, nothing is timed again), every
+candidate allocator (and method) builds its plan on that analysis, and those plans are scored on the fold's
+held-out rows. A label's score is its worst relative output error pooled over every fold's held-out rows (and
+jackknifed over them). The winning allocator (and method) then builds the plan from the full analysis, on all rows.
+Narrowing is judged on the full analysis' chains (their fits are not re-done on the subset). Samples other than
+the analysis' own never fitted the plans, so all their rows score, once.
+
+Weight-only plans are candidates too: the candidate allocators' plans on the weight-only analysis of the same
+layers (`analyze.weight_only`: no statistics, so no fold changes them), scored on the same held-out rows. When one
+wins ("auto: alds (weight only) ..."), the plan's settings say weight_only (method lowrank), and it is written, and
+reproduced by `apply`, from the weights alone (`pipeline.written_with`).
+
+Cost, bounded: one weight-only decomposition of every layer per analysis (shared by every budget); with a split or
+folds, one calibration pass over the fit rows and one decomposition per layer per fold (at most `FOLDS`, and only
+with fewer than `SINGLE_SPLIT_UNITS` units, where a pass is short), and per fold each distinct candidate written and
+run once on that fold's held-out rows (over the folds, every calibration unit runs once per candidate).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 
 import onnx
 
 from onnx_lowrank.stages.allocate import allocate
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
-from onnx_lowrank.stages.analyze import Analysis, reanalyzed
+from onnx_lowrank.stages.analyze import Analysis, reanalyzed, weight_only
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.apply import write_plan
 from onnx_lowrank.errors import BudgetError
-from onnx_lowrank.graph.inputs import Samples, model_inputs
+from onnx_lowrank.graph.inputs import Samples, batch_can_be_cut, sample_units
 from onnx_lowrank.stages.latency_cache import LatencyCache, model_key
 from onnx_lowrank.stages.layer_timing import BLOCK_SECONDS, open_cache
 from onnx_lowrank.stages.timing import OnnxruntimeTimer, timer_of
 from onnx_lowrank.options import ALLOCATORS
 from onnx_lowrank.plan import Plan
-from onnx_lowrank.stages.verify import Verification, verify_many
+from onnx_lowrank.settings import AnalysisSettings
+from onnx_lowrank.stages.verify import Verification, _relative, verify_many
 
 __all__ = ["CANDIDATE_ALLOCATORS", "choose_plan"]
 
@@ -58,86 +79,145 @@ CANDIDATE_ALLOCATORS = ALLOCATORS
 
 
 def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metric: str, samples: Samples,
-                speed=None) -> Plan:
+                speed=None, weight_only_plans: bool = True) -> Plan:
     """The best plan for `budget` among the candidate allocators, judged end to end on `samples`; tied plans are
-    timed with `speed` (`settings.SpeedSettings`; None: the session settings the layers were timed with)."""
+    timed with `speed` (`settings.SpeedSettings`; None: the session settings the layers were timed with). With
+    `weight_only_plans` the allocators' plans on the weights alone are candidates too; a weight-only winner's
+    settings say so (`pipeline.written_with` writes it from the weights)."""
+    factorizes = analysis.method != "eliminate" and analysis.layers  # weight-only plans only factorize
+    plain = weight_only(analysis) if weight_only_plans and factorizes else None
     plans: dict[str, Plan] = {}
-    origins: dict[str, tuple[str, str]] = {}  # label -> (method, allocator) that built the plan
+    origins: dict[str, tuple[str | None, str]] = {}  # label -> (method, allocator) that built it; method None: weights
     first_error = None
     methods = (analysis.method, "lowrank", "eliminate") if analysis.method == "both" else (analysis.method,)
-    for method, name in ((method, name) for method in methods for name in CANDIDATE_ALLOCATORS):
-        label = name if method == analysis.method else f"{name} ({method} only)"
+    kinds = [(method, name) for method in methods for name in CANDIDATE_ALLOCATORS]
+    kinds += [(None, name) for name in CANDIDATE_ALLOCATORS] if plain is not None else []
+    for method, name in kinds:
+        label = (f"{name} (weight only)" if method is None else name if method == analysis.method
+                 else f"{name} ({method} only)")
         try:
-            candidate = allocate(replace(analysis, method=method), budget, metric=metric, allocator=name)
+            candidate = (allocate(plain, budget, metric=metric, allocator=name) if method is None else
+                         allocate(replace(analysis, method=method), budget, metric=metric, allocator=name))
         except BudgetError as error:
             first_error = first_error or error
             continue
-        if all((dict(candidate.layers), dict(candidate.widths)) != (dict(p.layers), dict(p.widths))
-               for p in plans.values()):  # identical plans: judge once
-            plans[label], origins[label] = candidate, (method, name)
+        if not any(_same(candidate, method is None, other, origins[label_][0] is None)
+                   for label_, other in plans.items()):
+            plans[label], origins[label] = candidate, (method, name)  # identical plans: judge once
     if not plans:
         raise first_error
+    writers = {label: plain if origins[label][0] is None else analysis for label in plans}
     if len(plans) == 1 or not analysis.layers:
-        name, only = next(iter(plans.items()))
-        return replace(only, allocator=name, notes=(f"auto: {name} (the only distinct plan)",))
-    scored, judged, where = _scoring(model, analysis, samples)
-    fitted = {}  # each label's plan on the analysis that did not see the scoring rows
-    for label, plan in plans.items():
-        if judged is analysis:
-            fitted[label] = plan
-            continue
-        method, name = origins[label]
-        try:
-            fitted[label] = allocate(replace(judged, method=method), budget, metric=metric, allocator=name)
-        except BudgetError:
-            fitted[label] = plan  # the subset's analysis cannot meet the budget this way: judge the full plan
-    models = (_written(model, judged if fitted[label] is not plans[label] else analysis, fitted[label])
-              for label in plans)  # each written when its session is made
-    checks = dict(zip(plans, verify_many(model, models, scored)))
+        name = next(iter(plans))
+        return _chosen(plans[name], name, writers[name] is plain, analysis, f"auto: {name} (the only distinct plan)")
+    folds, where = _folds(model, analysis, samples)
+    per_fold = []
+    for scored, judged in folds:
+        models = (_written(model, *_fitted(analysis, judged, plain, plans[label], origins[label], budget, metric))
+                  for label in plans)  # each written when its session is made
+        per_fold.append(verify_many(model, models, scored))
+    checks = {label: _pooled([fold[i] for fold in per_fold]) for i, label in enumerate(plans)}
     errors = {name: _score(check.worst_relative_l2) for name, check in checks.items()}
     least = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
     scores = ", ".join(f"{name} {errors[name]:.4g}" for name in plans)
     best, faster = least, ""
-    tied = [name for name in plans if _indistinguishable(checks[name], checks[least])]
+    # in folds (fewer than SINGLE_SPLIT_UNITS units) the jackknife is too coarse to call a plan as good as the best:
+    # ppocr-cls on 4 and 8 samples tied plans with 6-17x the best error, and the fastest of them won
+    tied = [name for name in plans if _indistinguishable(checks[name], checks[least])] if len(folds) == 1 else []
     if "latency" in analysis.costs and len(tied) > 1:
-        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)), speed)
+        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)), speed,
+                               writers)
         best = min(tied, key=lambda name: (times[name], errors[name]))
         if best != least:
             faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
                       f"against {times[least]:.3g} ms")
     note = f"auto: {best} (output error on {where}: {scores}{faster})"
-    return replace(plans[best], allocator=best, notes=(note,))
+    return _chosen(plans[best], best, writers[best] is plain, analysis, note)
 
 
-HOLD_OUT_EVERY = 4
-"""Every HOLD_OUT_EVERY-th calibration row scores the plans instead of fitting them (module docstring)."""
-MIN_HELD_OUT_ROWS = 8
-"""Rows needed before any are held out: at least 2 held out (a jackknife needs 2), and 6 of 8 still fit."""
+def _same(plan: Plan, plain: bool, other: Plan, other_plain: bool) -> bool:
+    """Whether two candidates write the same model: the same choices from the same kind of analysis."""
+    return (plain, dict(plan.layers), dict(plan.widths)) == (other_plain, dict(other.layers), dict(other.widths))
+
+
+def _chosen(plan: Plan, label: str, plain: bool, analysis: Analysis, note: str) -> Plan:
+    """The winning plan, labelled; a weight-only one with settings that say so (written from the weights)."""
+    chosen = replace(plan, allocator=label, notes=(note,))
+    if not plain:
+        return chosen
+    context = analysis.context
+    settings = AnalysisSettings() if context is None else context.settings
+    return replace(chosen, method="lowrank", settings=replace(settings, weight_only=True, method="lowrank"))
+
+
+def _fitted(analysis: Analysis, judged: Analysis, plain: Analysis | None, plan: Plan, origin: tuple[str | None, str],
+            budget: float, metric: str) -> tuple[Analysis, Plan]:
+    """(analysis, plan) a candidate is scored as in a fold: a weight-only plan as it is (no fold changes it), a
+    data-aware one rebuilt on the fold's analysis, or the full plan when there is no fold or it cannot meet the
+    budget that way."""
+    method, name = origin
+    if method is None:
+        return plain, plan
+    if judged is analysis:
+        return analysis, plan
+    try:
+        return judged, allocate(replace(judged, method=method), budget, metric=metric, allocator=name)
+    except BudgetError:
+        return analysis, plan  # the subset's analysis cannot meet the budget this way: judge the full plan
+
+
+FOLDS = 4
+"""Units held out in turn: unit i in fold i % FOLDS (module docstring)."""
+MIN_CALIBRATION_UNITS = FOLDS
+"""Fewer calibration units cannot fill every fold with a held-out unit: the compression is weight-only
+(`pipeline.prepare`)."""
+SINGLE_SPLIT_UNITS = 16
+"""From this many units one split (fold FOLDS - 1 alone, 4 or more held-out units) scores the plans."""
 
 
 def held_out(index: int) -> bool:
-    """Whether calibration row `index` is held out from fitting to score the plans."""
-    return index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+    """Whether calibration unit `index` is held out from fitting in the single split."""
+    return index % FOLDS == FOLDS - 1
 
 
-def _scoring(model: onnx.ModelProto, analysis: Analysis, samples: Samples) -> tuple[Samples, Analysis, str]:
-    """(the rows that score the plans, the analysis their plans are built on, how the note names those rows)."""
+def _folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
+           ) -> tuple[list[tuple[Samples, Analysis]], str]:
+    """([(the rows that score the plans, the analysis their plans are built on)] per fold, how the note names the
+    rows)."""
     rows = samples.rows
     own = bool(analysis.calibration_key) and analysis.calibration_key == samples.key
     if not own:
-        return samples, analysis, _rows(rows, "sample")
-    by_row = all(spec.shape and spec.shape[0] is None for spec in model_inputs(model))  # a batch can be cut
-    units = rows if by_row else samples.count
-    if units < MIN_HELD_OUT_ROWS or not analysis.layers:
-        return samples, analysis, (_rows(rows, "calibration sample")
-                                   + " (the ones that fitted them: too few to hold any out)")
-    fit = samples.rows_where(lambda i: not held_out(i), by_row=by_row)
-    scored = samples.rows_where(held_out, by_row=by_row)
-    statistics = calibrate(model, [entry.layer for entry in analysis.layers], fit).layers
+        return [(samples, analysis)], _rows(rows, "sample")
+    by_row = batch_can_be_cut(model)
+    units = sample_units(samples, model)
+    if units < MIN_CALIBRATION_UNITS or not analysis.layers:
+        return [(samples, analysis)], (_rows(rows, "calibration sample")
+                                       + " (the ones that fitted them: too few to hold any out)")
     shrinkage = DEFAULT_SHRINKAGE if analysis.context is None else analysis.context.settings.shrinkage
-    judged = reanalyzed(analysis, statistics, shrinkage)
-    return scored, judged, (f"{_rows(scored.rows, 'held-out calibration sample')}, plans fitted on the other "
-                            f"{fit.rows}")
+    folds = []
+    for fold in (FOLDS - 1,) if units >= SINGLE_SPLIT_UNITS else range(FOLDS):
+        fit = samples.rows_where(lambda i, fold=fold: i % FOLDS != fold, by_row=by_row)
+        scored = samples.rows_where(lambda i, fold=fold: i % FOLDS == fold, by_row=by_row)
+        statistics = calibrate(model, [entry.layer for entry in analysis.layers], fit).layers
+        folds.append((scored, reanalyzed(analysis, statistics, shrinkage)))
+    if len(folds) == 1:
+        return folds, f"{_rows(scored.rows, 'held-out calibration sample')}, plans fitted on the other {fit.rows}"
+    return folds, (f"{_rows(rows, 'calibration sample')} in {FOLDS} folds, each held out once and scored on plans "
+                   "fitted on the others")
+
+
+def _pooled(checks: list[Verification]) -> Verification:
+    """One candidate's verifications on every fold's held-out rows as one: each output's relative L2 error pooled
+    over all their rows, and the rows' squares for the jackknife (the other per-output figures are the first
+    fold's: the judge reads only these)."""
+    if len(checks) == 1:
+        return checks[0]
+    squares = tuple(tuple(square for check in checks for square in check.squares[index])
+                    for index in range(len(checks[0].outputs)))
+    outputs = tuple(replace(output, relative_l2=_relative(sum(d for d, _ in rows), sum(r for _, r in rows)))
+                    for output, rows in zip(checks[0].outputs, squares))
+    return Verification(outputs, sum(check.samples for check in checks),
+                        sum(check.rows or check.samples for check in checks), squares=squares)
 
 
 def _rows(count: int, what: str) -> str:
@@ -149,15 +229,16 @@ JUDGE_ROUNDS = 20
 
 
 def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, Plan], feed: dict,
-                   speed=None) -> dict[str, float]:
-    """Median milliseconds of every plan's model on `feed`, all timed interleaved by `speed`'s timer, or read from
-    its latency cache (`settings.SpeedSettings`; None: onnxruntime with the session settings the analysis timed its
-    layers with, and no cache). As with a layer's variants, one plan missing from the cache times them all again."""
+                   speed=None, writers: Mapping[str, Analysis] | None = None) -> dict[str, float]:
+    """Median milliseconds of every plan's model on `feed` (written from `writers[name]`, default `analysis`), all
+    timed interleaved by `speed`'s timer, or read from its latency cache (`settings.SpeedSettings`; None: onnxruntime
+    with the session settings the analysis timed its layers with, and no cache). As with a layer's variants, one plan
+    missing from the cache times them all again."""
     if speed is None:
         settings, timer, cache = analysis.costs["latency"].settings, None, LatencyCache(None)
     else:
         settings, timer, cache = speed.runtime, timer_of(speed), open_cache(speed.cache)
-    models = [_written(model, analysis, plan) for plan in plans.values()]
+    models = [_written(model, (writers or {}).get(name, analysis), plan) for name, plan in plans.items()]
     shapes = {name: value.shape for name, value in feed.items()}
     keys = [model_key(written, shapes, settings) for written in models]
     keys = [None if key is None else key + "/judged" for key in keys]

@@ -102,6 +102,7 @@ class Report:
     narrowed: tuple[NarrowedRow, ...] = ()  # layers whose output channels were cut (method eliminate or both)
     speed_check: SpeedCheck | None = None  # the guard's whole-model check; None: not made (guard off, not timed)
     thin_calibration: tuple = ()  # `analyze.ThinLayer`s: fewer calibration rows than input dimensions, fallbacks
+    few_samples: int | None = None  # calibration samples given, when too few to calibrate on (weight-only instead)
 
     def ratio(self, metric: str) -> float | None:
         """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
@@ -175,7 +176,13 @@ class Report:
         cures = []
         thin = tuple(self.thin_calibration)
         weight_only = self.plan.settings is not None and self.plan.settings.weight_only
-        if weight_only:
+        judged = (self.plan.allocator or "").endswith("(weight only)")  # the judge found the data-aware plans worse
+        if self.few_samples is not None:
+            cures.append(f"calibrate on more samples (at least 4; {self.few_samples} given)")
+        elif judged:
+            cures.append("calibrate on more samples (on these, every data-aware plan did worse than the weights "
+                         "alone)")
+        elif weight_only:
             cures.append("plan on calibration data (--calibration, without --weight-only)")
         elif self.calibrated_on is None and (self.layers or self.narrowed):
             cures.append("give calibration data (--calibration)")
@@ -238,6 +245,7 @@ class Report:
                 "speed_note": self.speed_note,
                 "never_slower_check": None if self.speed_check is None else self.speed_check.to_dict(),
                 "thin_calibration": [t._asdict() for t in self.thin_calibration],
+                "few_samples": self.few_samples,
             },
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
@@ -292,7 +300,7 @@ def skip_summary(skipped: Sequence[Skipped]) -> list[tuple[int, str, str, str]]:
 
 
 def build_report(analysis: Analysis, plan: Plan, written: Written, compressed, *, after_shapes, verification,
-                 verified_on, seconds, in_sample, refit, latency, speed_note, notes) -> Report:
+                 verified_on, seconds, in_sample, refit, latency, speed_note, notes, few_samples=None) -> Report:
     """The report of one written plan: each layer's row, the costs before and after (counted on the written model;
     a time is predicted from the layer costs) and what verification found."""
     changed = bool(plan.layers or plan.widths)
@@ -327,6 +335,7 @@ def build_report(analysis: Analysis, plan: Plan, written: Written, compressed, *
         notes=notes,
         narrowed=narrowed_rows,
         thin_calibration=analysis.thin_calibration,
+        few_samples=few_samples,
     )
 
 
