@@ -356,6 +356,9 @@ def _speed(points, noise: float) -> str:
               if p.predicted_latency_ratio is not None and p.latency_ratio]
     fastest = {m.name: min(p.latency_ratio for n, p in guarded if n.name == m.name) for m, _ in guarded}
     parts = [f"guarded cells slower than the original beyond the noise: {', '.join(slower) if slower else 'none'}"]
+    unshown = [f"{m.name} at {p.budget:g} ({p.latency_ratio:.3f})" for m, p in guarded if p.never_slower is False]
+    parts.append("cells where the whole-model check said the never-slower promise was not shown (the report says "
+                 f"so): {', '.join(unshown) if unshown else 'none'}")
     if misses:
         parts.append(f"prediction off by {np.median(misses):.1%} (median) and {max(misses):.1%} (worst) over "
                      f"{len(misses)} cells")

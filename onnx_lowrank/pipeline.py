@@ -29,7 +29,7 @@ from onnx_lowrank.ops.base import FAMILIES
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.settings import AnalysisSettings, SpeedSettings
 from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis, analyze_chains, analyze_layers, weight_only
-from onnx_lowrank.stages.apply import check_plan, write_plan
+from onnx_lowrank.stages.apply import Written, check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
 from onnx_lowrank.stages.discover import discover
@@ -37,10 +37,10 @@ from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
 from onnx_lowrank.stages.report import Report, build_report
-from onnx_lowrank.stages.timing import SpeedCheck, compare_models
+from onnx_lowrank.stages.timing import LatencyComparison, SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
 
-__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "ModelLike", "ShapeSpecs",
+__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "keep_speed_promise", "ModelLike", "ShapeSpecs",
            "SampleSource", "Progress"]
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -331,6 +331,17 @@ def _savings(analysis: Analysis, plan: Plan) -> list[tuple[float, str, str]]:
             saving = latency.narrowing_saving([(entry.chain, plan.widths[entry.chain.name])])
             entries.append((saving or 0.0, "width", entry.chain.name))
     return sorted(entries, key=lambda item: item[0])
+
+
+def keep_speed_promise(context: Context, analysis: Analysis, plan: Plan, compressed: onnx.ModelProto,
+                       timing: LatencyComparison, refit: bool = False
+                       ) -> tuple[Plan, onnx.ModelProto, LatencyComparison, SpeedCheck]:
+    """The never-slower guard's whole-model check for a model written from `plan` and timed (`timing`): what
+    `run_apply` does after writing, for callers that write and time on their own (`sweep`). Returns the plan kept,
+    its model, its timing and the check."""
+    plan, written, timing, check = _whole_model_check(context, analysis, plan, Written(model=compressed), timing,
+                                                      refit)
+    return plan, written.model, timing, check
 
 
 def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written, timing, refit: bool):

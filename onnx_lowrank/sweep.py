@@ -21,7 +21,7 @@ from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, 
 from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import checked
-from onnx_lowrank.pipeline import prepare, run_analysis, run_apply
+from onnx_lowrank.pipeline import keep_speed_promise, prepare, run_analysis, run_apply
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
 from onnx_lowrank.stages.report import nothing_to_compress
 from onnx_lowrank.stages.timing import compare_models
@@ -44,6 +44,7 @@ class SweepPoint:
     layers_factorized: int
     tool_seconds: float  # analyze + plan + apply: what one `compress --no-verify` costs
     task: Mapping[str, float] = field(default_factory=dict)  # from the evaluate hook
+    never_slower: bool | None = None  # guarded: measured faster than the original beyond noise (the check's word)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "task": dict(self.task)}
@@ -96,6 +97,7 @@ def sweep(
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
     latency_cache: CachePath = True,
+    timer: object | None = None,
     evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Sweep:
@@ -103,7 +105,7 @@ def sweep(
     benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
     the default allocators are `auto`; otherwise `alds`."""
     settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
-    speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache)  # the rule compress follows
+    speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache, timer)  # compress's rule
     start = time.perf_counter()
     context = prepare(model, inputs, input_shapes, False, calibration, settings, speed)
     proto, feeds, calibration_samples = context.model, context.feeds, context.calibration
@@ -129,12 +131,23 @@ def sweep(
             compressed, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
+            promise = None
             if report.factorized or report.narrowed:
                 check = verify(proto, compressed, feeds)
                 output_error = check.worst_relative_l2
                 agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
                 timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
                                         rounds=latency_repeats) if latency else None
+                if timing is not None and analysis.guarded:  # the promise compress keeps, kept here too
+                    kept, compressed, timing, speed_check = keep_speed_promise(context, analysis, plan, compressed,
+                                                                               timing, refit)
+                    promise = speed_check.kept
+                    if kept is not plan:  # changes were taken out: the point describes the model written
+                        plan = kept
+                        _, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
+                        check = verify(proto, compressed, feeds)
+                        output_error = check.worst_relative_l2
+                        agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -150,6 +163,7 @@ def sweep(
                     layers_factorized=len(report.factorized) + len(report.narrowed),
                     tool_seconds=tool_seconds,
                     task=dict(evaluate(compressed)) if evaluate is not None else {},
+                    never_slower=promise,
                 )
             )
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,

@@ -250,3 +250,18 @@ def test_the_whole_model_check_says_when_nothing_helps(tmp_path):
     assert check is not None and not check.kept and check.note and "could not be kept" in check.note
     assert set(report.plan.layers) == {"big", "small"}  # the plan stays as made, and says so
     assert report.to_dict()["summary"]["never_slower_check"]["kept"] is False
+
+
+def test_sweep_keeps_the_promise_compress_keeps(tmp_path):
+    """The benchmark's cells are what compress would write: sweep runs the same whole-model check."""
+    from onnx_lowrank.sweep import sweep
+
+    timer = ScriptedTimer(_slow_when(lambda m: "w2" not in {t.name for t in m.graph.initializer}))
+    result = sweep(_two_layer_model(), (0.8,), allocators=("alds",), timer=timer, latency_cache=tmp_path / "c.json")
+    point = result.points[0]
+    assert point.never_slower is True and point.latency_ratio < 1.0 and point.layers_factorized == 1  # "small" out
+    unguarded = sweep(_two_layer_model(), (0.8,), allocators=("alds",), allow_slower=True, latency=False)
+    assert unguarded.points[0].layers_factorized == 2 and unguarded.points[0].never_slower is None
+    nothing_helps = sweep(_two_layer_model(), (0.8,), allocators=("alds",), latency_cache=tmp_path / "d.json",
+                          timer=ScriptedTimer(_slow_when(lambda m: True)))
+    assert nothing_helps.points[0].never_slower is False and nothing_helps.points[0].latency_ratio > 1.0
