@@ -53,6 +53,7 @@ run once on that fold's held-out rows (over the folds, every calibration unit ru
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -180,10 +181,24 @@ def held_out(index: int) -> bool:
     return index % FOLDS == FOLDS - 1
 
 
+_FOLDS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""analysis -> {samples key: its folds}: the folds do not depend on the budget, so every budget a sweep or a target
+search plans for the same analysis reuses one set of calibration passes and decompositions."""
+
+
 def _folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
            ) -> tuple[list[tuple[Samples, Analysis]], str]:
     """([(the rows that score the plans, the analysis their plans are built on)] per fold, how the note names the
-    rows)."""
+    rows); computed once per analysis and samples."""
+    known = _FOLDS_OF.setdefault(analysis, {})
+    key = (samples.key, id(model))
+    if key not in known:
+        known[key] = _made_folds(model, analysis, samples)
+    return known[key]
+
+
+def _made_folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
+                ) -> tuple[list[tuple[Samples, Analysis]], str]:
     rows = samples.rows
     own = bool(analysis.calibration_key) and analysis.calibration_key == samples.key
     if not own:
