@@ -1,8 +1,8 @@
-"""The user's options as three frozen settings objects, built once from the keywords and validated once.
+"""The user's options as frozen settings objects, built once from the keywords, which are validated once.
 
-Every public function (`api`, `sweep`) turns its keywords into settings with `settings_from`, which checks them
-against their declarations (`options.OPTIONS`, one message template) and against each other; the stages then read
-fields of these objects and never validate again. A plan records the settings that shape the model it writes
+Every public function (`api`, `sweep`) checks its keywords at the boundary (`options.checked`: their declarations in
+`options.OPTIONS`, one message template) and builds these objects from them; the stages then read their fields and
+never validate again. A plan records the settings that shape the model it writes
 (`AnalysisSettings` and `refit`, see `plan.Plan.settings`), so applying it later reproduces the same bytes.
 """
 
@@ -17,7 +17,7 @@ from onnx_lowrank.graph.runtime import RuntimeSettings
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import METHODS, check
 
-__all__ = ["AnalysisSettings", "SpeedSettings", "PlanSettings", "CachePath", "default_method", "settings_from"]
+__all__ = ["AnalysisSettings", "SpeedSettings", "CachePath", "default_method"]
 
 CachePath = str | os.PathLike | bool
 """Where measured latencies are cached: True for the default file (see `latency_cache`), False for none, or a path."""
@@ -80,17 +80,3 @@ class SpeedSettings:
            timer: object | None = None) -> SpeedSettings:
         return cls(RuntimeSettings(threads=threads, provider=provider), cache,
                    measure=not allow_slower or metric == "latency", guard=not allow_slower, timer=timer)
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How the plan is chosen and written: the metric the budget counts, the allocator, and refit."""
-
-    metric: str = "params"
-    allocator: str | None = None  # None: auto with calibration data, alds without
-    refit: bool = False
-
-
-def settings_from(caller: str, values: Mapping[str, object]) -> None:
-    """Check the keywords `caller` was given, once, at the boundary (see `options.check`)."""
-    check({name: value for name, value in values.items()}, caller)
