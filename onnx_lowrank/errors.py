@@ -7,7 +7,7 @@ error: it is skipped, with a reason, in the report.
 
 from __future__ import annotations
 
-__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "InputDataError", "invalid"]
+__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "SlowerModelError", "InputDataError", "invalid"]
 
 
 class LowRankError(Exception):
@@ -24,6 +24,11 @@ class InvalidOptionError(LowRankError, ValueError):
 
 class BudgetError(LowRankError):
     """The requested budget cannot be reached with the candidate factorizations of this model."""
+
+
+class SlowerModelError(BudgetError):
+    """With the never-slower guard on, every plan at the budget was measured slower than the original beyond noise:
+    the budget cannot be reached without breaking the promise, so nothing is written."""
 
 
 class InputDataError(LowRankError):

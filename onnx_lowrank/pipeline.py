@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 import onnx
 
-from onnx_lowrank.errors import InvalidModelError, InvalidOptionError
+from onnx_lowrank.errors import InvalidModelError, InvalidOptionError, SlowerModelError
 from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
 from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes,
                                        sample_units, samples_from)
@@ -347,21 +347,24 @@ def keep_speed_promise(context: Context, analysis: Analysis, plan: Plan, compres
 def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written, timing, refit: bool):
     """The never-slower promise about the whole model: when the written model is not measured faster than the
     original beyond noise (`LatencyComparison.faster`), take out the planned changes with the least measured saving
-    (1, then 1, 2, 4, ... more), writing and timing again, until it is. When no smaller plan is faster, or every
-    change is at onnxruntime's per-node overhead (too small for any measurement to show), the plan stays as it was
-    and the check says so. Returns (plan, written, timing, SpeedCheck)."""
+    (1, then 1, 2, 4, ... more), writing and timing again, until it is. When none is faster, the plan stays as it
+    was if it is not slower beyond noise either (or the first smaller plan that is not), and the check says the
+    promise was not shown; a model measured slower beyond noise, by more than one per-node overhead (a difference
+    that small is the extra node's own cost, which no deployment sees), whatever is taken out is not written
+    (`SlowerModelError`). A model whose every layer runs near onnxruntime's per-node overhead is too small for a
+    measurement to judge: its plan stays, and the check says so. Returns (plan, written, timing, SpeedCheck)."""
     if timing.faster:
         return plan, written, timing, SpeedCheck(kept=True)
     latency = analysis.costs["latency"]
-    changes = _savings(analysis, plan)
-    layers = {entry.layer.name: [entry.layer] for entry in analysis.layers}
-    layers.update({entry.chain.name: list(entry.chain.layers) for entry in analysis.chains})
-    if all(latency.at_overhead(layers[name]) for _, _, name in changes):
+    every_layer = [entry.layer for entry in analysis.layers]
+    if every_layer and all(latency.at_overhead([layer]) for layer in every_layer):
         return plan, written, timing, SpeedCheck(kept=False, note=(
-            f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise; every changed layer "
-            "runs near onnxruntime's per-node overhead, too small for a measurement to show a saving, so the plan "
-            "was kept as it was."))
+            f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise; every layer of this "
+            "model runs near onnxruntime's per-node overhead, too small for a measurement to judge, so the plan was "
+            "kept as it was."))
+    changes = _savings(analysis, plan)
     calibration = context.calibration if refit else None
+    fallback = None if _slower(timing, latency.overhead_ms) else (plan, written, timing, ())
     count, step = 0, 1
     while count < len(changes):
         count = min(len(changes), count + step)
@@ -375,12 +378,28 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
         again = write_plan(context.model, analysis, smaller, calibration=calibration)
         measured = compare_models(context.model, again.model, [context.timing_feed()], context.speed,
                                   rounds=_TIMED_ROUNDS)
+        dropped = tuple(name for _, _, name in gone)
         if measured.faster:
-            return smaller, again, measured, SpeedCheck(kept=True, dropped=tuple(name for _, _, name in gone))
-    return plan, written, timing, SpeedCheck(kept=False, note=(
-        f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise, and no plan with the "
-        "least-saving layers taken out was faster either: the never-slower promise could not be kept for this "
-        "model (the plan was written as made; --exclude the slow layers, or use --allow-slower knowingly)."))
+            return smaller, again, measured, SpeedCheck(kept=True, dropped=dropped)
+        if fallback is None and not _slower(measured, latency.overhead_ms):
+            fallback = (smaller, again, measured, dropped)
+    if fallback is None:
+        raise SlowerModelError(
+            f"The compressed model was measured slower than the original beyond noise ({timing.ratio:.3f}x of its "
+            "time), and so was every plan with the least-saving layers taken out: the never-slower guard wrote "
+            "nothing. Use a higher budget, --exclude the slow layers, or --allow-slower to write it knowingly.")
+    kept, kept_written, kept_timing, dropped = fallback
+    extra_us = 1000 * (kept_timing.compressed_ms - kept_timing.original_ms)
+    return kept, kept_written, kept_timing, SpeedCheck(kept=False, dropped=dropped, note=(
+        f"Measured {kept_timing.ratio:.3f}x of the original's time ({extra_us:+.1f} us): not faster beyond noise, nor slower by more than one node's overhead "
+        f"({1000 * latency.overhead_ms:.1f} us), and no plan with the least-saving layers taken out was faster: the "
+        "never-slower promise was not shown for this model (--exclude the slow layers, or use --allow-slower "
+        "knowingly)."))
+
+
+def _slower(timing: LatencyComparison, overhead_ms: float) -> bool:
+    """Slower than the original beyond noise, and by more than one per-node overhead (`LatencyCost.overhead_ms`)."""
+    return timing.slower and timing.compressed_ms - timing.original_ms > overhead_ms
 
 
 def _speed_note(context: Context, analysis: Analysis) -> str | None:

@@ -139,8 +139,12 @@ def sweep(
                 timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
                                         rounds=latency_repeats) if latency else None
                 if timing is not None and analysis.guarded:  # the promise compress keeps, kept here too
-                    kept, compressed, timing, speed_check = keep_speed_promise(context, analysis, plan, compressed,
-                                                                               timing, refit)
+                    try:
+                        kept, compressed, timing, speed_check = keep_speed_promise(context, analysis, plan,
+                                                                                   compressed, timing, refit)
+                    except BudgetError as exc:  # slower whatever was taken out: compress writes nothing either
+                        unreachable.append((allocator, float(budget), str(exc)))
+                        continue
                     promise = speed_check.kept
                     if kept is not plan:  # changes were taken out: the point describes the model written
                         plan = kept

@@ -22,6 +22,7 @@ from onnx import helper
 
 from onnx_lowrank import api
 from onnx_lowrank.cli.main import main
+from onnx_lowrank.errors import SlowerModelError
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming, tolerated_rounds
 
@@ -244,11 +245,38 @@ def test_the_whole_model_check_drops_the_least_saving_layer_until_faster(tmp_pat
     assert report.to_dict()["summary"]["never_slower_check"]["kept"] is True
 
 
-def test_the_whole_model_check_says_when_nothing_helps(tmp_path):
-    report = _apply_both(tmp_path, ScriptedTimer(_slow_when(lambda m: True)))  # every compressed model is slower
+def test_a_model_slower_whatever_is_taken_out_is_not_written(tmp_path):
+    timer = ScriptedTimer(_slow_when(lambda m: True))  # every compressed model is 10 ms slower, in every round
+    with pytest.raises(SlowerModelError, match="never-slower guard wrote nothing"):
+        _apply_both(tmp_path, timer)
+
+
+def test_compress_refuses_a_slower_model_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from onnx_lowrank.stages import judge, layer_timing, timing
+
+    scripted = ScriptedTimer(_slow_when(lambda m: True))
+    for module in (timing, judge, layer_timing):  # the command line has no timer: onnxruntime's is replaced
+        monkeypatch.setattr(module, "OnnxruntimeTimer", lambda *args, **kwargs: scripted)
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path / "cache"))
+    source = save(_two_layer_model(), tmp_path / "m.onnx")
+    before = source.read_bytes()
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(source), str(out), "--budget", "0.8"]) != 0
+    assert not out.exists() and source.read_bytes() == before
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "slower than the original" in error[0]
+
+
+def _same_time_when_whole(model):
+    """Layers alone as weights_and_nodes; every whole model (3 nodes or more) the same 20 ms: never beyond noise."""
+    return 20.0 if len(model.graph.node) >= 3 else weights_and_nodes(model)
+
+
+def test_a_model_within_noise_is_written_and_the_promise_is_said_not_shown(tmp_path):
+    report = _apply_both(tmp_path, ScriptedTimer(_same_time_when_whole))
     check = report.speed_check
-    assert check is not None and not check.kept and check.note and "could not be kept" in check.note
-    assert set(report.plan.layers) == {"big", "small"}  # the plan stays as made, and says so
+    assert check is not None and not check.kept and check.note and "not shown" in check.note
+    assert set(report.plan.layers) == {"big", "small"}  # the first plan not slower: the one made
     assert report.to_dict()["summary"]["never_slower_check"]["kept"] is False
 
 
@@ -264,4 +292,7 @@ def test_sweep_keeps_the_promise_compress_keeps(tmp_path):
     assert unguarded.points[0].layers_factorized == 2 and unguarded.points[0].never_slower is None
     nothing_helps = sweep(_two_layer_model(), (0.8,), allocators=("alds",), latency_cache=tmp_path / "d.json",
                           timer=ScriptedTimer(_slow_when(lambda m: True)))
-    assert nothing_helps.points[0].never_slower is False and nothing_helps.points[0].latency_ratio > 1.0
+    assert not nothing_helps.points and "never-slower guard wrote nothing" in nothing_helps.unreachable[0][2]
+    within_noise = sweep(_two_layer_model(), (0.8,), allocators=("alds",), latency_cache=tmp_path / "e.json",
+                         timer=ScriptedTimer(_same_time_when_whole))
+    assert within_noise.points[0].never_slower is False and within_noise.points[0].latency_ratio == 1.0
