@@ -200,10 +200,16 @@ class _Layer:
 
 def test_a_candidate_slower_beyond_noise_is_removed_one_within_noise_kept():
     dense = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0]
-    slower = _latency([d * 1.03 for d in dense], dense)  # 3% slower, but in every round: beyond noise
+    slower = _latency([d * 1.03 for d in dense], dense, overhead=0.01)  # 3% slower in every round: beyond noise
     assert slower.slower(_Layer(), 1, 4)
     noisy = _latency([1.2, 0.9, 1.1, 0.8, 1.1, 1.0, 1.3], dense)  # slower median, faster in two rounds
     assert not noisy.slower(_Layer(), 1, 4)
+
+
+def test_a_form_slower_by_less_than_one_node_overhead_is_not_filtered():
+    dense = [1.0] * 7
+    assert not _latency([1.05] * 7, dense, overhead=0.1).slower(_Layer(), 1, 4)  # the extra node's own cost
+    assert _latency([1.15] * 7, dense, overhead=0.1).slower(_Layer(), 1, 4)
 
 
 def test_a_layer_at_the_per_node_overhead_is_not_filtered():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -264,7 +265,7 @@ class LatencyCost:
         """The never-slower guard's one decision for a factorized layer: measured slower than dense beyond noise
         (the paired sign test on the per-round times of the one interleaved measurement, `timing.slower_beyond_noise`;
         the realized fraction scales every round's saving alike, so it does not change the verdict). A layer at the
-        per-node overhead is never filtered alone. Without per-round times (a hand-made timing), the medians decide."""
+        per-node overhead is never filtered alone, nor one slower by less than one per-node overhead. Without per-round times (a hand-made timing), the medians decide."""
         timing = self.timings[layer.name]
         form = timing.forms.get(k)
         if form is None or self.at_overhead([layer]):
@@ -272,7 +273,9 @@ class LatencyCost:
         variant = form.rounds_at(rank)
         if not variant or not timing.dense_rounds:
             return form.ms(rank) > timing.dense_ms
-        return slower_beyond_noise(variant, timing.dense_rounds)
+        # slower by less than one per-node overhead is the extra node's own cost: the whole-model check judges it
+        return (slower_beyond_noise(variant, timing.dense_rounds)
+                and statistics.median(variant) - timing.dense_ms > self.overhead_ms)
 
     def narrowing_slower(self, cuts: Sequence[tuple[Chain, int]]) -> bool:
         """The guard's decision for narrowed layers: the narrowed layers' summed per-round times slower than their
