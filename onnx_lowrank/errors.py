@@ -7,7 +7,8 @@ error: it is skipped, with a reason, in the report.
 
 from __future__ import annotations
 
-__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "SlowerModelError", "InputDataError", "invalid"]
+__all__ = ["LowRankError", "InvalidModelError", "InvalidOptionError", "BudgetError", "SlowerModelError",
+           "InputDataError", "invalid"]
 
 
 class LowRankError(Exception):

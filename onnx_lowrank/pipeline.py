@@ -364,7 +364,7 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
             "kept as it was."))
     changes = _savings(analysis, plan)
     calibration = context.calibration if refit else None
-    fallback = None if _slower(timing, latency.overhead_ms) else (plan, written, timing, ())
+    fallback = None if timing.slower(latency.overhead_ms) else (plan, written, timing, ())
     count, step = 0, 1
     while count < len(changes):
         count = min(len(changes), count + step)
@@ -381,7 +381,7 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
         dropped = tuple(name for _, _, name in gone)
         if measured.faster:
             return smaller, again, measured, SpeedCheck(kept=True, dropped=dropped)
-        if fallback is None and not _slower(measured, latency.overhead_ms):
+        if fallback is None and not measured.slower(latency.overhead_ms):
             fallback = (smaller, again, measured, dropped)
     if fallback is None:
         raise SlowerModelError(
@@ -391,15 +391,10 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
     kept, kept_written, kept_timing, dropped = fallback
     extra_us = 1000 * (kept_timing.compressed_ms - kept_timing.original_ms)
     return kept, kept_written, kept_timing, SpeedCheck(kept=False, dropped=dropped, note=(
-        f"Measured {kept_timing.ratio:.3f}x of the original's time ({extra_us:+.1f} us): not faster beyond noise, nor slower by more than one node's overhead "
-        f"({1000 * latency.overhead_ms:.1f} us), and no plan with the least-saving layers taken out was faster: the "
-        "never-slower promise was not shown for this model (--exclude the slow layers, or use --allow-slower "
-        "knowingly)."))
-
-
-def _slower(timing: LatencyComparison, overhead_ms: float) -> bool:
-    """Slower than the original beyond noise, and by more than one per-node overhead (`LatencyCost.overhead_ms`)."""
-    return timing.slower and timing.compressed_ms - timing.original_ms > overhead_ms
+        f"Measured {kept_timing.ratio:.3f}x of the original's time ({extra_us:+.1f} us): not faster beyond noise, "
+        f"nor slower by more than one node's overhead ({1000 * latency.overhead_ms:.1f} us), and no plan with the "
+        "least-saving layers taken out was faster: the never-slower promise was not shown for this model "
+        "(--exclude the slow layers, or use --allow-slower knowingly)."))
 
 
 def _speed_note(context: Context, analysis: Analysis) -> str | None:

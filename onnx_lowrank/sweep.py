@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import api
-from onnx_lowrank.errors import BudgetError
+from onnx_lowrank.errors import BudgetError, SlowerModelError
 from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, resolve_shapes
 from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
@@ -142,7 +142,7 @@ def sweep(
                     try:
                         kept, compressed, timing, speed_check = keep_speed_promise(context, analysis, plan,
                                                                                    compressed, timing, refit)
-                    except BudgetError as exc:  # slower whatever was taken out: compress writes nothing either
+                    except SlowerModelError as exc:  # slower whatever was taken out: compress writes nothing either
                         unreachable.append((allocator, float(budget), str(exc)))
                         continue
                     promise = speed_check.kept

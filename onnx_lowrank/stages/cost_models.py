@@ -33,7 +33,8 @@ from onnx_lowrank.options import METRICS
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
            "interpolate", "build_cost_models", "unavailable_reason", "NEAR_OVERHEAD",
-           "NOISE_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise"]
+           "NOISE_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise",
+           "slower_by_more_than_a_node"]
 
 
 _UNAVAILABLE = {
@@ -78,6 +79,14 @@ def faster_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool
     """Whether `variant` was faster than `base` beyond the rounds' noise (as `slower_beyond_noise`)."""
     return _beyond_noise(variant, base, slower=False)
 
+
+
+def slower_by_more_than_a_node(variant: Sequence[float], base: Sequence[float], overhead_ms: float) -> bool:
+    """The never-slower guard's "slower": beyond the rounds' noise (`slower_beyond_noise`) and, median to median,
+    by more than one per-node overhead; a difference that small is an extra node's own cost, which only the
+    whole-model check judges."""
+    return (slower_beyond_noise(variant, base)
+            and statistics.median(variant) - statistics.median(base) > overhead_ms)
 
 
 def unavailable_reason(metric: str) -> str:
@@ -265,7 +274,8 @@ class LatencyCost:
         """The never-slower guard's one decision for a factorized layer: measured slower than dense beyond noise
         (the paired sign test on the per-round times of the one interleaved measurement, `timing.slower_beyond_noise`;
         the realized fraction scales every round's saving alike, so it does not change the verdict). A layer at the
-        per-node overhead is never filtered alone, nor one slower by less than one per-node overhead. Without per-round times (a hand-made timing), the medians decide."""
+        per-node overhead is never filtered alone, nor a form slower by at most one per-node overhead
+        (`slower_by_more_than_a_node`). Without per-round times (a hand-made timing), the medians decide."""
         timing = self.timings[layer.name]
         form = timing.forms.get(k)
         if form is None or self.at_overhead([layer]):
@@ -273,9 +283,7 @@ class LatencyCost:
         variant = form.rounds_at(rank)
         if not variant or not timing.dense_rounds:
             return form.ms(rank) > timing.dense_ms
-        # slower by less than one per-node overhead is the extra node's own cost: the whole-model check judges it
-        return (slower_beyond_noise(variant, timing.dense_rounds)
-                and statistics.median(variant) - timing.dense_ms > self.overhead_ms)
+        return slower_by_more_than_a_node(variant, timing.dense_rounds, self.overhead_ms)
 
     def narrowing_slower(self, cuts: Sequence[tuple[Chain, int]]) -> bool:
         """The guard's decision for narrowed layers: the narrowed layers' summed per-round times slower than their

@@ -28,7 +28,7 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
-from onnx_lowrank.stages.cost_models import faster_beyond_noise, slower_beyond_noise
+from onnx_lowrank.stages.cost_models import faster_beyond_noise, slower_by_more_than_a_node
 
 __all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
            "model_latency", "compare_models", "SpeedCheck"]
@@ -110,10 +110,10 @@ class LatencyComparison:
         """Measured faster than the original beyond noise (`faster_beyond_noise` on the paired rounds)."""
         return faster_beyond_noise(self.compressed_rounds, self.original_rounds)
 
-    @property
-    def slower(self) -> bool:
-        """Measured slower than the original beyond noise (`slower_beyond_noise` on the paired rounds)."""
-        return slower_beyond_noise(self.compressed_rounds, self.original_rounds)
+    def slower(self, overhead_ms: float) -> bool:
+        """Measured slower than the original beyond noise and by more than one per-node overhead
+        (`slower_by_more_than_a_node` on the paired rounds)."""
+        return slower_by_more_than_a_node(self.compressed_rounds, self.original_rounds, overhead_ms)
 
     @property
     def slower_rounds(self) -> int:
