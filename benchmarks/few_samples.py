@@ -101,6 +101,29 @@ def relative_l2(candidate: list[list[np.ndarray]], reference: list[list[np.ndarr
     return worst
 
 
+def squares(candidate: list[list[np.ndarray]], reference: list[list[np.ndarray]]) -> list[list[list[float]]]:
+    """Per output, per feed: [||a - b||^2, ||a||^2] of the original a: what `relative_l2` pools, kept per feed so a
+    difference between two cells can be bootstrapped over the feeds."""
+    return [[[float(np.sum((np.asarray(c[i], np.float64) - np.asarray(r[i], np.float64)) ** 2)),
+              float(np.sum(np.asarray(r[i], np.float64) ** 2))] for c, r in zip(candidate, reference)]
+            for i in range(len(reference[0]))]
+
+
+def error_difference(cell: dict, other: dict, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of cell's output error minus other's (the worst relative L2 over outputs, pooled
+    over the feeds), both on the same resampled feeds (the evaluation split, paired)."""
+    a, b = np.asarray(cell["squares"]), np.asarray(other["squares"])  # (outputs, feeds, 2)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.shape[1], size=(draws, a.shape[1]))
+
+    def worst(values):
+        sums = values[:, picks].sum(axis=2)  # (outputs, draws, 2)
+        return np.sqrt(sums[..., 0] / np.maximum(sums[..., 1], 1e-300)).max(axis=0)
+
+    low, high = np.percentile(worst(a) - worst(b), [2.5, 97.5])
+    return float(low), float(high)
+
+
 class Study:
     """One model's cells: the original and its evaluation outputs, loaded once; `cell(count)` runs or reads one."""
 
@@ -145,6 +168,7 @@ class Study:
                 params=report.params_ratio,
                 flops=report.flops_ratio,
                 output_error=relative_l2(outputs, self.reference),
+                squares=squares(outputs, self.reference),
                 task=task,
                 factorized=len(report.factorized),
                 narrowed=len(report.narrowed),
@@ -172,11 +196,16 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _verdict(cell: dict, weight: dict | None, margin: float) -> str:
-    """The cell against weight-only: better / same / worse on the task metric, beyond `margin`."""
+    """The cell against weight-only, beyond noise: worse if its task metric is lower by more than `margin` or its
+    output error higher beyond the bootstrap interval (`error_difference`); better if the task metric is higher by
+    more than `margin` or the output error lower beyond it; else same."""
     if "error" in cell or weight is None or "error" in weight:
         return "-"
     delta = cell["task"]["metric"] - weight["task"]["metric"]
-    return "better" if delta > margin else "worse" if delta < -margin else "same"
+    low, high = error_difference(cell, weight)
+    if delta < -margin or low > 0:
+        return "worse"
+    return "better" if delta > margin or high < 0 else "same"
 
 
 def _margin(name: str) -> float:
@@ -200,10 +229,12 @@ def markdown(table: dict[str, dict], budget: float, fingerprint: str, command: s
         "kept; `task`: the workload's metric (see benchmarks/RESULTS.md; `accuracy` is against the true labels "
         "where the workload has them); `out err`: worst relative L2 error of the outputs on the evaluation split; "
         "`n`: layers factorized + narrowed; `tool s`: seconds of `compress` (the first cell of a model also times "
-        "its layers); `vs weight-only`: the task metric against weight-only's, `same` within one evaluation "
-        "sample's worth (at least 0.01).\n",
-        "| model | samples | params | task | accuracy | out err | n | tool s | vs weight-only |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "its layers); `vs weight-only`: `worse` when the task metric is lower than weight-only's by more than one "
+        "evaluation sample's worth (at least 0.01) or the output error higher beyond noise (a 95% bootstrap "
+        "interval of the difference over the evaluation samples, paired, excludes 0), `better` the other way round, "
+        "else `same`; `err diff`: that interval.\n",
+        "| model | samples | params | task | accuracy | out err | err diff | n | tool s | vs weight-only |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     notes = []
     for name in order:
@@ -215,13 +246,13 @@ def markdown(table: dict[str, dict], budget: float, fingerprint: str, command: s
                 continue
             label = "weight-only" if key == WEIGHT else str(key)
             if "error" in cell:
-                lines.append(f"| {name} | {label} | - | - | - | - | - | - | refused |")
+                lines.append(f"| {name} | {label} | - | - | - | - | - | - | - | refused |")
                 notes.append(f"- {name}, {label}: {cell['error']}")
                 continue
             task = cell["task"]
             lines.append(
                 f"| {name} | {label} | {_fmt(cell['params'])} | {_fmt(task['metric'])} | "
-                f"{_fmt(task.get('accuracy'))} | {_fmt(cell['output_error'])} | "
+                f"{_fmt(task.get('accuracy'))} | {_fmt(cell['output_error'])} | {_interval(cell, weight, key)} | "
                 f"{cell['factorized'] + cell['narrowed']} | {cell['tool_seconds']:.1f} | "
                 f"{'reference' if key == WEIGHT else _verdict(cell, weight, _margin(name))} |")
             if cell.get("message"):
@@ -233,6 +264,13 @@ def markdown(table: dict[str, dict], budget: float, fingerprint: str, command: s
         lines += ["", summary]
     lines.append(f"\n![few samples]({Path(os.path.relpath(plot, out.parent)).as_posix()})\n")
     return "\n".join(lines) + "\n"
+
+
+def _interval(cell: dict, weight: dict | None, key) -> str:
+    if key == WEIGHT or weight is None or "error" in weight:
+        return "-"
+    low, high = error_difference(cell, weight)
+    return f"{low:+.3f} .. {high:+.3f}"
 
 
 def _summary(table: dict[str, dict], order: list[str]) -> str:
@@ -252,7 +290,7 @@ def _summary(table: dict[str, dict], order: list[str]) -> str:
                      f"weight-only at {', '.join(worse) if worse else 'no count'}"
                      + (f"; better at every count from 4 on: {'yes' if all(v == 'better' for v in from_four) else 'no'}"
                         if from_four else ""))
-    return ("Against weight-only (task metric): " + "; ".join(parts) + ".") if parts else ""
+    return ("Against weight-only (task metric and output error, beyond noise): " + "; ".join(parts) + ".") if parts else ""
 
 
 def plot(table: dict[str, dict], path: Path, budget: float) -> None:

@@ -51,7 +51,6 @@ Progress = Callable[[str, int, int | None], None]
 samples and search steps complete (total None if unknown)."""
 
 _RANDOM_SAMPLES = 2
-_TIMED_ROUNDS = 20  # interleaved rounds when verification times the original and the compressed model
 
 
 @dataclass(frozen=True, eq=False)
@@ -290,7 +289,7 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
         seconds["verify"] = time.perf_counter() - start
         if time_models:
             start = time.perf_counter()
-            timing = compare_models(model, compressed, [context.timing_feed()], context.speed, rounds=_TIMED_ROUNDS)
+            timing = compare_models(model, compressed, [context.timing_feed()], context.speed)
             if analysis.guarded:
                 plan, written, timing, check = _whole_model_check(context, analysis, plan, written, timing, refit)
                 compressed, changed = written.model, bool(plan.layers or plan.widths)
@@ -346,13 +345,13 @@ def keep_speed_promise(context: Context, analysis: Analysis, plan: Plan, compres
 
 def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written, timing, refit: bool):
     """The never-slower promise about the whole model: when the written model is not measured faster than the
-    original beyond noise (`LatencyComparison.faster`), take out the planned changes with the least measured saving
-    (1, then 1, 2, 4, ... more), writing and timing again, until it is. When none is faster, the plan stays as it
-    was if it is not slower beyond noise either (or the first smaller plan that is not), and the check says the
-    promise was not shown; a model measured slower beyond noise, by more than one per-node overhead (a difference
-    that small is the extra node's own cost, which no deployment sees), whatever is taken out is not written
-    (`SlowerModelError`). A model whose every layer runs near onnxruntime's per-node overhead is too small for a
-    measurement to judge: its plan stays, and the check says so. Returns (plan, written, timing, SpeedCheck)."""
+    original beyond noise (`LatencyComparison.faster`: the bounds of several measurements with fresh sessions),
+    take out the planned changes with the least measured saving (1, then 1, 2, 4, ... more), writing and timing
+    again, until it is. When none is, the first of those plans not measured slower beyond noise either is written,
+    and the check says the promise was not shown; when every one was measured slower beyond noise, nothing is
+    written (`SlowerModelError`). A model whose every layer runs near onnxruntime's per-node
+    overhead is too small for a measurement to judge: its plan stays, and the check says so. Returns (plan,
+    written, timing, SpeedCheck)."""
     if timing.faster:
         return plan, written, timing, SpeedCheck(kept=True)
     latency = analysis.costs["latency"]
@@ -364,7 +363,7 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
             "kept as it was."))
     changes = _savings(analysis, plan)
     calibration = context.calibration if refit else None
-    fallback = None if timing.slower(latency.overhead_ms) else (plan, written, timing, ())
+    fallback = (plan, written, timing, ()) if _not_slower(timing) else None
     count, step = 0, 1
     while count < len(changes):
         count = min(len(changes), count + step)
@@ -376,25 +375,35 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
         if not (smaller.layers or smaller.widths):
             break  # the original itself: nothing left to show faster
         again = write_plan(context.model, analysis, smaller, calibration=calibration)
-        measured = compare_models(context.model, again.model, [context.timing_feed()], context.speed,
-                                  rounds=_TIMED_ROUNDS)
+        measured = compare_models(context.model, again.model, [context.timing_feed()], context.speed)
         dropped = tuple(name for _, _, name in gone)
         if measured.faster:
             return smaller, again, measured, SpeedCheck(kept=True, dropped=dropped)
-        if fallback is None and not measured.slower(latency.overhead_ms):
+        if fallback is None and _not_slower(measured):
             fallback = (smaller, again, measured, dropped)
     if fallback is None:
         raise SlowerModelError(
-            f"The compressed model was measured slower than the original beyond noise ({timing.ratio:.3f}x of its "
-            "time), and so was every plan with the least-saving layers taken out: the never-slower guard wrote "
-            "nothing. Use a higher budget, --exclude the slow layers, or --allow-slower to write it knowingly.")
+            f"The compressed model was measured slower than the original beyond noise, at {_measured(timing)}, and "
+            "so was every plan with the least-saving layers taken out: the never-slower guard wrote nothing. Use a higher budget, --exclude "
+            "the slow layers, or --allow-slower to write it knowingly.")
     kept, kept_written, kept_timing, dropped = fallback
-    extra_us = 1000 * (kept_timing.compressed_ms - kept_timing.original_ms)
     return kept, kept_written, kept_timing, SpeedCheck(kept=False, dropped=dropped, note=(
-        f"Measured {kept_timing.ratio:.3f}x of the original's time ({extra_us:+.1f} us): not faster beyond noise, "
-        f"nor slower by more than one node's overhead ({1000 * latency.overhead_ms:.1f} us), and no plan with the "
-        "least-saving layers taken out was faster: the never-slower promise was not shown for this model "
-        "(--exclude the slow layers, or use --allow-slower knowingly)."))
+        f"Measured {_measured(kept_timing)}: neither faster nor slower than the original beyond noise, and no "
+        "plan with the least-saving layers taken out was faster: the never-slower promise was not shown for this "
+        "model (--exclude the slow layers, or use --allow-slower knowingly)."))
+
+
+def _not_slower(timing: LatencyComparison) -> bool:
+    """What the check may write when nothing was shown faster: a model not measured slower beyond noise."""
+    return not timing.slower
+
+
+def _measured(timing: LatencyComparison) -> str:
+    """'1.027x of the original's time (0.991-1.064 over 5 measurements)': the ratio and its bounds."""
+    bounds = timing.bounds
+    spread = "" if bounds is None else (f" ({bounds[0]:.3f}-{bounds[1]:.3f} over {len(timing.pair_ratios)} "
+                                        "measurements)")
+    return f"{timing.ratio:.3f}x of the original's time{spread}"
 
 
 def _speed_note(context: Context, analysis: Analysis) -> str | None:

@@ -24,7 +24,7 @@ from onnx_lowrank.options import checked
 from onnx_lowrank.pipeline import keep_speed_promise, prepare, run_analysis, run_apply
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
 from onnx_lowrank.stages.report import nothing_to_compress
-from onnx_lowrank.stages.timing import compare_models
+from onnx_lowrank.stages.timing import MEASUREMENT_ROUNDS, compare_models
 from onnx_lowrank.stages.verify import verify
 
 __all__ = ["SweepPoint", "Sweep", "sweep"]
@@ -92,7 +92,7 @@ def sweep(
     method: str | None = None,
     exclude: str | None = None,
     latency: bool = True,
-    latency_repeats: int = 20,
+    latency_repeats: int = MEASUREMENT_ROUNDS,
     allow_slower: bool = False,
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
@@ -137,7 +137,7 @@ def sweep(
                 output_error = check.worst_relative_l2
                 agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
                 timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
-                                        rounds=latency_repeats) if latency else None
+                                        rounds=latency_repeats) if latency else None  # as compress times it
                 if timing is not None and analysis.guarded:  # the promise compress keeps, kept here too
                     try:
                         kept, compressed, timing, speed_check = keep_speed_promise(context, analysis, plan,

@@ -54,3 +54,19 @@ def _cells(line: str) -> list[str]:
 def test_unknown_model_is_refused(capsys):
     assert run.main(["--models", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_the_few_samples_study_calls_a_cell_better_or_worse_only_beyond_noise():
+    from benchmarks import few_samples
+
+    def cell(errors, task=0.9, rows=40):
+        """One output; feed i has reference energy 1 and error energy errors[i % len(errors)]**2."""
+        return {"task": {"metric": task}, "squares": [[[errors[i % len(errors)] ** 2, 1.0] for i in range(rows)]]}
+
+    weight = cell([0.10, 0.30, 0.05, 0.20])
+    assert few_samples._verdict(cell([0.05, 0.15, 0.02, 0.10]), weight, 0.01) == "better"  # half the error
+    assert few_samples._verdict(cell([0.20, 0.60, 0.10, 0.40]), weight, 0.01) == "worse"
+    assert few_samples._verdict(cell([0.11, 0.28, 0.06, 0.21]), weight, 0.01) == "same"  # within noise
+    assert few_samples._verdict(cell([0.11, 0.28, 0.06, 0.21], task=0.85), weight, 0.01) == "worse"  # task lower
+    low, high = few_samples.error_difference(weight, weight)
+    assert low == high == 0.0

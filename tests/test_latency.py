@@ -3,6 +3,9 @@ thresholds: CI machines are noisy); with a scripted timer the numbers are exactl
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lowrank.stages import timing as latency
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
-from onnx_lowrank.stages.timing import LatencyComparison, OnnxruntimeTimer, measure_latency_ratio, model_latency
+from onnx_lowrank.math.noise import ratio_bounds
+from onnx_lowrank.settings import SpeedSettings
+from onnx_lowrank.stages.timing import (MEASUREMENTS, LatencyComparison, OnnxruntimeTimer, compare_models,
+                                       measure_latency_ratio, model_latency)
 
 from helpers.timers import ScriptedTimer
 
@@ -45,7 +51,7 @@ def test_returns_positive_medians_and_their_ratio():
     assert result.original_ms > 0 and result.compressed_ms > 0
     assert result.ratio == pytest.approx(result.compressed_ms / result.original_ms)
     assert set(result.to_dict()) == {"original_ms", "compressed_ms", "ratio", "rounds", "rounds_not_faster",
-                                     "faster_beyond_noise"}
+                                     "measurements", "ratio_bounds", "faster_beyond_noise", "slower_beyond_noise"}
     assert len(result.original_rounds) == len(result.compressed_rounds) == 5
 
 
@@ -80,9 +86,9 @@ def test_interleaves_rounds_over_the_feeds_without_pausing(monkeypatch):
     log = _log_runs_and_pauses(monkeypatch)
     result = measure_latency_ratio(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, repeats=3, warmup=0)
     # one untimed round (warmup 0 still checks the feeds), then three timed rounds: round i runs feed i mod 2
-    # (batch 8, then 2) on the original, then on the compressed model
+    # (batch 8, then 2) on both models, the original first in even rounds and the compressed one first in odd ones
     warmup = [("original", 8), ("compressed", 8)]
-    timed = [("original", 8), ("compressed", 8), ("original", 2), ("compressed", 2), ("original", 8), ("compressed", 8)]
+    timed = [("original", 8), ("compressed", 8), ("compressed", 2), ("original", 2), ("original", 8), ("compressed", 8)]
     assert log == warmup + timed
     assert result.original_ms > 0 and result.compressed_ms > 0
     assert not hasattr(latency, "PAUSE_S")
@@ -93,7 +99,9 @@ def test_interleaves_rounds_over_the_feeds_without_pausing(monkeypatch):
 def test_does_not_pause_by_default(monkeypatch):
     log = _log_runs_and_pauses(monkeypatch)
     measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), FEEDS[:1], repeats=3, warmup=2)
-    assert log == [("original", 8), ("compressed", 8)] * 5  # two warm-up rounds, three timed ones, no pause
+    # two warm-up rounds, three timed ones (in alternating order), no pause
+    assert log == [("original", 8), ("compressed", 8)] * 3 + [("compressed", 8), ("original", 8)] + [
+        ("original", 8), ("compressed", 8)]
 
 
 def test_the_timer_returns_every_round_and_the_medians():
@@ -132,3 +140,34 @@ def test_rejects_missing_or_bad_feeds():
     with pytest.raises(InputDataError, match="rejected the inputs"):
         measure_latency_ratio(matmul_chain((64,)), matmul_chain((64,)), [{"x": np.ones((1, 3), np.float32)}],
                               warmup=0)
+
+
+# ------------------------------------------------------------------ whole models: several measurements, fresh sessions
+
+
+def test_ratio_bounds_come_from_the_spread_of_independent_measurements():
+    assert ratio_bounds([0.9]) == pytest.approx((0.9, 0.9))
+    assert ratio_bounds([0.9] * 5) == pytest.approx((0.9, 0.9))
+    lower, upper = ratio_bounds([0.86, 1.09, 0.86, 1.09, 0.86])
+    centre = math.exp(statistics.fmean(math.log(r) for r in [0.86, 1.09, 0.86, 1.09, 0.86]))
+    assert lower < centre < upper and lower < 1.0 < upper
+    lower, upper = ratio_bounds([0.95, 0.96, 0.94, 0.95, 0.955])
+    assert upper < 1.0  # a consistent 5% across fresh sessions is beyond noise
+
+
+def test_compare_models_measures_several_times_with_fresh_sessions():
+    timer = ScriptedTimer(lambda model: 1.0 if len(model.graph.node) == 2 else 0.97)
+    result = compare_models(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, SpeedSettings(timer=timer))
+    assert len(timer.calls) == MEASUREMENTS and len(result.pair_ratios) == MEASUREMENTS
+    assert result.ratio == pytest.approx(0.97) and result.faster and not result.slower
+
+
+def test_a_difference_every_round_of_one_measurement_shares_is_not_beyond_noise():
+    """3% faster in every round of every measurement, but sessions differ by 6% from one measurement to the next:
+    one measurement's rounds would call it faster (the sign test), the measurements together cannot."""
+    timer = ScriptedTimer(lambda model: 1.0 if len(model.graph.node) == 2 else 0.97, session_jitter=0.06)
+    first = timer.time([matmul_chain((64,)), matmul_chain((16, 64))], [FEEDS, FEEDS], rounds=8)
+    assert all(c < o for c, o in zip(*reversed(first.samples)))  # every round of one measurement agrees
+    result = compare_models(matmul_chain((64,)), matmul_chain((16, 64)), FEEDS, SpeedSettings(timer=timer))
+    assert min(result.pair_ratios) < 0.9 and max(result.pair_ratios) > 1.05
+    assert not result.faster and not result.slower

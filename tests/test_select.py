@@ -35,13 +35,26 @@ def test_leave_one_out_is_the_pooled_error_without_each_sample():
     assert _verification([0.2]).leave_one_out() == []
 
 
+BEST = [0.10, 0.30, 0.05, 0.20, 0.12, 0.25] * 3  # 18 rows: at least select.TIE_ROWS
+NOISY = [0.15, 0.22, 0.09, 0.24, 0.08, 0.30] * 3  # worse in the pool, better on a third of the rows
+WORSE = [0.12, 0.32, 0.07, 0.22, 0.14, 0.27] * 3  # worse on every row, by little
+
+
 def test_a_difference_within_the_noise_of_the_samples_is_a_tie_and_a_consistent_one_is_not():
-    best = _verification([0.10, 0.30, 0.05, 0.20, 0.12, 0.25])
-    noisy = _verification([0.15, 0.22, 0.09, 0.24, 0.08, 0.30])  # worse in the pool, better on two samples
-    worse = _verification([0.12, 0.32, 0.07, 0.22, 0.14, 0.27])  # worse on every sample, by little
+    best, noisy, worse = map(_verification, (BEST, NOISY, WORSE))
     assert noisy.worst_relative_l2 > best.worst_relative_l2 and worse.worst_relative_l2 > best.worst_relative_l2
     assert select._indistinguishable(noisy, best)
     assert not select._indistinguishable(worse, best)
+    assert select._indistinguishable(best, best)
+
+
+def test_on_fewer_held_out_rows_than_tie_rows_a_worse_plan_is_never_tied():
+    # ppocr-cls scored on 4 held-out rows: a plan with 17x the best error was 'within two standard errors'
+    best = _verification([0.02, 0.01, 0.03, 0.02])
+    much_worse = _verification([0.02, 0.01, 0.03, 0.60])
+    assert select.TIE_ROWS > 4
+    assert not select._indistinguishable(much_worse, best)
+    assert not select._indistinguishable(_verification(NOISY[:6]), _verification(BEST[:6]))
     assert select._indistinguishable(best, best)
 
 
@@ -81,9 +94,9 @@ def _timer_by_plan(model, analysis, times: dict) -> ScriptedTimer:
     return ScriptedTimer(lambda written: by_model[written.SerializeToString()])
 
 
-CHECKS = {"alds": _verification([0.10, 0.30, 0.05, 0.20, 0.12, 0.25]),
-          "uniform": _verification([0.15, 0.22, 0.09, 0.24, 0.08, 0.30]),  # cannot be told from alds
-          "energy": _verification([0.12, 0.32, 0.07, 0.22, 0.14, 0.27])}  # worse than alds on every sample
+CHECKS = {"alds": _verification(BEST),
+          "uniform": _verification(NOISY),  # cannot be told from alds
+          "energy": _verification(WORSE)}  # worse than alds on every row
 
 
 @pytest.mark.parametrize("times, chosen_allocator", [({"alds": 3.0, "uniform": 2.0, "energy": 1.0}, "uniform"),

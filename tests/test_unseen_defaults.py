@@ -4,7 +4,7 @@ Correctness tests with the default options (never-slower guard on, onnxruntime's
 weights are exactly low rank compress losslessly at params 0.8, and hidden units that duplicate others (exactly, or
 positively scaled through ReLU / LeakyRelu) are removed losslessly by `eliminate` and by the default `both`, checked
 on samples disjoint from calibration. Nothing timed may decide them: every layer here runs near onnxruntime's
-per-node overhead, which the guard does not judge alone. Then scripted-timer tests of the guard's statistics and of
+per-node overhead, which the guard does not judge alone, or (a 2-D conv) is far cheaper in its exact form. Then scripted-timer tests of the guard's statistics and of
 the whole-model check.
 """
 
@@ -24,7 +24,8 @@ from onnx_lowrank import api
 from onnx_lowrank.cli.main import main
 from onnx_lowrank.errors import SlowerModelError
 from onnx_lowrank.plan import Plan
-from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming, tolerated_rounds
+from onnx_lowrank.math.noise import tolerated_rounds
+from onnx_lowrank.stages.cost_models import FormTiming, LatencyCost, LayerTiming
 
 LOSSLESS = 1e-4
 
@@ -51,14 +52,14 @@ def matmul_3d_model():
     return make_model([node], [tensor("x", [2, 6, 48])], [tensor("y", [2, 6, 40])], {"w": low_rank(rng, 48, 40)})
 
 
-def conv_model(dims):
+def conv_model(dims, c_in=16, c_out=32, side=6):
     rng = np.random.default_rng(3)
     kernel = (3,) * dims
-    w = low_rank(rng, 32, 16 * 3 ** dims).reshape(32, 16, *kernel)
-    spatial = [6] * dims
+    w = low_rank(rng, c_out, c_in * 3 ** dims).reshape(c_out, c_in, *kernel)
+    spatial = [side] * dims
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 2 * dims, name="conv")
-    return make_model([node], [tensor("x", [1, 16, *spatial])], [tensor("y", [1, 32, *spatial])],
-                      {"w": w, "b": rng.standard_normal(32).astype(np.float32)})
+    return make_model([node], [tensor("x", [1, c_in, *spatial])], [tensor("y", [1, c_out, *spatial])],
+                      {"w": w, "b": rng.standard_normal(c_out).astype(np.float32)})
 
 
 LOW_RANK = {
@@ -67,7 +68,10 @@ LOW_RANK = {
     "gemm no C transB 1 alpha": lambda: gemm_model(None, 1, alpha=1.5),
     "matmul 3-D input": matmul_3d_model,
     "conv 1-D": lambda: conv_model(1),
-    "conv 2-D": lambda: conv_model(2),
+    # a 2-D conv runs in onnxruntime's blocked layout, whose reorders cost ~25 us at any size: never near the
+    # per-node overhead, so it is judged, and made big enough that its exact form (rank 4, written at the smallest
+    # rank on the channel block) is several times cheaper than dense, not a coin toss
+    "conv 2-D": lambda: conv_model(2, c_in=32, c_out=64, side=8),
 }
 
 
@@ -284,6 +288,22 @@ def test_a_model_within_noise_is_written_and_the_promise_is_said_not_shown(tmp_p
     assert check is not None and not check.kept and check.note and "not shown" in check.note
     assert set(report.plan.layers) == {"big", "small"}  # the first plan not slower: the one made
     assert report.to_dict()["summary"]["never_slower_check"]["kept"] is False
+
+
+def _three_percent_faster_whole(model):
+    """Layers alone as weights_and_nodes; a compressed whole model (more than 3 nodes) 3% faster than the original."""
+    nodes = len(model.graph.node)
+    return 20.0 if nodes == 3 else 19.4 if nodes > 3 else weights_and_nodes(model)
+
+
+def test_a_speedup_within_the_spread_between_sessions_is_not_called_faster(tmp_path):
+    # 3% faster in every round of every measurement, while sessions differ by 6% from one measurement to the next
+    report = _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole, session_jitter=0.06))
+    check = report.speed_check
+    assert report.latency is not None and len(report.latency.pair_ratios) > 1
+    assert check is not None and not check.kept and "not shown" in check.note
+    assert set(report.plan.layers) == {"big", "small"}
+    assert _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole)).speed_check.kept  # sessions agree
 
 
 def test_sweep_keeps_the_promise_compress_keeps(tmp_path):

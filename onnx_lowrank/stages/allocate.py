@@ -56,6 +56,11 @@ __all__ = ["SCORES", "Option", "minmax_select", "allocate", "smallest_budget", "
 SHORTFALL = 0.05
 """A plan keeping more than this fraction of the model's metric below its budget records why (`Plan.gaps`)."""
 
+FLOAT_ROUNDING = 1e-6
+"""A score (a relative error) at or below this is the float32 rounding of an exact form, not a loss: it ties with
+keeping the layer, so the cheapest exact form wins (an exactly rank-4 conv is written at the smallest rank offered,
+not at a grouped form whose rounding happens to be smaller and which runs slower)."""
+
 
 @dataclass(frozen=True)
 class Option:
@@ -206,7 +211,7 @@ def _layer_stair(analysis: LayerAnalysis, metric: str, allocator: str, method: s
     method factorizes nothing."""
     options = [Option(0.0, analysis.dense[metric], None)]
     if method != "eliminate":
-        options += [Option(score, c.costs[metric], (c.k, c.rank)) for c, score in SCORES[allocator](analysis)]
+        options += [Option(_exact(score), c.costs[metric], (c.k, c.rank)) for c, score in SCORES[allocator](analysis)]
     return _staircase(options)
 
 
@@ -216,8 +221,13 @@ def _chain_stair(entry: ChainAnalysis, metric: str, allocator: str) -> list[Opti
     options = [Option(0.0, 0.0, None)]
     for c in (c for c in entry.candidates if metric in c.savings):
         score = {"uniform": 1.0 - c.width / entry.chain.channels, "energy": c.error ** 2}.get(allocator, c.error)
-        options.append(Option(score, -c.savings[metric], c.width))
+        options.append(Option(_exact(score), -c.savings[metric], c.width))
     return _staircase(options)
+
+
+def _exact(score: float) -> float:
+    """0 for a score within float rounding of it (`FLOAT_ROUNDING`), else the score."""
+    return 0.0 if score <= FLOAT_ROUNDING else score
 
 
 def _unit_stair(unit: _Unit, metric: str, allocator: str, method: str, saving: Callable) -> list[Option]:

@@ -18,7 +18,6 @@ report prints every one the analysis has. Adding a cost = one class with `dense`
 from __future__ import annotations
 
 import bisect
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +28,11 @@ import onnx
 from onnx_lowrank.stages import costs as cost
 from onnx_lowrank.ops.layer import Chain, Layer
 from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.math.noise import slower_beyond_noise
 from onnx_lowrank.options import METRICS
 
 __all__ = ["CostModel", "ParamsCost", "FlopsCost", "LatencyCost", "FormTiming", "LayerTiming", "METRICS",
-           "interpolate", "build_cost_models", "unavailable_reason", "NEAR_OVERHEAD",
-           "NOISE_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise",
-           "slower_by_more_than_a_node"]
+           "interpolate", "build_cost_models", "unavailable_reason", "NEAR_OVERHEAD", "slower_by_more_than_a_node"]
 
 
 _UNAVAILABLE = {
@@ -44,47 +42,10 @@ _UNAVAILABLE = {
 }
 
 
-NOISE_LEVEL = 0.05
-"""The one-sided level of the paired sign test that decides "faster" and "slower" beyond noise."""
-
-
-def tolerated_rounds(rounds: int) -> int:
-    """How many of `rounds` paired rounds may go the other way while a difference is still beyond noise: the
-    largest c with P(Binomial(rounds, 1/2) <= c) <= NOISE_LEVEL (the sign test; -1 when no count is, i.e. too few
-    rounds to show anything). Equivalently, the (c+1)-th smallest per-round ratio is a distribution-free one-sided
-    95% confidence bound on the median ratio. 7 rounds: 0 (every round must agree); 20 rounds: 5."""
-    total, tail = 2.0 ** rounds, 0.0
-    for count in range(rounds + 1):
-        tail += math.comb(rounds, count)
-        if tail / total > NOISE_LEVEL:
-            return count - 1
-    return rounds
-
-
-def _beyond_noise(against: Sequence[float], base: Sequence[float], slower: bool) -> bool:
-    pairs = list(zip(against, base))
-    if not pairs:
-        return False
-    contrary = sum(1 for a, b in pairs if (a <= b if slower else a >= b))  # ties count against the claim
-    return contrary <= tolerated_rounds(len(pairs))
-
-
-def slower_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool:
-    """Whether `variant` was slower than `base` beyond the rounds' noise: per-round times of one interleaved
-    measurement, paired by round (the sign test of `tolerated_rounds` on the per-round ratios variant / base)."""
-    return _beyond_noise(variant, base, slower=True)
-
-
-def faster_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool:
-    """Whether `variant` was faster than `base` beyond the rounds' noise (as `slower_beyond_noise`)."""
-    return _beyond_noise(variant, base, slower=False)
-
-
-
 def slower_by_more_than_a_node(variant: Sequence[float], base: Sequence[float], overhead_ms: float) -> bool:
-    """The never-slower guard's "slower": beyond the rounds' noise (`slower_beyond_noise`) and, median to median,
-    by more than one per-node overhead; a difference that small is an extra node's own cost, which only the
-    whole-model check judges."""
+    """The per-layer filter's "slower": beyond the rounds' noise (`noise.slower_beyond_noise`) and, median to
+    median, by more than one per-node overhead; a difference that small is the extra node's own cost, which the
+    whole-model check judges with the rest of the model (`pipeline`)."""
     return (slower_beyond_noise(variant, base)
             and statistics.median(variant) - statistics.median(base) > overhead_ms)
 
@@ -272,7 +233,7 @@ class LatencyCost:
 
     def slower(self, layer: Layer, k: int, rank: int) -> bool:
         """The never-slower guard's one decision for a factorized layer: measured slower than dense beyond noise
-        (the paired sign test on the per-round times of the one interleaved measurement, `timing.slower_beyond_noise`;
+        (the paired sign test on the per-round times of the one interleaved measurement, `noise.slower_beyond_noise`;
         the realized fraction scales every round's saving alike, so it does not change the verdict). A layer at the
         per-node overhead is never filtered alone, nor a form slower by at most one per-node overhead
         (`slower_by_more_than_a_node`). Without per-round times (a hand-made timing), the medians decide."""

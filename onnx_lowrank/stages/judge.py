@@ -9,9 +9,9 @@ among them too, so `both` never loses to either on the calibration data. Costs o
 samples per plan.
 
 When layers are timed, a plan whose error the samples cannot tell from the best one's is as good, and the fastest
-of those wins (not when the judge scored in folds, below: with that few samples the smallest error wins): "cannot
-tell" is a difference of less than two standard errors, the standard error of the paired
-difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
+of those wins (not when the judge scored in folds, below, nor on fewer than `TIE_ROWS` held-out rows: with that few
+the smallest error wins): "cannot tell" is a difference of less than two standard errors, the standard error of the
+paired difference estimated by a jackknife over the samples (each left out in turn). With only a few samples that
 resolution is coarse, so more calibration samples make the judge sharper. "Fastest" is measured: those plans'
 models are timed against each other, interleaved, with the deployment's session settings (predictions rank plans
 whose times differ by a few percent less reliably than that). Those times go to the latency cache the analysis
@@ -272,14 +272,21 @@ def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.Mod
     return write_plan(model, analysis, plan).model
 
 
+TIE_ROWS = 16
+"""The fewest held-out rows a jackknife may call two plans tied on: below that its standard error is a guess (on 4
+held-out rows ppocr-cls tied a plan with 17x the best error, the faster one was written, and it lost to weight-only
+on the evaluation split)."""
+
+
 def _indistinguishable(candidate: Verification, best: Verification) -> bool:
     """Whether the samples cannot tell `candidate`'s worst output error from `best`'s: their difference is below
-    two standard errors (jackknife: the difference with each sample left out in turn)."""
+    two standard errors (jackknife: the difference with each row left out in turn, over at least TIE_ROWS rows; a
+    worse plan scored on fewer is never tied)."""
     difference = _score(candidate.worst_relative_l2) - _score(best.worst_relative_l2)
     if difference <= 0:
         return True
     left_out = [a - b for a, b in zip(candidate.leave_one_out(), best.leave_one_out())]
-    if len(left_out) < 2 or not all(math.isfinite(d) for d in left_out):
+    if len(left_out) < TIE_ROWS or not all(math.isfinite(d) for d in left_out):
         return False
     n, mean = len(left_out), sum(left_out) / len(left_out)
     standard_error = math.sqrt((n - 1) / n * sum((d - mean) ** 2 for d in left_out))

@@ -28,7 +28,7 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
-from onnx_lowrank.stages.cost_models import faster_beyond_noise, slower_by_more_than_a_node
+from onnx_lowrank.math.noise import faster_beyond_noise, ratio_bounds, slower_beyond_noise
 
 __all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
            "model_latency", "compare_models", "SpeedCheck"]
@@ -46,8 +46,8 @@ class Timings:
 
 class Timer(Protocol):
     """Times several models interleaved: after `warmup` untimed rounds (at least one), `rounds` timed rounds, each
-    running every model once in order, round i on feed i mod len of that model's feeds (`feeds`: one sequence per
-    model). `block_s` > 0: a model faster than that runs several times per round (at most MAX_REPEATS), the
+    running every model once, in order in even rounds and in reverse order in odd ones (no model always runs right
+    after the same neighbour), round i on feed i mod len of that model's feeds (`feeds`: one sequence per model). `block_s` > 0: a model faster than that runs several times per round (at most MAX_REPEATS), the
     round's time divided by the count, so tiny layers are not timed at the clock's resolution."""
 
     def time(self, models: Sequence[onnx.ModelProto], feeds: Sequence[Sequence[Feed]], rounds: int,
@@ -79,8 +79,9 @@ class OnnxruntimeTimer:
                 repeats[index] = max(1, min(MAX_REPEATS, math.ceil(block_s / max(time.perf_counter() - start,
                                                                                   1e-7))))
         samples: list[list[float]] = [[] for _ in sessions]
+        runs = list(zip(sessions, prepared, repeats, samples))
         for i in range(int(rounds)):
-            for sess, own, count, times in zip(sessions, prepared, repeats, samples):
+            for sess, own, count, times in (runs if i % 2 == 0 else runs[::-1]):
                 feed = own[i % len(own)]
                 start = time.perf_counter()
                 for _ in range(count):
@@ -96,24 +97,41 @@ def timer_of(speed) -> Timer:
 
 @dataclass(frozen=True)
 class LatencyComparison:
-    """Median milliseconds per run of each model, and compressed / original (below 1 means faster); with the
-    per-round times of both (interleaved, paired by round), whether the compressed model was faster beyond noise."""
+    """Median milliseconds per run of each model, and compressed / original (below 1 means faster).
+
+    `pair_ratios`: the ratio of each of several independent measurements (`compare_models`: each with sessions of
+    its own; the medians are then those of all their rounds pooled), and "faster" or "slower" beyond noise is decided
+    from their spread (`noise.ratio_bounds`), which includes the few percent by which two sessions of one model
+    differ. A
+    single measurement (`measure_latency_ratio`) decides from its per-round times (the sign test), which cannot see
+    that difference."""
 
     original_ms: float
     compressed_ms: float
     ratio: float
     original_rounds: tuple[float, ...] = ()
     compressed_rounds: tuple[float, ...] = ()
+    pair_ratios: tuple[float, ...] = ()
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """(lower, upper) one-sided 95% bounds on the ratio, from the independent measurements (None with fewer than
+        two)."""
+        return ratio_bounds(self.pair_ratios) if len(self.pair_ratios) > 1 else None
 
     @property
     def faster(self) -> bool:
-        """Measured faster than the original beyond noise (`faster_beyond_noise` on the paired rounds)."""
+        """Measured faster than the original beyond noise."""
+        if self.bounds is not None:
+            return self.bounds[1] < 1.0
         return faster_beyond_noise(self.compressed_rounds, self.original_rounds)
 
-    def slower(self, overhead_ms: float) -> bool:
-        """Measured slower than the original beyond noise and by more than one per-node overhead
-        (`slower_by_more_than_a_node` on the paired rounds)."""
-        return slower_by_more_than_a_node(self.compressed_rounds, self.original_rounds, overhead_ms)
+    @property
+    def slower(self) -> bool:
+        """Measured slower than the original beyond noise."""
+        if self.bounds is not None:
+            return self.bounds[0] > 1.0
+        return slower_beyond_noise(self.compressed_rounds, self.original_rounds)
 
     @property
     def slower_rounds(self) -> int:
@@ -121,9 +139,12 @@ class LatencyComparison:
         return sum(1 for c, o in zip(self.compressed_rounds, self.original_rounds) if c >= o)
 
     def to_dict(self) -> dict[str, object]:
+        bounds = self.bounds
         return {"original_ms": self.original_ms, "compressed_ms": self.compressed_ms, "ratio": self.ratio,
                 "rounds": len(self.compressed_rounds), "rounds_not_faster": self.slower_rounds,
-                "faster_beyond_noise": self.faster}
+                "measurements": max(1, len(self.pair_ratios)),
+                "ratio_bounds": None if bounds is None else list(bounds),
+                "faster_beyond_noise": self.faster, "slower_beyond_noise": self.slower}
 
 
 @dataclass(frozen=True)
@@ -178,9 +199,31 @@ def model_latency(model: onnx.ModelProto, feed: Feed, settings: RuntimeSettings,
     return (timer or OnnxruntimeTimer(settings)).time([model], [[feed]], repeats, warmup).medians[0]
 
 
+MEASUREMENTS = 5
+"""Independent measurements in a whole-model comparison (`compare_models`), each with sessions of its own."""
+MEASUREMENT_ROUNDS = 8
+"""Interleaved rounds in each of them (their medians make one ratio)."""
+BLOCK_SECONDS = 0.002
+"""A model faster than this runs several times per timed round, so that a round of a 0.1 ms model is not decided by
+the clock and the scheduler."""
+
+
 def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Sequence[Feed], speed,
-                   rounds: int) -> LatencyComparison:
-    """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`): what
-    verification and the sweep report as the speedup."""
-    return measure_latency_ratio(original, compressed, feeds, repeats=rounds, settings=speed.runtime,
-                                 timer=timer_of(speed))
+                   measurements: int = MEASUREMENTS, rounds: int = MEASUREMENT_ROUNDS) -> LatencyComparison:
+    """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`),
+    `measurements` times, each with fresh sessions: what verification, the never-slower check and the sweep
+    report as the speedup: the medians of every round pooled, and each measurement's own ratio for the bounds."""
+    if not feeds:
+        raise InputDataError("No samples to time on; give at least one feed (random inputs or an .npz)")
+    timer = timer_of(speed)
+    ratios, original_rounds, compressed_rounds = [], [], []
+    for _ in range(int(measurements)):
+        timings = timer.time([original, compressed], [feeds, feeds], int(rounds), block_s=BLOCK_SECONDS)
+        original_ms, compressed_ms = timings.medians
+        ratios.append(compressed_ms / original_ms if original_ms > 0 else float("nan"))
+        original_rounds += timings.samples[0]
+        compressed_rounds += timings.samples[1]
+    original_ms, compressed_ms = statistics.median(original_rounds), statistics.median(compressed_rounds)
+    ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")
+    return LatencyComparison(original_ms, compressed_ms, ratio, tuple(original_rounds), tuple(compressed_rounds),
+                             tuple(ratios))

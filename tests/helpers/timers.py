@@ -33,18 +33,24 @@ class ScriptedTimer:
     """A Timer returning `ms(model)` for every round of every model; `calls` holds the models of each call.
 
     `jitter` > 0 scripts noise: round i of the j-th model of a call takes ms(model) x (1 + jitter (-1)^(i+j)), so
-    two models of one call differ by less than the noise unless their times differ by more than the jitter does."""
+    two models of one call differ by less than the noise unless their times differ by more than the jitter does.
+    `session_jitter` > 0 scripts the difference between sessions: in the c-th call every round of the j-th model
+    is multiplied by (1 + session_jitter (-1)^(c+j)), a difference no round of one call can show."""
 
-    def __init__(self, ms: Callable[[onnx.ModelProto], float] = weights_and_nodes, jitter: float = 0.0):
+    def __init__(self, ms: Callable[[onnx.ModelProto], float] = weights_and_nodes, jitter: float = 0.0,
+                 session_jitter: float = 0.0):
         self.ms = ms
         self.jitter = jitter
+        self.session_jitter = session_jitter
         self.calls: list[list[onnx.ModelProto]] = []
 
     def time(self, models: Sequence[onnx.ModelProto], feeds, rounds: int, warmup: int = 1,
              block_s: float = 0.0) -> Timings:
         assert len(feeds) == len(models) and all(len(own) >= 1 for own in feeds)
+        call = len(self.calls)
         self.calls.append(list(models))
-        medians = tuple(float(self.ms(model)) for model in models)
+        medians = tuple(float(self.ms(model)) * (1 + self.session_jitter * (-1) ** (call + j))
+                        for j, model in enumerate(models))
         samples = tuple(tuple(ms * (1 + self.jitter * (-1) ** (i + j)) for i in range(rounds))
                         for j, ms in enumerate(medians))
         return Timings(medians, samples)
