@@ -347,23 +347,24 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
     """The never-slower promise about the whole model: when the written model is not measured faster than the
     original beyond noise (`LatencyComparison.faster`: the bounds of several measurements with fresh sessions),
     take out the planned changes with the least measured saving (1, then 1, 2, 4, ... more), writing and timing
-    again, until it is. When none is, the first of those plans not measured slower beyond noise either is written,
-    and the check says the promise was not shown; when every one was measured slower beyond noise, nothing is
-    written (`SlowerModelError`). A model whose every layer runs near onnxruntime's per-node
-    overhead is too small for a measurement to judge: its plan stays, and the check says so. Returns (plan,
-    written, timing, SpeedCheck)."""
+    again, until it is. When none is, a plan that narrows is written with its narrowed layers alone unless that model
+    is slower beyond noise and by more than one per-node overhead (fewer channels on the channel block and no extra
+    node: a narrowed model is not slower unless measured so, and by more than the smallest cost a node can add), and
+    the check says the promise was not shown; else nothing is written (`SlowerModelError`). Not "not slower beyond noise" either:
+    5 measurements cannot tell 3-7% apart on a 0.1 ms model, and models written on that ground (bytes-classifier,
+    text-transformer) measured 1.02-1.07x when timed again. A model whose every layer runs near onnxruntime's
+    per-node overhead is too small for a measurement to judge: its plan stays, and the check says the promise was
+    not shown. Returns (plan, written, timing, SpeedCheck)."""
     if timing.faster:
         return plan, written, timing, SpeedCheck(kept=True)
     latency = analysis.costs["latency"]
     every_layer = [entry.layer for entry in analysis.layers]
     if every_layer and all(latency.at_overhead([layer]) for layer in every_layer):
         return plan, written, timing, SpeedCheck(kept=False, note=(
-            f"Measured {timing.ratio:.3f}x of the original's time, not faster beyond noise; every layer of this "
-            "model runs near onnxruntime's per-node overhead, too small for a measurement to judge, so the plan was "
-            "kept as it was."))
+            f"Measured {_measured(timing)}, not faster beyond noise; every layer of this model runs near "
+            "onnxruntime's per-node overhead, too small for a measurement to judge, so the plan was kept as it was."))
     changes = _savings(analysis, plan)
     calibration = context.calibration if refit else None
-    fallback = (plan, written, timing, ()) if _not_slower(timing) else None
     count, step = 0, 1
     while count < len(changes):
         count = min(len(changes), count + step)
@@ -376,26 +377,23 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
             break  # the original itself: nothing left to show faster
         again = write_plan(context.model, analysis, smaller, calibration=calibration)
         measured = compare_models(context.model, again.model, [context.timing_feed()], context.speed)
-        dropped = tuple(name for _, _, name in gone)
         if measured.faster:
-            return smaller, again, measured, SpeedCheck(kept=True, dropped=dropped)
-        if fallback is None and _not_slower(measured):
-            fallback = (smaller, again, measured, dropped)
-    if fallback is None:
-        raise SlowerModelError(
-            f"The compressed model was measured slower than the original beyond noise, at {_measured(timing)}, and "
-            "so was every plan with the least-saving layers taken out: the never-slower guard wrote nothing. Use a higher budget, --exclude "
-            "the slow layers, or --allow-slower to write it knowingly.")
-    kept, kept_written, kept_timing, dropped = fallback
-    return kept, kept_written, kept_timing, SpeedCheck(kept=False, dropped=dropped, note=(
-        f"Measured {_measured(kept_timing)}: neither faster nor slower than the original beyond noise, and no "
-        "plan with the least-saving layers taken out was faster: the never-slower promise was not shown for this "
-        "model (--exclude the slow layers, or use --allow-slower knowingly)."))
-
-
-def _not_slower(timing: LatencyComparison) -> bool:
-    """What the check may write when nothing was shown faster: a model not measured slower beyond noise."""
-    return not timing.slower
+            return smaller, again, measured, SpeedCheck(kept=True, dropped=tuple(name for _, _, name in gone))
+    if plan.widths:  # narrowing alone adds no node and only drops channels: not slower unless measured so
+        narrowed = replace(plan, layers={})
+        again = write_plan(context.model, analysis, narrowed, calibration=calibration) if plan.layers else written
+        measured = compare_models(context.model, again.model, [context.timing_feed()],
+                                  context.speed) if plan.layers else timing
+        extra_ms = measured.compressed_ms - measured.original_ms
+        if not (measured.slower and extra_ms > latency.overhead_ms):  # less than a node's cost: not the narrowing's
+            return narrowed, again, measured, SpeedCheck(kept=False, dropped=tuple(plan.layers), note=(
+                f"Measured {_measured(measured)} with only the narrowed layers: not faster beyond noise, and not "
+                "slower (narrowing adds no node and drops channels on onnxruntime's channel block); the "
+                f"never-slower promise was not shown{' (the factorized layers were kept dense)' if plan.layers else ''}."))
+    raise SlowerModelError(
+        f"The compressed model was measured at {_measured(timing)}, not faster than the original beyond noise, and "
+        "neither was any plan with the least-saving layers taken out: the never-slower guard wrote nothing. Use a "
+        "higher budget, --exclude the slow layers, or --allow-slower to write it knowingly.")
 
 
 def _measured(timing: LatencyComparison) -> str:

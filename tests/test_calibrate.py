@@ -296,8 +296,11 @@ def test_list_of_feeds_equals_sum_over_each_feed(model, layers):
     for layer in layers:
         parts = [s[layer.name] for s in separate]
         assert together[layer.name].count == sum(p.count for p in parts)
-        np.testing.assert_allclose(together[layer.name].gram, sum(p.gram for p in parts), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(together[layer.name].total, sum(p.total for p in parts), rtol=1e-12, atol=1e-12)
+        # each pass shifts its rows by its own first mean before the float32 products: equal to float32 rounding
+        scale = np.abs(together[layer.name].gram).max()
+        np.testing.assert_allclose(together[layer.name].gram, sum(p.gram for p in parts), rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(together[layer.name].total, sum(p.total for p in parts), rtol=0,
+                                   atol=1e-6 * np.abs(together[layer.name].total).max())
 
 
 def test_chunked_equals_one_shot(model, layers):

@@ -274,7 +274,7 @@ def test_compress_refuses_a_slower_model_in_one_line_and_writes_nothing(tmp_path
     assert main(["compress", str(source), str(out), "--budget", "0.8"]) != 0
     assert not out.exists() and source.read_bytes() == before
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "slower than the original" in error[0]
+    assert len(error) == 1 and "never-slower guard wrote nothing" in error[0]
 
 
 def _same_time_when_whole(model):
@@ -282,12 +282,11 @@ def _same_time_when_whole(model):
     return 20.0 if len(model.graph.node) >= 3 else weights_and_nodes(model)
 
 
-def test_a_model_within_noise_is_written_and_the_promise_is_said_not_shown(tmp_path):
-    report = _apply_both(tmp_path, ScriptedTimer(_same_time_when_whole))
-    check = report.speed_check
-    assert check is not None and not check.kept and check.note and "not shown" in check.note
-    assert set(report.plan.layers) == {"big", "small"}  # the first plan not slower: the one made
-    assert report.to_dict()["summary"]["never_slower_check"]["kept"] is False
+def test_a_model_not_faster_beyond_noise_is_not_written(tmp_path):
+    # the same time as the original: not slower, but not shown faster either (5 measurements cannot tell a few
+    # percent apart on a small model, and such models measured 2-7% slower when timed again)
+    with pytest.raises(SlowerModelError, match="not faster than the original beyond noise"):
+        _apply_both(tmp_path, ScriptedTimer(_same_time_when_whole))
 
 
 def _three_percent_faster_whole(model):
@@ -298,12 +297,11 @@ def _three_percent_faster_whole(model):
 
 def test_a_speedup_within_the_spread_between_sessions_is_not_called_faster(tmp_path):
     # 3% faster in every round of every measurement, while sessions differ by 6% from one measurement to the next
-    report = _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole, session_jitter=0.06))
-    check = report.speed_check
-    assert report.latency is not None and len(report.latency.pair_ratios) > 1
-    assert check is not None and not check.kept and "not shown" in check.note
+    with pytest.raises(SlowerModelError):
+        _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole, session_jitter=0.06))
+    report = _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole))  # the sessions agree: faster
+    assert report.speed_check.kept and len(report.latency.pair_ratios) > 1
     assert set(report.plan.layers) == {"big", "small"}
-    assert _apply_both(tmp_path, ScriptedTimer(_three_percent_faster_whole)).speed_check.kept  # sessions agree
 
 
 def test_sweep_keeps_the_promise_compress_keeps(tmp_path):
@@ -321,4 +319,4 @@ def test_sweep_keeps_the_promise_compress_keeps(tmp_path):
     assert not nothing_helps.points and "never-slower guard wrote nothing" in nothing_helps.unreachable[0][2]
     within_noise = sweep(_two_layer_model(), (0.8,), allocators=("alds",), latency_cache=tmp_path / "e.json",
                          timer=ScriptedTimer(_same_time_when_whole))
-    assert within_noise.points[0].never_slower is False and within_noise.points[0].latency_ratio == 1.0
+    assert not within_noise.points and "not faster than the original" in within_noise.unreachable[0][2]

@@ -3,7 +3,7 @@
 A layer computes y = W x (+ b) for every row x of its input: a Conv's im2col patch (c_in * taps values, in the
 C order of the layer matrix's columns), a Gemm/MatMul's input vector. What the data-aware decomposition needs from the
 calibration data is the sum of x x^T, the sum of x and the number of rows: memory is d x d whatever the number of
-samples, and adding chunks in any split gives the same result as adding all rows at once.
+samples, and adding chunks in any split gives the same result as adding all rows at once (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -44,13 +44,18 @@ class StatisticsAccumulator:
     """Adds rows into running float64 sums; `result()` gives the frozen `InputStatistics`.
 
     Each chunk's x^T x is computed in float32 by BLAS syrk (half the work of a full product, and twice the speed of
-    float64) and added into the float64 sums, so rounding does not grow with the number of chunks.
+    float64) and added into the float64 sums, so rounding does not grow with the number of chunks. The rows are
+    shifted by the first chunk's mean before that (and the sums shifted back in float64): float32 rounds x^T x
+    relative to its own size, and activations whose mean is large against their spread (after a BatchNorm, a
+    constant offset) would otherwise lose their covariance in the rounding of the mean's square (an exactly
+    dependent channel measured at 1.4% error instead of 0).
     """
 
     def __init__(self, dim: int) -> None:
         self._gram = np.zeros((dim, dim), dtype=np.float64)
         self._total = np.zeros(dim, dtype=np.float64)
         self._count = 0
+        self._shift: np.ndarray | None = None
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows)
@@ -58,14 +63,20 @@ class StatisticsAccumulator:
             raise ValueError(f"expected rows of shape (n, {self._total.shape[0]}), got {rows.shape}")
         if rows.shape[0] == 0:
             return
-        chunk = np.asarray(rows, dtype=np.float32, order="F")
+        if self._shift is None:
+            self._shift = np.asarray(rows.mean(axis=0, dtype=np.float64), dtype=np.float32).astype(np.float64)
+        chunk = np.asarray(rows - self._shift.astype(np.float32), dtype=np.float32, order="F")
         self._gram += scipy.linalg.blas.ssyrk(1.0, chunk, trans=1, lower=0)  # upper triangle of chunk^T chunk
         self._total += chunk.sum(axis=0, dtype=np.float64)
         self._count += int(rows.shape[0])
 
     def result(self) -> InputStatistics:
         gram = np.triu(self._gram) + np.triu(self._gram, 1).T  # only the upper triangle was accumulated
-        return InputStatistics(gram=gram, total=self._total.copy(), count=self._count)
+        shift = np.zeros_like(self._total) if self._shift is None else self._shift
+        # sum (y + c)(y + c)^T = sum y y^T + c (sum y)^T + (sum y) c^T + n c c^T, in float64
+        cross = np.outer(shift, self._total)
+        gram = gram + cross + cross.T + self._count * np.outer(shift, shift)
+        return InputStatistics(gram=gram, total=self._total + self._count * shift, count=self._count)
 
 
 def pooled(parts: Sequence[InputStatistics]) -> InputStatistics:
