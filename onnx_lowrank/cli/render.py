@@ -100,8 +100,11 @@ def render(report: Report, console: Console) -> None:
     if report.latency is not None:
         error, predicted = report.predicted_latency_error, report.ratio("latency")
         forecast = "" if error is None else f"; predicted {predicted:.3f}x of the original, off by {error:+.1%}"
+        bounds = report.latency.bounds
+        spread = "" if bounds is None else (f", {bounds[0]:.3f}-{bounds[1]:.3f} over "
+                                            f"{len(report.latency.pair_ratios)} measurements with fresh sessions")
         console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime: {report.latency.ratio:.3f}x of the "
-                      f"original's time (medians of both models timed interleaved{forecast}).")
+                      f"original's time (medians of both models timed interleaved{spread}{forecast}).")
     if report.guarded:
         console.print("Never slower: candidates measured slower than their dense layer beyond noise were left out "
                       "(--allow-slower lifts this).")

@@ -100,9 +100,8 @@ class LatencyComparison:
     """Median milliseconds per run of each model, and compressed / original (below 1 means faster).
 
     `pair_ratios`: the ratio of each of several independent measurements (`compare_models`: each with sessions of
-    its own; the medians are then those of all their rounds pooled), and "faster" or "slower" beyond noise is decided
-    from their spread (`noise.ratio_bounds`), which includes the few percent by which two sessions of one model
-    differ. A
+    its own; the times are then the geometric means of theirs), and "faster" or "slower" beyond noise is decided from
+    their spread (`noise.ratio_bounds`), which includes the few percent by which two sessions of one model differ. A
     single measurement (`measure_latency_ratio`) decides from its per-round times (the sign test), which cannot see
     that difference."""
 
@@ -115,8 +114,8 @@ class LatencyComparison:
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        """(lower, upper) one-sided 95% bounds on the ratio, from the independent measurements (None with fewer than
-        two)."""
+        """(lower, upper) one-sided 95% bounds around `ratio`, from the spread of the independent measurements'
+        ratios (None with fewer than two)."""
         return ratio_bounds(self.pair_ratios) if len(self.pair_ratios) > 1 else None
 
     @property
@@ -212,18 +211,25 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds
                    measurements: int = MEASUREMENTS, rounds: int = MEASUREMENT_ROUNDS) -> LatencyComparison:
     """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`),
     `measurements` times, each with fresh sessions: what verification, the never-slower check and the sweep
-    report as the speedup: the medians of every round pooled, and each measurement's own ratio for the bounds."""
+    report as the speedup: the geometric means of the measurements' medians (so the ratio is the geometric mean of
+    their ratios, the centre of their bounds)."""
     if not feeds:
         raise InputDataError("No samples to time on; give at least one feed (random inputs or an .npz)")
     timer = timer_of(speed)
-    ratios, original_rounds, compressed_rounds = [], [], []
+    ratios, original_rounds, compressed_rounds, medians = [], [], [], ([], [])
     for _ in range(int(measurements)):
         timings = timer.time([original, compressed], [feeds, feeds], int(rounds), block_s=BLOCK_SECONDS)
         original_ms, compressed_ms = timings.medians
+        medians[0].append(original_ms)
+        medians[1].append(compressed_ms)
         ratios.append(compressed_ms / original_ms if original_ms > 0 else float("nan"))
         original_rounds += timings.samples[0]
         compressed_rounds += timings.samples[1]
-    original_ms, compressed_ms = statistics.median(original_rounds), statistics.median(compressed_rounds)
-    ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")
+    original_ms, compressed_ms = _geometric_mean(medians[0]), _geometric_mean(medians[1])
+    ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")  # the geometric mean of the ratios
     return LatencyComparison(original_ms, compressed_ms, ratio, tuple(original_rounds), tuple(compressed_rounds),
                              tuple(ratios))
+
+
+def _geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(map(math.log, values))) if values and min(values) > 0 else float("nan")
