@@ -21,8 +21,8 @@ import onnx
 
 from onnx_lowrank.errors import InvalidModelError, InvalidOptionError, SlowerModelError
 from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
-from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, parse_shape_specs, random_feeds, resolve_shapes,
-                                       sample_units, samples_from)
+from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, batch_can_be_cut, parse_shape_specs, random_feeds,
+                                       resolve_shapes, sample_units, samples_from)
 from onnx_lowrank.graph.load import check_model, fingerprint, load_model
 from onnx_lowrank.graph.shapes import tensor_shapes
 from onnx_lowrank.ops.base import FAMILIES
@@ -33,7 +33,7 @@ from onnx_lowrank.stages.apply import Written, check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
 from onnx_lowrank.stages.discover import discover
-from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS
+from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, fold_statistics
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
 from onnx_lowrank.stages.report import Report, build_report
@@ -195,16 +195,19 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
     chains = find_chains(context.model, discovery) if settings.method != "lowrank" else None
     statistics = None if context.calibration is None else {}
     channel_statistics = {}
+    parts = ()
     if context.calibration is not None and discovery.layers:
         samples = context.calibration
-        calibration = calibrate(  # the channels narrowing fits its folds on are read in the same pass
+        calibration = calibrate(  # the channels narrowing fits its folds on, and the judge's parts, in the same pass
             context.model,
             discovery.layers,
             samples,
             tensors={} if chains is None else {name: c.window for c in chains.chains for name in c.fits},
             progress=None if progress is None else lambda done: progress("calibrating", done, samples.count),
+            part_of=calibration_split(sample_units(samples, context.model)),
+            by_row=batch_can_be_cut(context.model),
         )
-        statistics, channel_statistics = dict(calibration.layers), calibration.tensors
+        statistics, channel_statistics, parts = calibration.layers, calibration.tensors, calibration.parts
     latency = None
     timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
                                           for view in layer.views())
@@ -229,7 +232,8 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
         latency=latency,
         guard=context.speed.guard and latency is not None,
     )
-    analysis = replace(analysis, notes=context.notes, context=context)
+    analysis = replace(analysis, notes=context.notes, context=context,
+                       fold_statistics=fold_statistics(parts) if parts else ())
     if settings.method == "lowrank":
         return analysis
     block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths

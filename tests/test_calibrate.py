@@ -18,7 +18,7 @@ from helpers.running import run
 from onnx import helper
 
 import onnx_lowrank
-from onnx_lowrank.stages.calibrate import collect_statistics
+from onnx_lowrank.stages.calibrate import calibrate, collect_statistics
 from onnx_lowrank.math.decomposition import WeightDecomposition
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.passes import factorize_layers
@@ -429,3 +429,25 @@ def test_model_is_not_modified(model, layers):
     collect_statistics(model, layers, feeds_for(11, samples=2), max_rows=7)
     collect_statistics(model, layers, feeds_for(11, samples=1), max_rows=None)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rows_summed_in_parts_add_up_to_the_whole(model, layers, batch):
+    """`part_of` sums each unit (a row of a batch) into its part: every part is the statistics of a pass over its
+    own rows, and the parts add up to the statistics of one pass without parts."""
+    feeds = feeds_for(7, samples=4, batch=batch)
+    split = calibrate(model, layers, feeds, max_rows=None, part_of=lambda unit: unit % 2, by_row=True)
+    whole = collect_statistics(model, layers, feeds, max_rows=None)
+    units = [(unit, feed["x"][row : row + 1]) for unit, (feed, row) in
+             enumerate((feed, row) for feed in feeds for row in range(batch))]
+    for part in (0, 1):
+        alone = collect_statistics(model, layers, [{"x": x} for unit, x in units if unit % 2 == part], max_rows=None)
+        for layer in layers:
+            assert split.parts[part][layer.name].count == alone[layer.name].count
+            scale = np.abs(alone[layer.name].gram).max()
+            np.testing.assert_allclose(split.parts[part][layer.name].gram, alone[layer.name].gram, rtol=0,
+                                       atol=1e-5 * scale)
+    for layer in layers:
+        assert split.layers[layer.name].count == whole[layer.name].count
+        scale = np.abs(whole[layer.name].gram).max()
+        np.testing.assert_allclose(split.layers[layer.name].gram, whole[layer.name].gram, rtol=0, atol=1e-5 * scale)

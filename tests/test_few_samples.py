@@ -14,6 +14,7 @@ from onnx_lowrank.graph.inputs import Samples
 from onnx_lowrank.math.projection import oas_intensity, shrunk_covariance
 from onnx_lowrank.math.statistics import StatisticsAccumulator
 from onnx_lowrank.stages import judge
+from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.verify import verify
 
 
@@ -125,6 +126,33 @@ def test_the_judge_scores_on_held_out_rows_and_an_overfitted_plan_loses():
     plain, _ = onnx_lowrank.compress(model, 0.8, weight_only=True, allow_slower=True, verify=False)
     assert verify(model, overfitted, fit_rows).worst_relative_l2 < verify(model, plain, fit_rows).worst_relative_l2
     assert verify(model, overfitted, other).worst_relative_l2 > verify(model, plain, other).worst_relative_l2
+
+
+@pytest.mark.parametrize("rows", [6, 16])  # four folds, one split
+def test_the_judge_takes_its_fit_statistics_from_the_analysis_pass(monkeypatch, rows):
+    """One calibration pass: the fit rows of every fold were summed apart in the analysis' own pass (issue 20), so
+    building the folds runs no pass, and their statistics are those of a pass over the fit rows alone."""
+    model = classifier()
+    samples = Samples.given([{"x": _batch(np.random.default_rng(8), rows)}])
+    analysis = onnx_lowrank.analyze(model, calibration=samples, method="lowrank", allow_slower=True)
+    chosen = [judge.FOLDS - 1] if rows >= judge.SINGLE_SPLIT_UNITS else list(range(judge.FOLDS))
+    assert len(analysis.fold_statistics) == len(chosen)
+    layers = [entry.layer for entry in analysis.layers]
+    for collected, fold in zip(analysis.fold_statistics, chosen):
+        fit = samples.rows_where(lambda i, fold=fold: i % judge.FOLDS != fold, by_row=True)
+        alone = calibrate(model, layers, fit).layers
+        for layer in layers:
+            got, expected = collected[layer.name], alone[layer.name]
+            assert got.count == expected.count
+            np.testing.assert_allclose(got.gram, expected.gram, rtol=0, atol=1e-5 * np.abs(expected.gram).max())
+            np.testing.assert_allclose(got.total, expected.total, rtol=0, atol=1e-5 * np.abs(expected.total).max())
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the judge ran a calibration pass of its own")
+
+    monkeypatch.setattr(judge, "calibrate", no_pass)
+    folds, _ = judge._folds(model, analysis, samples)
+    assert len(folds) == len(chosen)
 
 
 # ----------------------------------------------- the fold rule, and weight-only plans among the judge's candidates

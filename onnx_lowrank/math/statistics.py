@@ -8,13 +8,13 @@ samples, and adding chunks in any split gives the same result as adding all rows
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg.blas
 
-__all__ = ["InputStatistics", "StatisticsAccumulator", "pooled"]
+__all__ = ["InputStatistics", "StatisticsAccumulator", "pooled", "PooledStatistics"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,3 +85,21 @@ def pooled(parts: Sequence[InputStatistics]) -> InputStatistics:
         return parts[0]
     return InputStatistics(gram=sum(p.gram for p in parts), total=sum(p.total for p in parts),
                            count=sum(p.count for p in parts))
+
+
+class PooledStatistics(Mapping):
+    """name -> the statistics of several parts' rows together (`pooled`), made when asked for and not kept: one
+    calibration pass collects its rows in parts (the judge's folds, `calibrate`), and the whole is their sum, so
+    neither the whole nor the parts need a pass of their own and only the parts are held."""
+
+    def __init__(self, parts: Sequence[Mapping[str, InputStatistics]]) -> None:
+        self.parts = tuple(parts)
+
+    def __getitem__(self, name: str) -> InputStatistics:
+        return pooled([part[name] for part in self.parts])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.parts[0]) if self.parts else iter(())
+
+    def __len__(self) -> int:
+        return len(self.parts[0]) if self.parts else 0

@@ -123,6 +123,7 @@ class Analysis:
     unnarrowed: tuple[Skipped, ...] = ()  # layers whose channels cannot be cut, and why
     context: object | None = None  # the `pipeline.Context` (model, samples, settings) it was made from
     thin_calibration: tuple[ThinLayer, ...] = ()  # layers with fewer calibration rows than input dimensions
+    fold_statistics: tuple[Mapping[str, InputStatistics], ...] = ()  # per judge fold, its fit rows' statistics
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -230,7 +231,8 @@ def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], sh
 
     with single_threaded_blas():
         layers = tuple(map_in_order(one, analysis.layers))
-    return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage))
+    return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage),
+                   fold_statistics=())
 
 
 _WEIGHT_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # analysis -> its weight-only analysis
@@ -256,7 +258,7 @@ def weight_only(analysis: Analysis) -> Analysis:
             layers = tuple(map_in_order(one, analysis.layers))
         made = replace(analysis, layers=layers, costs=costs, measure=WEIGHT_MEASURE, calibration=None,
                        calibration_key=(), method="lowrank", chains=(), unnarrowed=(), context=None,
-                       thin_calibration=())
+                       thin_calibration=(), fold_statistics=())
         _WEIGHT_ONLY[analysis] = made
     return made
 

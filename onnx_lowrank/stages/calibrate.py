@@ -7,6 +7,12 @@ fixed seed, and added into that layer's running sums (`statistics`). Samples are
 after use, so peak memory is one sample's activations plus d x d sums per layer, whatever the number of samples.
 Layers that read the same tensor with the same geometry (detection heads) share one set of sums. A weight shared by
 several nodes gets the sums of all their inputs pooled: its factors serve every one of them.
+
+With `part_of`, the rows are summed in parts: unit u (a row of a batch when `by_row`, else a feed) goes to part
+`part_of(u)`, and the statistics of the whole are the parts added up (`statistics.PooledStatistics`). That is how
+the `auto` judge gets the statistics of its fit rows from the same pass (`judge.calibration_split`). A batch whose
+rows go to several parts runs as one sub-batch per part (an activation's first axis need not be the batch, so the
+activations are not cut afterwards).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from onnx_lowrank.graph import runtime
 from onnx_lowrank.ops.layer import Layer
 from onnx_lowrank.errors import InputDataError
 from onnx_lowrank.math.patches import ConvGeometry, input_rows
-from onnx_lowrank.math.statistics import InputStatistics, StatisticsAccumulator, pooled
+from onnx_lowrank.graph.inputs import feed_rows
+from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics, StatisticsAccumulator, pooled
 
 __all__ = ["DEFAULT_MAX_ROWS", "Calibration", "calibrate", "collect_statistics", "sample_seed"]
 
@@ -36,8 +43,9 @@ class Calibration:
     """What one calibration pass collected: every layer's input statistics, and the channel statistics of the
     tensors asked for (their channel vectors at every position: what narrowing fits its regressions on)."""
 
-    layers: Mapping[str, InputStatistics]  # by layer name
+    layers: Mapping[str, InputStatistics]  # by layer name (with parts: pooled from them when read)
     tensors: Mapping[str, InputStatistics] = field(default_factory=dict)  # by tensor name
+    parts: tuple[Mapping[str, InputStatistics], ...] = ()  # by layer name, per part (`part_of`); () without parts
 
 
 def collect_statistics(
@@ -62,9 +70,12 @@ def calibrate(
     max_rows: int = DEFAULT_MAX_ROWS,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    part_of: Callable[[int], int] | None = None,
+    by_row: bool = False,
 ) -> Calibration:
     """Input statistics of every layer and channel statistics of every tensor of `tensors` (name -> the window of
-    its channel rows: 1 x 1 on NCHW, None for the last axis), in one streaming pass over `feeds`."""
+    its channel rows: 1 x 1 on NCHW, None for the last axis), in one streaming pass over `feeds`; with `part_of`,
+    the layers' statistics also by part (module docstring)."""
     tensors = dict(tensors or {})
     if not layers and not tensors:
         return Calibration(layers={})
@@ -75,37 +86,63 @@ def calibrate(
     captured = [name for name in dict.fromkeys(wanted) if name not in graph_inputs]
     sess = runtime.session(runtime.with_outputs(model, captured), threads)
     unique = _unique(views, keys)
-    requests = {**{key: layer.columns for key, layer in unique.items()},
-                **{(name, geometry): None for name, geometry in tensors.items()}}
-    accumulators: dict[tuple, StatisticsAccumulator] = {}
-    samples = 0
+    requests = {(name, geometry): None for name, geometry in tensors.items()}
+    requests.update({key: layer.columns for key, layer in unique.items()})  # a layer's input may be a tensor too
+    accumulators: dict[tuple, StatisticsAccumulator] = {}  # (part, request key) -> sums
+    samples = units = 0
     for index, feed in enumerate(feeds):
-        outputs = runtime.run(sess, feed)
-        for key, columns in requests.items():
-            name, geometry = key
-            value = feed[name] if name in graph_inputs else outputs[name]
-            seed = sample_seed(name, index)
-            rows = input_rows(value, geometry, max_rows, seed)
-            if columns is not None and rows.shape[1] != columns:
-                layer = unique[key]
-                raise InputDataError(
-                    f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these samples, "
-                    f"but its weight expects {layer.columns}; give samples the model accepts"
-                )
-            if key not in accumulators:
-                accumulators[key] = StatisticsAccumulator(rows.shape[1])
-            accumulators[key].add(rows)
-        del outputs
+        for part, piece, count in _pieces(feed, part_of, by_row, units):
+            outputs = runtime.run(sess, piece)
+            for key, columns in requests.items():
+                name, geometry = key
+                value = piece[name] if name in graph_inputs else outputs[name]
+                rows = input_rows(value, geometry, max_rows, sample_seed(name, index))
+                if columns is not None and rows.shape[1] != columns:
+                    layer = unique[key]
+                    raise InputDataError(
+                        f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these "
+                        f"samples, but its weight expects {layer.columns}; give samples the model accepts"
+                    )
+                if (part, key) not in accumulators:
+                    accumulators[(part, key)] = StatisticsAccumulator(rows.shape[1])
+                accumulators[(part, key)].add(rows)
+            del outputs
+            units += count
         samples += 1
         if progress is not None:
             progress(index + 1)
     if samples == 0:
         raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
     results = {key: accumulator.result() for key, accumulator in accumulators.items()}
+    count = 1 + max((part for part, _ in results), default=0)
+    missing = [part for part in range(count) if any((part, key) not in results for key in requests)]
+    if missing:  # a part no unit went to: the caller's split does not fit these samples
+        raise ValueError(f"calibration parts {missing} received no rows")
+    parts = tuple({layer.name: pooled([results[(part, keys[view.name])] for view in layer.views()])
+                   for layer in layers} for part in range(count))
     return Calibration(
-        layers={layer.name: pooled([results[keys[view.name]] for view in layer.views()]) for layer in layers},
-        tensors={name: results[(name, geometry)] for name, geometry in tensors.items()},
+        layers=parts[0] if count == 1 else PooledStatistics(parts),
+        tensors={name: pooled([results[(part, (name, geometry))] for part in range(count)])
+                 for name, geometry in tensors.items()},
+        parts=parts if part_of is not None else (),
     )
+
+
+def _pieces(feed: Mapping[str, np.ndarray], part_of: Callable[[int], int] | None, by_row: bool, first: int
+            ) -> list[tuple[int, Mapping[str, np.ndarray], int]]:
+    """(part, the feed's rows that go to it, how many units they are): the whole feed in part 0 without `part_of`;
+    with it, the feed (one unit, unless `by_row` and it holds a batch) in the part of its unit, or a batch cut into
+    one sub-batch per part its rows go to (an activation's first axis need not be the batch: the model runs each)."""
+    if part_of is None:
+        return [(0, feed, 1)]
+    rows = feed_rows(feed) if by_row else 1
+    if rows == 1:
+        return [(part_of(first), feed, 1)]
+    by_part: dict[int, list[int]] = {}
+    for row in range(rows):
+        by_part.setdefault(part_of(first + row), []).append(row)
+    return [(part, feed if len(kept) == rows else {name: array[kept] for name, array in feed.items()}, len(kept))
+            for part, kept in sorted(by_part.items())]
 
 
 def sample_seed(tensor: str, index: int) -> int:

@@ -31,8 +31,9 @@ calibration samples, the plans are scored on units (rows, or whole samples when 
   weight-only (with a note) and the judge is not reached by default; if it is (a method that needs data asked for),
   the plans are scored on the rows they were fitted on and the note says so.
 
-In each fold the layers are calibrated and decomposed again on the fold's fit rows alone (`analyze.reanalyzed`: one
-streaming pass and one decomposition per layer; the measured latencies are reused, nothing is timed again), every
+In each fold the layers are decomposed again on the fold's fit rows alone (`analyze.reanalyzed`: one decomposition
+per layer; the measured latencies are reused, nothing is timed again), from statistics the analysis' own calibration
+pass collected in parts (`calibration_split`: the rows of the held-out units apart), so no pass is run again; every
 candidate allocator (and method) builds its plan on that analysis, and those plans are scored on the fold's
 held-out rows. A label's score is its worst relative output error pooled over every fold's held-out rows (and
 jackknifed over them). The winning allocator (and method) then builds the plan from the full analysis, on all rows.
@@ -45,16 +46,17 @@ wins ("auto: alds (weight only) ..."), the plan's settings say weight_only (meth
 reproduced by `apply`, from the weights alone (`pipeline.written_with`).
 
 Cost, bounded: one weight-only decomposition of every layer per analysis (shared by every budget); with a split or
-folds, one calibration pass over the fit rows and one decomposition per layer per fold (at most `FOLDS`, and only
-with fewer than `SINGLE_SPLIT_UNITS` units, where a pass is short), and per fold each distinct candidate written and
-run once on that fold's held-out rows (over the folds, every calibration unit runs once per candidate).
+folds, one decomposition per layer per fold (at most `FOLDS`, and only with fewer than `SINGLE_SPLIT_UNITS` units),
+and per fold each distinct candidate written and run once on that fold's held-out rows (over the folds, every
+calibration unit runs once per candidate). Memory: the statistics of the fit rows of every fold are held with the
+analysis (one set beside the whole's with a split, `FOLDS` sets with folds).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import onnx
@@ -66,6 +68,7 @@ from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.apply import write_plan
 from onnx_lowrank.errors import BudgetError
 from onnx_lowrank.graph.inputs import Samples, batch_can_be_cut, sample_units
+from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics
 from onnx_lowrank.stages.latency_cache import LatencyCache, model_key
 from onnx_lowrank.stages.layer_timing import BLOCK_SECONDS, open_cache
 from onnx_lowrank.stages.timing import OnnxruntimeTimer, timer_of
@@ -74,7 +77,7 @@ from onnx_lowrank.plan import Plan
 from onnx_lowrank.settings import AnalysisSettings
 from onnx_lowrank.stages.verify import Verification, _relative, verify_many
 
-__all__ = ["CANDIDATE_ALLOCATORS", "choose_plan"]
+__all__ = ["CANDIDATE_ALLOCATORS", "choose_plan", "calibration_split", "fold_statistics"]
 
 CANDIDATE_ALLOCATORS = ALLOCATORS
 
@@ -181,6 +184,26 @@ def held_out(index: int) -> bool:
     return index % FOLDS == FOLDS - 1
 
 
+def calibration_split(units: int) -> Callable[[int], int] | None:
+    """The part each of `units` calibration units is summed into by the analysis' calibration pass (`calibrate`'s
+    `part_of`), so the judge's fit statistics come from that one pass: with a single split, part 0 the fit units and
+    part 1 the held-out ones; with folds, part i % FOLDS; None with too few units to judge."""
+    if units >= SINGLE_SPLIT_UNITS:
+        return lambda index: int(held_out(index))
+    if units >= MIN_CALIBRATION_UNITS:
+        return lambda index: index % FOLDS
+    return None
+
+
+def fold_statistics(parts: Sequence[Mapping[str, InputStatistics]]) -> tuple[Mapping[str, InputStatistics], ...]:
+    """Per fold, the statistics of its fit rows, from the parts of `calibration_split`: part 0 with a single split,
+    every part but the fold's own with folds."""
+    if len(parts) == 2:
+        return (parts[0],)
+    return tuple(PooledStatistics([part for index, part in enumerate(parts) if index != fold])
+                 for fold in range(len(parts)))
+
+
 _FOLDS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """analysis -> {samples key: its folds}: the folds do not depend on the budget, so every budget a sweep or a target
 search plans for the same analysis reuses one set of calibration passes and decompositions."""
@@ -209,11 +232,14 @@ def _made_folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
         return [(samples, analysis)], (_rows(rows, "calibration sample")
                                        + " (the ones that fitted them: too few to hold any out)")
     shrinkage = DEFAULT_SHRINKAGE if analysis.context is None else analysis.context.settings.shrinkage
+    chosen = (FOLDS - 1,) if units >= SINGLE_SPLIT_UNITS else tuple(range(FOLDS))
+    collected = analysis.fold_statistics if len(analysis.fold_statistics) == len(chosen) else None
     folds = []
-    for fold in (FOLDS - 1,) if units >= SINGLE_SPLIT_UNITS else range(FOLDS):
+    for index, fold in enumerate(chosen):
         fit = samples.rows_where(lambda i, fold=fold: i % FOLDS != fold, by_row=by_row)
         scored = samples.rows_where(lambda i, fold=fold: i % FOLDS == fold, by_row=by_row)
-        statistics = calibrate(model, [entry.layer for entry in analysis.layers], fit).layers
+        statistics = collected[index] if collected is not None else calibrate(
+            model, [entry.layer for entry in analysis.layers], fit).layers  # an analysis made without parts
         folds.append((scored, reanalyzed(analysis, statistics, shrinkage)))
     if len(folds) == 1:
         return folds, f"{_rows(scored.rows, 'held-out calibration sample')}, plans fitted on the other {fit.rows}"
