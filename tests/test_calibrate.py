@@ -296,9 +296,10 @@ def test_list_of_feeds_equals_sum_over_each_feed(model, layers):
     for layer in layers:
         parts = [s[layer.name] for s in separate]
         assert together[layer.name].count == sum(p.count for p in parts)
-        # each pass shifts its rows by its own first mean before the float32 products: equal to float32 rounding
+        # each pass shifts its rows by its own first mean before the float32 products (of up to 2048 rows):
+        # equal to float32 rounding
         scale = np.abs(together[layer.name].gram).max()
-        np.testing.assert_allclose(together[layer.name].gram, sum(p.gram for p in parts), rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(together[layer.name].gram, sum(p.gram for p in parts), rtol=0, atol=4e-6 * scale)
         np.testing.assert_allclose(together[layer.name].total, sum(p.total for p in parts), rtol=0,
                                    atol=1e-6 * np.abs(together[layer.name].total).max())
 

@@ -248,7 +248,7 @@ def test_blas_runs_single_threaded_in_analysis_and_apply(model_path, monkeypatch
         return wrapped
 
     monkeypatch.setattr(decomposition, "group_svds", spy(decomposition.group_svds))
-    monkeypatch.setattr(projection.scipy.linalg, "eigh", spy(projection.scipy.linalg.eigh))
+    monkeypatch.setattr(projection.lapack, "eigh", spy(projection.lapack.eigh))
     api.compress(model_path, 0.5, allow_slower=True, threads=1, weight_only=True, verify=False)
     samples = [{"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}] * 2
     api.compress(model_path, 0.5, allow_slower=True, threads=1, calibration=samples, allocator="alds", verify=False)

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import scipy.linalg
 
+from onnx_lowrank.math import lapack
 from onnx_lowrank.math.statistics import InputStatistics
 
 __all__ = ["Reader", "Folded", "ChannelElimination", "keep_order", "regression", "WIDTH_STEPS", "widths"]
@@ -196,7 +196,7 @@ def regression(covariance: np.ndarray, mean: np.ndarray, kept: np.ndarray, dropp
         return np.zeros((0, len(kept))), np.zeros(0)
     c_ss = covariance[np.ix_(kept, kept)]
     # a pseudo-inverse: past the numerical rank the kept channels include copies and dead ones (C_SS singular)
-    a_t = scipy.linalg.pinvh(c_ss, rtol=_PSEUDO_INVERSE_RTOL) @ covariance[np.ix_(kept, dropped)]
+    a_t = lapack.pinvh(c_ss, rtol=_PSEUDO_INVERSE_RTOL) @ covariance[np.ix_(kept, dropped)]
     a = a_t.T
     return a, mean[dropped] - a @ mean[kept]
 

@@ -1,4 +1,4 @@
-"""Data-aware, output-optimal grouped low-rank decomposition of one layer (pure numpy/scipy, no ONNX).
+"""Data-aware, output-optimal grouped low-rank decomposition of one layer (pure numpy, no ONNX).
 
 A layer computes y = W x + b, W of shape (out, d), for every calibration row x (a Conv's im2col patch, a Gemm's
 input). With k groups, W = [W_1 .. W_k] and x = [x_1 .. x_k] split into contiguous blocks of d/k columns, and the
@@ -46,8 +46,8 @@ import math
 import numbers
 
 import numpy as np
-import scipy.linalg
 
+from onnx_lowrank.math import lapack
 from onnx_lowrank.math.statistics import InputStatistics
 from onnx_lowrank.math.svd import Factors
 
@@ -170,13 +170,13 @@ class OutputDecomposition:
             if out <= m:
                 # diagonalise Q_gg = W_g Sigma_s[g,g] W_g^T (out x out)
                 q = (block @ sigma[rows, rows]) @ block.T
-                lam, u = scipy.linalg.eigh(q, driver="evd", check_finite=False, overwrite_a=True)
+                lam, u = lapack.eigh(q)
                 lam, u = lam[::-1], np.ascontiguousarray(u[:, ::-1])
             else:
                 # SVD of W_g Sigma_s[g,g]^(1/2) (out x m): no out x out matrix
-                ev, v = scipy.linalg.eigh(sigma[rows, rows], driver="evd", check_finite=False)
+                ev, v = lapack.eigh(sigma[rows, rows])
                 root = v * np.sqrt(np.clip(ev, 0.0, None))
-                u, s, _ = scipy.linalg.svd(block @ root, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+                u, s, _ = lapack.svd(block @ root)
                 lam = s * s
             vectors.append(u)
             encoders.append(u.T @ block)

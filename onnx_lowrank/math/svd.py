@@ -1,4 +1,4 @@
-"""Grouped truncated SVD of a layer's weight matrix (pure numpy/scipy, no ONNX).
+"""Grouped truncated SVD of a layer's weight matrix (pure numpy, no ONNX).
 
 A layer is seen as a matrix W of shape (out, in_channels * taps), where `taps` is the number of kernel positions
 (1 for Gemm/MatMul). Its input channels are split into k contiguous, equal groups, so the columns split into k
@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
+from onnx_lowrank.math import lapack
 __all__ = [
     "Factors", "group_blocks", "group_singular_values", "group_svds", "truncate", "factorize", "reconstruct",
     "max_rank", "spectral_norm", "svdvals",
@@ -75,7 +75,7 @@ def spectral_norm(matrix: np.ndarray) -> float:
 def group_svds(matrix: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Thin SVD (u, s, vt) of every column group: computed once, truncated to any rank by `truncate`."""
     blocks = group_blocks(np.asarray(matrix, dtype=np.float64), k)
-    return [scipy.linalg.svd(b, full_matrices=False, check_finite=False, lapack_driver="gesdd") for b in blocks]
+    return [lapack.svd(b) for b in blocks]
 
 
 def truncate(svds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], rank: int) -> Factors:
@@ -107,4 +107,4 @@ def reconstruct(factors: Factors) -> np.ndarray:
 
 def svdvals(matrix: np.ndarray) -> np.ndarray:
     # gesdd: divide and conquer; gesvd is an order of magnitude slower on large layers
-    return scipy.linalg.svd(matrix, compute_uv=False, check_finite=False, lapack_driver="gesdd")
+    return lapack.svdvals(matrix)

@@ -30,7 +30,7 @@ from onnx_lowrank.math.elimination import ChannelElimination, Folded, Reader, wi
 from onnx_lowrank.ops.base import group_counts, width_alignment
 from onnx_lowrank.ops.layer import Chain, Layer, Skipped
 from onnx_lowrank.errors import InvalidOptionError
-from onnx_lowrank.stages.parallel import map_in_order, single_threaded_blas
+from onnx_lowrank.stages.parallel import map_all, map_in_order, single_threaded_blas
 from onnx_lowrank.math.projection import (DEFAULT_SHRINKAGE, OutputDecomposition, adaptive_shrinkage,
                                           oas_intensity, shrunk_covariance)
 from onnx_lowrank.math.statistics import InputStatistics
@@ -205,7 +205,7 @@ def analyze_layers(
 
     layers = []
     with single_threaded_blas():
-        for entry in map_in_order(one, discovery.layers):
+        for entry in map_all(one, discovery.layers):
             layers.append(entry)
             if progress is not None:
                 progress(entry.layer)
@@ -230,7 +230,7 @@ def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], sh
                               statistics[entry.layer.name], shrinkage, analysis.costs, analysis.guarded)
 
     with single_threaded_blas():
-        layers = tuple(map_in_order(one, analysis.layers))
+        layers = map_all(one, analysis.layers)
     return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage),
                    fold_statistics=())
 
@@ -255,7 +255,7 @@ def weight_only(analysis: Analysis) -> Analysis:
                                   analysis.guarded)
 
         with single_threaded_blas():
-            layers = tuple(map_in_order(one, analysis.layers))
+            layers = map_all(one, analysis.layers)
         made = replace(analysis, layers=layers, costs=costs, measure=WEIGHT_MEASURE, calibration=None,
                        calibration_key=(), method="lowrank", chains=(), unnarrowed=(), context=None,
                        thin_calibration=(), fold_statistics=())
@@ -393,4 +393,4 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
         return ChainAnalysis(chain=chain, elimination=elimination, candidates=candidates)
 
     with single_threaded_blas():
-        return tuple(map_in_order(one, usable)), tuple(skipped)
+        return map_all(one, usable), tuple(skipped)

@@ -29,6 +29,7 @@ from onnx_lowrank.ops.layer import Layer
 from onnx_lowrank.errors import InputDataError
 from onnx_lowrank.math.patches import ConvGeometry, input_rows
 from onnx_lowrank.graph.inputs import feed_rows
+from onnx_lowrank.stages.parallel import map_in_order, single_threaded_blas
 from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics, StatisticsAccumulator, pooled
 
 __all__ = ["DEFAULT_MAX_ROWS", "Calibration", "calibrate", "collect_statistics", "sample_seed"]
@@ -93,27 +94,35 @@ def calibrate(
     for index, feed in enumerate(feeds):
         for part, piece, count in _pieces(feed, part_of, by_row, units):
             outputs = runtime.run(sess, piece)
-            for key, columns in requests.items():
+
+            def add(key, part=part, piece=piece, outputs=outputs, index=index):
                 name, geometry = key
                 value = piece[name] if name in graph_inputs else outputs[name]
                 rows = input_rows(value, geometry, max_rows, sample_seed(name, index))
+                columns = requests[key]
                 if columns is not None and rows.shape[1] != columns:
                     layer = unique[key]
                     raise InputDataError(
                         f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these "
                         f"samples, but its weight expects {layer.columns}; give samples the model accepts"
                     )
-                if (part, key) not in accumulators:
-                    accumulators[(part, key)] = StatisticsAccumulator(rows.shape[1])
-                accumulators[(part, key)].add(rows)
-            del outputs
+                accumulator = accumulators.get((part, key))
+                if accumulator is None:  # one worker per key: no other thread adds this one
+                    accumulator = accumulators[(part, key)] = StatisticsAccumulator(rows.shape[1])
+                accumulator.add(rows)
+
+            with single_threaded_blas():
+                for _ in map_in_order(add, requests):
+                    pass
+            del outputs, add
             units += count
         samples += 1
         if progress is not None:
             progress(index + 1)
     if samples == 0:
         raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
-    results = {key: accumulator.result() for key, accumulator in accumulators.items()}
+    with single_threaded_blas():
+        results = dict(zip(accumulators, map_in_order(StatisticsAccumulator.result, accumulators.values())))
     count = 1 + max((part for part, _ in results), default=0)
     missing = [part for part in range(count) if any((part, key) not in results for key in requests)]
     if missing:  # a part no unit went to: the caller's split does not fit these samples

@@ -17,6 +17,10 @@ models are timed against each other, interleaved, with the deployment's session 
 whose times differ by a few percent less reliably than that). Those times go to the latency cache the analysis
 used, keyed by each written model's bytes, so runs sharing a cache choose, and write, the same plan.
 
+Plans whose worst error is float rounding (`allocate.FLOAT_ROUNDING`) are exact, and tie whatever the samples: the
+fastest of them wins, or, where the layers were not timed (all at the per-node overhead), the one adding the fewest
+nodes (a factorized layer is one more).
+
 Every row of a batch is a sample (an .npz holding a batch of 6 is 6): plans are compared, and jackknifed, per row.
 
 Held-out scoring: a plan scored on the rows its statistics were fitted on looks better than it is (6 rows of a
@@ -61,7 +65,7 @@ from dataclasses import replace
 
 import onnx
 
-from onnx_lowrank.stages.allocate import allocate
+from onnx_lowrank.stages.allocate import FLOAT_ROUNDING, allocate
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.stages.analyze import Analysis, reanalyzed, weight_only
 from onnx_lowrank.stages.calibrate import calibrate
@@ -127,7 +131,8 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     best, faster = least, ""
     # in folds (fewer than SINGLE_SPLIT_UNITS units) the jackknife is too coarse to call a plan as good as the best:
     # ppocr-cls on 4 and 8 samples tied plans with 6-17x the best error, and the fastest of them won
-    tied = [name for name in plans if _indistinguishable(checks[name], checks[least])] if len(folds) == 1 else []
+    tied = [name for name in plans if _within_rounding(checks[name])
+            or (len(folds) == 1 and _indistinguishable(checks[name], checks[least]))]
     if "latency" in analysis.costs and len(tied) > 1:
         times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)), speed,
                                writers)
@@ -135,6 +140,10 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
         if best != least:
             faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
                       f"against {times[least]:.3g} ms")
+    elif len(tied) > 1:  # not timed (layers at the per-node overhead): the fewest nodes added
+        best = min(tied, key=lambda name: (len(plans[name].layers), errors[name]))
+        if best != least:
+            faster = f"; exact like {least}'s and adds fewer nodes"
     note = f"auto: {best} (output error on {where}: {scores}{faster})"
     return _chosen(plans[best], best, writers[best] is plain, analysis, note)
 
@@ -317,6 +326,14 @@ def _indistinguishable(candidate: Verification, best: Verification) -> bool:
     n, mean = len(left_out), sum(left_out) / len(left_out)
     standard_error = math.sqrt((n - 1) / n * sum((d - mean) ** 2 for d in left_out))
     return difference < 2 * standard_error
+
+
+def _within_rounding(check: Verification) -> bool:
+    """Whether a plan's worst output error is float rounding (`allocate.FLOAT_ROUNDING`): every such plan is exact,
+    whatever the samples, and they tie: the fastest is written, or, where the layers were not timed, the one that
+    adds the fewest nodes (a factorized layer is one more node; on a model with duplicated units the smallest
+    rounding picked a factorized plan 1.10x slower than the original over an exact narrowing)."""
+    return _score(check.worst_relative_l2) <= FLOAT_ROUNDING
 
 
 def _score(error: float) -> float:

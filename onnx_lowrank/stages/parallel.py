@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
 
-__all__ = ["single_threaded_blas", "map_in_order"]
+__all__ = ["single_threaded_blas", "map_in_order", "map_all"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,9 +32,11 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 1
+                 ) -> Iterator[R]:
     """`function` over `items` on `workers` threads (default: one per core), yielding results in input order; at
-    most `workers` results wait, finished or running, while the caller holds the last one yielded."""
+    most `ahead` x `workers` results wait, finished or running, while the caller holds the last one yielded (more
+    ahead keeps both cores busy behind one slow item, at the memory of the results waiting)."""
     items = list(items)
     workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
     if workers <= 1:
@@ -42,7 +44,7 @@ def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | 
         return
     remaining = iter(items)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque(pool.submit(function, item) for item in islice(remaining, workers))
+        pending = deque(pool.submit(function, item) for item in islice(remaining, ahead * workers))
         while pending:
             result = pending.popleft().result()
             for item in remaining:  # one more in flight before the caller gets this one
@@ -50,3 +52,11 @@ def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | 
                 break
             yield result
             del result
+
+
+def map_all(function: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> tuple[R, ...]:
+    """Every result of `function` over `items`, in input order, for a caller that keeps them all anyway: every item
+    is queued at once, so one slow item does not leave a core idle (measured on YOLOv8n's analysis: with only one
+    item ahead, two threads were 1.15x one)."""
+    items = list(items)
+    return tuple(map_in_order(function, items, workers, ahead=max(len(items), 1)))
