@@ -37,7 +37,7 @@ from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, 
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
 from onnx_lowrank.stages.report import Report, build_report
-from onnx_lowrank.stages.timing import LatencyComparison, SpeedCheck, compare_models
+from onnx_lowrank.stages.timing import MEASUREMENTS, LatencyComparison, SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
 
 __all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "keep_speed_promise", "ModelLike", "ShapeSpecs",
@@ -293,7 +293,9 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
         seconds["verify"] = time.perf_counter() - start
         if time_models:
             start = time.perf_counter()
-            timing = compare_models(model, compressed, [context.timing_feed()], context.speed)
+            # unguarded, nothing is decided from it: one measurement (one pair of sessions), reported as such
+            timing = compare_models(model, compressed, [context.timing_feed()], context.speed,
+                                    measurements=MEASUREMENTS if analysis.guarded else 1)
             if analysis.guarded:
                 plan, written, timing, check = _whole_model_check(context, analysis, plan, written, timing, refit)
                 compressed, changed = written.model, bool(plan.layers or plan.widths)
