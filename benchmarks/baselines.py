@@ -92,24 +92,28 @@ def _weight_svd(layer):
     return errors, factors
 
 
-def _minmax(layers, errors: dict, budget: float) -> dict[str, int]:
-    """The smallest threshold t whose cheapest ranks (error <= t, smaller than dense) fit the params budget."""
+def _minmax(layers, errors: dict, budget: float, shifted: bool) -> dict[str, int]:
+    """The smallest threshold t whose cheapest ranks (error <= t, smaller than dense) fit the params budget (of the
+    layers' weights; with `shifted`, a layer without a bias gains one for the factors' mean correction)."""
     dense = {layer.name: layer.matrix_shape[0] * layer.matrix_shape[1] for layer in layers}
+    extra = {layer.name: layer.matrix_shape[0] if shifted and not layer.bias_size else 0 for layer in layers}
     total, capacity = sum(dense.values()), budget * sum(dense.values())
+
+    def factorized(name, rank):
+        layer = next(item for item in layers if item.name == name)
+        return rank * sum(layer.matrix_shape) + extra[name]
 
     def ranks_at(t):
         chosen = {}
         for layer in layers:
-            out, cols = layer.matrix_shape
-            useful = [r for r in range(1, len(errors[layer.name])) if r * (out + cols) < dense[layer.name]]
+            useful = [r for r in range(1, len(errors[layer.name])) if factorized(layer.name, r) < dense[layer.name]]
             fitting = [r for r in useful if errors[layer.name][r] <= t]
             if fitting:
                 chosen[layer.name] = fitting[0]
         return chosen
 
     def cost(chosen):
-        return total - sum(dense[n] - r * sum(next(l for l in layers if l.name == n).matrix_shape)
-                           for n, r in chosen.items())
+        return total - sum(dense[n] - factorized(n, r) for n, r in chosen.items())
 
     thresholds = sorted({float(e) for values in errors.values() for e in values})
     low, high = 0, len(thresholds) - 1
@@ -122,9 +126,9 @@ def _minmax(layers, errors: dict, budget: float) -> dict[str, int]:
     return ranks_at(thresholds[low])
 
 
-def _write(model, layers, decompose, budget):
+def _write(model, layers, decompose, budget, shifted):
     made = {layer.name: decompose(layer) for layer in layers}
-    ranks = _minmax(layers, {name: errors for name, (errors, _) in made.items()}, budget)
+    ranks = _minmax(layers, {name: errors for name, (errors, _) in made.items()}, budget, shifted)
     rewrites = [(layer, made[layer.name][1](ranks[layer.name])) for layer in layers if layer.name in ranks]
     return factorize_layers(model, rewrites)[0]
 
@@ -132,9 +136,9 @@ def _write(model, layers, decompose, budget):
 def plain_calibrated(model: onnx.ModelProto, feeds, budget: float) -> onnx.ModelProto:
     layers = [layer for layer in discover(model).layers if not layer.shared]
     sums = _capture(model, layers, feeds)
-    return _write(model, layers, lambda layer: _whitened(layer, *sums[layer.name]), budget)
+    return _write(model, layers, lambda layer: _whitened(layer, *sums[layer.name]), budget, shifted=True)
 
 
 def bare_svd(model: onnx.ModelProto, budget: float) -> onnx.ModelProto:
     layers = [layer for layer in discover(model).layers if not layer.shared]
-    return _write(model, layers, _weight_svd, budget)
+    return _write(model, layers, _weight_svd, budget, shifted=False)

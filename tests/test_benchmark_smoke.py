@@ -70,3 +70,47 @@ def test_the_few_samples_study_calls_a_cell_better_or_worse_only_beyond_noise():
     assert few_samples._verdict(cell([0.11, 0.28, 0.06, 0.21], task=0.85), weight, 0.01) == "worse"  # task lower
     low, high = few_samples.error_difference(weight, weight)
     assert low == high == 0.0
+
+
+@pytest.mark.slow
+def test_the_profile_names_the_stages_where_the_time_went(tmp_path):
+    """benchmarks/profile.py on the smallest real model: every stage row it reads off the profile is a real
+    function of the pipeline (a renamed one would silently vanish from PROFILE.md)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(run.__file__).with_name("profile.py")
+    spec = importlib.util.spec_from_file_location("benchmark_profile", path)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "PROFILE.md"
+    assert profile.main(["--models", "ppocr-cls", "--out", str(out)]) == 0
+    text = out.read_text()
+    for label in ("calibration pass", "decompositions", "judge (auto)", "allocation", "writing plans"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} "))
+        assert float(_cells(row)[1]) > 0, row
+    assert "| ppocr-cls | 16 |" in text
+
+
+def test_the_plain_baselines_meet_their_budget_and_keep_the_outputs_close():
+    """benchmarks/baselines.py: what the tool's speed is compared against must do the job it stands for."""
+    import numpy as np
+
+    from benchmarks.baselines import bare_svd, plain_calibrated
+    from helpers.builders import make_model, tensor
+    from onnx import helper
+
+    from onnx_lowrank.stages import costs
+    from onnx_lowrank.stages.verify import verify
+
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((64, 16)).astype(np.float32)
+    w1 = (hidden @ rng.standard_normal((16, 64)).astype(np.float32) / 8).astype(np.float32)  # rank 16 of 64
+    w2 = rng.standard_normal((64, 16)).astype(np.float32) / 8
+    model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                        helper.make_node("MatMul", ["r", "w2"], ["y"])],
+                       [tensor("x", [4, 64])], [tensor("y", [4, 16])], {"w1": w1, "w2": w2})
+    feeds = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(8)]
+    for compressed in (plain_calibrated(model, feeds, 0.8), bare_svd(model, 0.8)):
+        assert costs.model_params(compressed) <= 0.8 * costs.model_params(model)
+        assert verify(model, compressed, feeds).worst_relative_l2 < 1e-5  # w1 is exactly rank 16: kept exactly
