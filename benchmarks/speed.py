@@ -72,12 +72,10 @@ def first_command(folder: Path, repeats: int, before: Path | None) -> list[str]:
     for attempt in range(repeats):
         for number, (version, source) in enumerate(versions.items()):
             env = {**os.environ, "ONNX_LOWRANK_CACHE": str(folder / f"cache-{attempt}-{number}")}
-            if source is not None:
-                env["PYTHONPATH"] = str(source)
             outputs = []
             for kind in ("cold", "warm", "warm"):
                 output = folder / "out.onnx"
-                command = [sys.executable, "-m", "onnx_lowrank", "compress", str(model_path(workload.model)),
+                command = [sys.executable, *_entry(source), "compress", str(model_path(workload.model)),
                            str(output), "--budget", "0.8", "--calibration", str(folder / "calib"), "--inputs",
                            str(folder / "held_out"), "--quiet"]
                 seconds = _timed(lambda: subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL))
@@ -94,6 +92,18 @@ def first_command(folder: Path, repeats: int, before: Path | None) -> list[str]:
     lines += [f"| {version} | {_summary(cold[version])} | {_summary(warm[version])} | "
               f"{'yes' if same[version] else 'NO'} |" for version in versions]
     return lines + [""]
+
+
+def _entry(source: Path | None) -> list[str]:
+    """How the child runs the CLI: `-m onnx_lowrank` as installed, or the package of `source` (an editable install's
+    import hook comes before PYTHONPATH, so it is taken out first; the interpreter starts the same way)."""
+    if source is None:
+        return ["-m", "onnx_lowrank"]
+    prelude = ("import runpy, sys; "
+               "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]; "
+               f"sys.path.insert(0, {str(source)!r}); sys.argv[0] = 'onnx-lowrank'; "
+               "runpy.run_module('onnx_lowrank', run_name='__main__', alter_sys=True)")
+    return ["-c", prelude]
 
 
 def _commit(checkout: Path) -> str:
@@ -115,18 +125,8 @@ def calibrated(name: str, repeats: int, cache: Path) -> list[str]:
             original, 0.8, method="lowrank", allocator="alds", **common),
         "plain calibrated k = 1 script": lambda: plain_calibrated(original, calibration, 0.8),
     }
-    for run in runs.values():  # untimed: fills the latency cache (every form any of them times) and warms up
-        run()
-    seconds = {label: [] for label in runs}
-    for _ in range(repeats):
-        for label, run in runs.items():
-            seconds[label].append(_timed(run))
-    plain = statistics.median(seconds["plain calibrated k = 1 script"])
-    lines = [f"### {name} ({len(calibration)} calibration samples, params 0.8, no verification, warm cache)\n",
-             "| run | seconds | against the plain script |", "| --- | ---: | ---: |"]
-    lines += [f"| {label} | {_summary(values)} | {statistics.median(values) / plain:.2f}x |"
-              for label, values in seconds.items()]
-    return lines + [""]
+    return ([f"### {name} ({len(calibration)} calibration samples, params 0.8, no verification, warm cache)\n"]
+            + _side_by_side(runs, repeats, "plain calibrated k = 1 script", "the plain script"))
 
 
 def weight_only(repeats: int, cache: Path) -> list[str]:
@@ -136,16 +136,22 @@ def weight_only(repeats: int, cache: Path) -> list[str]:
     runs = {"onnx-lowrank weight-only, verified": lambda: onnx_lowrank.compress(
                 original, 0.7, weight_only=True, inputs=held_out, threads=THREADS, latency_cache=cache),
             "bare per-layer SVD script": lambda: bare_svd(original, 0.7)}
-    for run in runs.values():  # untimed: fills the latency cache and warms up
+    return (["## 3. Weight-only\n", f"{FIRST} at params 0.7 (the tool verifies on {len(held_out)} held-out images; "
+             "warm cache).\n"] + _side_by_side(runs, repeats, "bare per-layer SVD script", "the bare script"))
+
+
+def _side_by_side(runs: dict, repeats: int, reference: str, named: str) -> list[str]:
+    """Every run once untimed (it fills the latency cache, every form any of them times, and warms up), then
+    `repeats` interleaved rounds; a table of medians against `reference`'s."""
+    for run in runs.values():
         run()
     seconds = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
             seconds[label].append(_timed(run))
-    bare = statistics.median(seconds["bare per-layer SVD script"])
-    lines = ["## 3. Weight-only\n", f"{FIRST} at params 0.7 (the tool verifies on {len(held_out)} held-out images; "
-             "warm cache).\n", "| run | seconds | against the bare script |", "| --- | ---: | ---: |"]
-    lines += [f"| {label} | {_summary(values)} | {statistics.median(values) / bare:.2f}x |"
+    base = statistics.median(seconds[reference])
+    lines = [f"| run | seconds | against {named} |", "| --- | ---: | ---: |"]
+    lines += [f"| {label} | {_summary(values)} | {statistics.median(values) / base:.2f}x |"
               for label, values in seconds.items()]
     return lines + [""]
 
