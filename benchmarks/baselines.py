@@ -99,9 +99,10 @@ def _minmax(layers, errors: dict, budget: float, shifted: bool) -> dict[str, int
     extra = {layer.name: layer.matrix_shape[0] if shifted and not layer.bias_size else 0 for layer in layers}
     total, capacity = sum(dense.values()), budget * sum(dense.values())
 
+    sides = {layer.name: sum(layer.matrix_shape) for layer in layers}
+
     def factorized(name, rank):
-        layer = next(item for item in layers if item.name == name)
-        return rank * sum(layer.matrix_shape) + extra[name]
+        return rank * sides[name] + extra[name]
 
     def ranks_at(t):
         chosen = {}

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import onnx_lowrank  # noqa: E402
-from onnx_lowrank.stages import analyze as analyze_module, parallel as parallel_module  # noqa: E402
+from onnx_lowrank.stages import analyze as analyze_module, calibrate as calibrate_module  # noqa: E402
 
 from benchmarks.few_samples import benchmark_models  # noqa: E402
 from benchmarks.workloads import model_path, workloads  # noqa: E402
@@ -71,8 +71,12 @@ Nested ones are indented; a function reached from several stages (write_plan: by
 counts everywhere it runs."""
 
 
-def _serial(function, items, workers=None, ahead=1):
+def _serial(function, items, workers=None):
     yield from map(function, items)
+
+
+def _serial_all(function, items, workers=None):
+    return tuple(map(function, items))
 
 
 def profile_model(name: str, verify: bool, cache: Path) -> dict:
@@ -89,8 +93,10 @@ def profile_model(name: str, verify: bool, cache: Path) -> dict:
     _, report = onnx_lowrank.compress(original, BUDGET, **options)
     wall = time.perf_counter() - start
     profiler = cProfile.Profile()
-    real = parallel_module.map_in_order  # map_all and analyze's own calls go through it
-    analyze_module.map_in_order = parallel_module.map_in_order = _serial
+    patched = [(module, name, getattr(module, name)) for module in (analyze_module, calibrate_module)
+               for name in ("map_all", "map_in_order") if hasattr(module, name)]
+    for module, name, _ in patched:
+        setattr(module, name, _serial_all if name == "map_all" else _serial)
     try:
         profiler.enable()
         start = time.perf_counter()
@@ -98,7 +104,8 @@ def profile_model(name: str, verify: bool, cache: Path) -> dict:
         profiled = time.perf_counter() - start
         profiler.disable()
     finally:
-        analyze_module.map_in_order = parallel_module.map_in_order = real
+        for module, name, real in patched:
+            setattr(module, name, real)
     stats = pstats.Stats(profiler)
     return {"name": name, "wall": wall, "profiled": profiled, "cold": cold,
             "report_seconds": dict(report.seconds), "samples": len(calibration), "stats": stats,

@@ -68,5 +68,6 @@ def ratio_bounds(ratios: Sequence[float]) -> tuple[float, float]:
     centre = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(centre), math.exp(centre)
-    spread = statistics.stdev(logs) / math.sqrt(len(logs)) * float(special.stdtrit(len(logs) - 1, 1 - NOISE_LEVEL))  # Student's t quantile
+    t = float(special.stdtrit(len(logs) - 1, 1 - NOISE_LEVEL))  # Student's t quantile
+    spread = statistics.stdev(logs) / math.sqrt(len(logs)) * t
     return math.exp(centre - spread), math.exp(centre + spread)

@@ -44,8 +44,9 @@ class StatisticsAccumulator:
     """Adds rows into running sums; `result()` gives the frozen `InputStatistics`.
 
     Rows are gathered in a float32 buffer of at least `dim` rows (`BUFFER_ROWS` for narrow inputs) and each full
-    buffer's x^T x is computed by BLAS syrk (half the work of a full product, and twice the speed of float64) and
-    added into float64 sums, so rounding does not grow with the number of samples. The buffer is what makes it fast:
+    buffer's x^T x is computed in float32 (twice the speed of float64; numpy's product, which releases the GIL, so
+    layers are summed on every core) and added into float64 sums, so rounding does not grow with the number of
+    samples. The buffer is what makes it fast:
     a deep layer sees ~100 positions per sample against thousands of input values, and a product of that few rows
     is bound by reading and writing the d x d sum, not by arithmetic (YOLOv8n: 2 s of a 3 s calibration pass).
     The rows are shifted by the first chunk's mean before that (and the sums shifted back in float64): float32 rounds
@@ -57,7 +58,7 @@ class StatisticsAccumulator:
     BUFFER_ROWS = 2048
 
     def __init__(self, dim: int) -> None:
-        self._gram = np.zeros((dim, dim), dtype=np.float64)  # upper triangle only (syrk's)
+        self._gram = np.zeros((dim, dim), dtype=np.float64)  # only its upper triangle is read (`result`)
         self._total = np.zeros(dim, dtype=np.float64)
         self._count = 0
         self._shift: np.ndarray | None = None
@@ -91,8 +92,7 @@ class StatisticsAccumulator:
         if not self._filled:
             return
         chunk = self._buffer[: self._filled]
-        # numpy's product, not BLAS syrk through scipy (half the arithmetic): scipy holds the GIL through the call,
-        # and calibration adds the layers' rows on one thread per core (only the upper triangle is read)
+        # numpy's product, not BLAS syrk through scipy (half the arithmetic): scipy holds the GIL through the call
         self._gram += np.matmul(chunk.T, chunk)
         self._total += chunk.sum(axis=0, dtype=np.float64)
         self._filled = 0

@@ -18,6 +18,7 @@ activations are not cut afterwards).
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from onnx_lowrank.ops.layer import Layer
 from onnx_lowrank.errors import InputDataError
 from onnx_lowrank.math.patches import ConvGeometry, input_rows
 from onnx_lowrank.graph.inputs import feed_rows
-from onnx_lowrank.stages.parallel import map_in_order, single_threaded_blas
+from onnx_lowrank.stages.parallel import map_all, single_threaded_blas
 from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics, StatisticsAccumulator, pooled
 
 __all__ = ["DEFAULT_MAX_ROWS", "Calibration", "calibrate", "collect_statistics", "sample_seed"]
@@ -90,31 +91,30 @@ def calibrate(
     requests = {(name, geometry): None for name, geometry in tensors.items()}
     requests.update({key: layer.columns for key, layer in unique.items()})  # a layer's input may be a tensor too
     accumulators: dict[tuple, StatisticsAccumulator] = {}  # (part, request key) -> sums
+
+    def add(part: int, index: int, values: Mapping[str, np.ndarray], key: tuple) -> None:
+        """One request's rows of one piece of sample `index` into part `part`'s sums (one thread per key)."""
+        name, geometry = key
+        rows = input_rows(values[name], geometry, max_rows, sample_seed(name, index))
+        columns = requests[key]
+        if columns is not None and rows.shape[1] != columns:
+            layer = unique[key]
+            raise InputDataError(
+                f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these "
+                f"samples, but its weight expects {layer.columns}; give samples the model accepts"
+            )
+        accumulator = accumulators.get((part, key))
+        if accumulator is None:  # no other thread adds this key
+            accumulator = accumulators[(part, key)] = StatisticsAccumulator(rows.shape[1])
+        accumulator.add(rows)
+
     samples = units = 0
     for index, feed in enumerate(feeds):
         for part, piece, count in _pieces(feed, part_of, by_row, units):
-            outputs = runtime.run(sess, piece)
-
-            def add(key, part=part, piece=piece, outputs=outputs, index=index):
-                name, geometry = key
-                value = piece[name] if name in graph_inputs else outputs[name]
-                rows = input_rows(value, geometry, max_rows, sample_seed(name, index))
-                columns = requests[key]
-                if columns is not None and rows.shape[1] != columns:
-                    layer = unique[key]
-                    raise InputDataError(
-                        f"Layer {layer.name!r} reads {name!r} with {rows.shape[1]} values per position on these "
-                        f"samples, but its weight expects {layer.columns}; give samples the model accepts"
-                    )
-                accumulator = accumulators.get((part, key))
-                if accumulator is None:  # one worker per key: no other thread adds this one
-                    accumulator = accumulators[(part, key)] = StatisticsAccumulator(rows.shape[1])
-                accumulator.add(rows)
-
+            values = {**runtime.run(sess, piece), **{name: piece[name] for name in graph_inputs if name in piece}}
             with single_threaded_blas():
-                for _ in map_in_order(add, requests):
-                    pass
-            del outputs, add
+                map_all(partial(add, part, index, values), requests)
+            del values
             units += count
         samples += 1
         if progress is not None:
@@ -122,7 +122,7 @@ def calibrate(
     if samples == 0:
         raise InputDataError("No calibration samples: give at least one .npz sample with --calibration")
     with single_threaded_blas():
-        results = dict(zip(accumulators, map_in_order(StatisticsAccumulator.result, accumulators.values())))
+        results = dict(zip(accumulators, map_all(StatisticsAccumulator.result, accumulators.values())))
     count = 1 + max((part for part, _ in results), default=0)
     missing = [part for part in range(count) if any((part, key) not in results for key in requests)]
     if missing:  # a part no unit went to: the caller's split does not fit these samples

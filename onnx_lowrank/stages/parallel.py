@@ -32,11 +32,9 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | None = None, ahead: int = 1
-                 ) -> Iterator[R]:
+def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
     """`function` over `items` on `workers` threads (default: one per core), yielding results in input order; at
-    most `ahead` x `workers` results wait, finished or running, while the caller holds the last one yielded (more
-    ahead keeps both cores busy behind one slow item, at the memory of the results waiting)."""
+    most `workers` results wait, finished or running, while the caller holds the last one yielded."""
     items = list(items)
     workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
     if workers <= 1:
@@ -44,7 +42,7 @@ def map_in_order(function: Callable[[T], R], items: Iterable[T], workers: int | 
         return
     remaining = iter(items)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque(pool.submit(function, item) for item in islice(remaining, ahead * workers))
+        pending = deque(pool.submit(function, item) for item in islice(remaining, workers))
         while pending:
             result = pending.popleft().result()
             for item in remaining:  # one more in flight before the caller gets this one
@@ -59,4 +57,8 @@ def map_all(function: Callable[[T], R], items: Iterable[T], workers: int | None 
     is queued at once, so one slow item does not leave a core idle (measured on YOLOv8n's analysis: with only one
     item ahead, two threads were 1.15x one)."""
     items = list(items)
-    return tuple(map_in_order(function, items, workers, ahead=max(len(items), 1)))
+    workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
+    if workers <= 1:
+        return tuple(map(function, items))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return tuple(pool.map(function, items))
