@@ -93,10 +93,10 @@ def profile_model(name: str, verify: bool, cache: Path) -> dict:
     _, report = onnx_lowrank.compress(original, BUDGET, **options)
     wall = time.perf_counter() - start
     profiler = cProfile.Profile()
-    patched = [(module, name, getattr(module, name)) for module in (analyze_module, calibrate_module)
-               for name in ("map_all", "map_in_order") if hasattr(module, name)]
-    for module, name, _ in patched:
-        setattr(module, name, _serial_all if name == "map_all" else _serial)
+    patched = [(module, function, getattr(module, function)) for module in (analyze_module, calibrate_module)
+               for function in ("map_all", "map_in_order") if hasattr(module, function)]
+    for module, function, _ in patched:
+        setattr(module, function, _serial_all if function == "map_all" else _serial)
     try:
         profiler.enable()
         start = time.perf_counter()
@@ -104,8 +104,8 @@ def profile_model(name: str, verify: bool, cache: Path) -> dict:
         profiled = time.perf_counter() - start
         profiler.disable()
     finally:
-        for module, name, real in patched:
-            setattr(module, name, real)
+        for module, function, real in patched:
+            setattr(module, function, real)
     stats = pstats.Stats(profiler)
     return {"name": name, "wall": wall, "profiled": profiled, "cold": cold,
             "report_seconds": dict(report.seconds), "samples": len(calibration), "stats": stats,
