@@ -107,7 +107,8 @@ def _sweep_methods(original, workload, methods, budgets, feeds, latency_repeats,
         def evaluate(model, keep=any(m.name in paired for m in group)):
             if keep:
                 written.append(model)
-            retimed.append(compare_models(original, model, [feeds[0]], speed, rounds=latency_repeats).ratio)
+            retimed.append(compare_models(original, model, [feeds[0]], speed, rounds=latency_repeats,
+                                          stop_early=False).ratio)
             return workload.score(runtime.session(model), reference)
 
         result = sweep(
@@ -151,7 +152,8 @@ def _noise(original, feeds, repeats: int) -> float:
     """How far the original timed against itself strays from 1.0, measured as every cell is (`compare_models`: several
     measurements with fresh sessions), five times: the noise of a latency ratio."""
     speed = SpeedSettings(runtime=RuntimeSettings(threads=THREADS))
-    ratios = [compare_models(original, original, [feeds[0]], speed, rounds=repeats).ratio for _ in range(5)]
+    ratios = [compare_models(original, original, [feeds[0]], speed, rounds=repeats, stop_early=False).ratio
+              for _ in range(5)]
     return max(abs(r - 1.0) for r in ratios)
 
 
@@ -264,7 +266,7 @@ def _pairs_timed(kept, feed, repeats: int) -> dict:
                 continue
             same = model.SerializeToString() == other.SerializeToString()
             ratios[(both, budget)] = None if same else compare_models(other, model, [feed], speed,
-                                                                      rounds=repeats).ratio
+                                                                      rounds=repeats, stop_early=False).ratio
     return ratios
 
 

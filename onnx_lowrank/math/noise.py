@@ -9,7 +9,10 @@ Two kinds of noise, two tests:
   2 threads: the ratio of one 20-round measurement strays 1-3% with the same sessions, 3-5% with fresh ones), a
   difference every round of one measurement shares, so no within-measurement test can see it. A whole-model
   verdict therefore repeats the measurement with fresh sessions and bounds the ratio from the spread of the
-  repeats (`ratio_bounds`: Student's t on the logs of the per-measurement ratios).
+  repeats (`ratio_bounds`: Student's t on the logs of the per-measurement ratios). A clear difference is called
+  early (`timing.compare_models`: after `EARLY_MEASUREMENTS` at the stricter `EARLY_LEVEL`, the rest of NOISE_LEVEL
+  left for the last look, so the two looks together still call a no-difference pair "faster" at most NOISE_LEVEL of
+  the time: the union bound).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from collections.abc import Sequence
 
 from scipy import special  # scipy.stats alone took 0.5 s to import, a third of the CLI's start
 
-__all__ = ["NOISE_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise", "ratio_bounds"]
+__all__ = ["NOISE_LEVEL", "EARLY_MEASUREMENTS", "EARLY_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise", "ratio_bounds"]
 
 NOISE_LEVEL = 0.05
 """The one-sided level of every test of "faster" or "slower" beyond noise."""
+EARLY_MEASUREMENTS = 3
+"""Independent measurements after which a whole-model comparison may stop, when its verdict is already clear."""
+EARLY_LEVEL = 0.01
+"""The level of that early look; the last look is made at NOISE_LEVEL - EARLY_LEVEL."""
 
 
 def tolerated_rounds(rounds: int) -> int:
@@ -58,8 +65,8 @@ def faster_beyond_noise(variant: Sequence[float], base: Sequence[float]) -> bool
     return _beyond_noise(variant, base, slower=False)
 
 
-def ratio_bounds(ratios: Sequence[float]) -> tuple[float, float]:
-    """(lower, upper) one-sided NOISE_LEVEL bounds on a time ratio measured `len(ratios)` times independently
+def ratio_bounds(ratios: Sequence[float], level: float = NOISE_LEVEL) -> tuple[float, float]:
+    """(lower, upper) one-sided `level` bounds on a time ratio measured `len(ratios)` times independently
     (fresh sessions each time): the geometric mean of the ratios times exp(-/+ t * standard error of their logs).
     Fewer than two ratios carry no spread: both bounds are the one ratio (nan with none)."""
     logs = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
@@ -68,6 +75,6 @@ def ratio_bounds(ratios: Sequence[float]) -> tuple[float, float]:
     centre = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(centre), math.exp(centre)
-    t = float(special.stdtrit(len(logs) - 1, 1 - NOISE_LEVEL))  # Student's t quantile
+    t = float(special.stdtrit(len(logs) - 1, 1 - level))  # Student's t quantile
     spread = statistics.stdev(logs) / math.sqrt(len(logs)) * t
     return math.exp(centre - spread), math.exp(centre + spread)

@@ -28,7 +28,8 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
-from onnx_lowrank.math.noise import faster_beyond_noise, ratio_bounds, slower_beyond_noise
+from onnx_lowrank.math.noise import (EARLY_LEVEL, EARLY_MEASUREMENTS, NOISE_LEVEL, faster_beyond_noise, ratio_bounds,
+                                     slower_beyond_noise)
 
 __all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
            "model_latency", "compare_models", "SpeedCheck"]
@@ -103,7 +104,8 @@ class LatencyComparison:
     its own; the times are then the geometric means of theirs), and "faster" or "slower" beyond noise is decided from
     their spread (`noise.ratio_bounds`), which includes the few percent by which two sessions of one model differ. A
     single measurement (`measure_latency_ratio`) decides from its per-round times (the sign test), which cannot see
-    that difference."""
+    that difference. `level`: the one-sided level of those bounds (`compare_models` spends NOISE_LEVEL over two
+    looks)."""
 
     original_ms: float
     compressed_ms: float
@@ -111,12 +113,13 @@ class LatencyComparison:
     original_rounds: tuple[float, ...] = ()
     compressed_rounds: tuple[float, ...] = ()
     pair_ratios: tuple[float, ...] = ()
+    level: float = NOISE_LEVEL
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        """(lower, upper) one-sided 95% bounds around `ratio`, from the spread of the independent measurements'
+        """(lower, upper) one-sided `level` bounds around `ratio`, from the spread of the independent measurements'
         ratios (None with fewer than two)."""
-        return ratio_bounds(self.pair_ratios) if len(self.pair_ratios) > 1 else None
+        return ratio_bounds(self.pair_ratios, self.level) if len(self.pair_ratios) > 1 else None
 
     @property
     def faster(self) -> bool:
@@ -142,7 +145,7 @@ class LatencyComparison:
         return {"original_ms": self.original_ms, "compressed_ms": self.compressed_ms, "ratio": self.ratio,
                 "rounds": len(self.compressed_rounds), "rounds_not_faster": self.slower_rounds,
                 "measurements": max(1, len(self.pair_ratios)),
-                "ratio_bounds": None if bounds is None else list(bounds),
+                "ratio_bounds": None if bounds is None else list(bounds), "bounds_level": self.level,
                 "faster_beyond_noise": self.faster, "slower_beyond_noise": self.slower}
 
 
@@ -199,7 +202,8 @@ def model_latency(model: onnx.ModelProto, feed: Feed, settings: RuntimeSettings,
 
 
 MEASUREMENTS = 5
-"""Independent measurements in a whole-model comparison (`compare_models`), each with sessions of its own."""
+"""Independent measurements in a whole-model comparison (`compare_models`), each with sessions of its own (at most:
+a clear verdict stops after `noise.EARLY_MEASUREMENTS`)."""
 MEASUREMENT_ROUNDS = 8
 """Interleaved rounds in each of them (their medians make one ratio)."""
 BLOCK_SECONDS = 0.002
@@ -208,16 +212,26 @@ the clock and the scheduler."""
 
 
 def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: Sequence[Feed], speed,
-                   measurements: int = MEASUREMENTS, rounds: int = MEASUREMENT_ROUNDS) -> LatencyComparison:
-    """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`),
+                   measurements: int = MEASUREMENTS, rounds: int = MEASUREMENT_ROUNDS,
+                   stop_early: bool = True) -> LatencyComparison:
+    """Both models timed interleaved with the deployment's settings and timer (`settings.SpeedSettings`), up to
     `measurements` times, each with fresh sessions: what verification, the never-slower check and the sweep
     report as the speedup: the geometric means of the measurements' medians (so the ratio is the geometric mean of
-    their ratios, the centre of their bounds)."""
+    their ratios, the centre of their bounds).
+
+    Sequential: after `noise.EARLY_MEASUREMENTS` the comparison stops when the ratio is already faster or slower
+    beyond noise at the stricter `noise.EARLY_LEVEL` (a 10% speedup is clear after 3 of YOLOv8n's 0.33 s
+    measurements); otherwise all are taken and judged at the rest of NOISE_LEVEL, so the two looks together keep
+    the chance of calling a no-difference pair faster (or slower) within NOISE_LEVEL. `stop_early=False` always
+    takes every measurement, at NOISE_LEVEL (a benchmark's figures of equal precision in every cell)."""
     if not feeds:
         raise InputDataError("No samples to time on; give at least one feed (random inputs or an .npz)")
     timer = timer_of(speed)
+    measurements = int(measurements)
     ratios, original_rounds, compressed_rounds, medians = [], [], [], ([], [])
-    for _ in range(int(measurements)):
+    early = EARLY_MEASUREMENTS if stop_early and measurements > EARLY_MEASUREMENTS else None
+    level = NOISE_LEVEL - EARLY_LEVEL if early is not None else NOISE_LEVEL
+    for count in range(1, measurements + 1):
         timings = timer.time([original, compressed], [feeds, feeds], int(rounds), block_s=BLOCK_SECONDS)
         original_ms, compressed_ms = timings.medians
         medians[0].append(original_ms)
@@ -225,10 +239,15 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds
         ratios.append(compressed_ms / original_ms if original_ms > 0 else float("nan"))
         original_rounds += timings.samples[0]
         compressed_rounds += timings.samples[1]
+        if count == early:
+            lower, upper = ratio_bounds(ratios, EARLY_LEVEL)
+            if upper < 1.0 or lower > 1.0:
+                level = EARLY_LEVEL
+                break
     original_ms, compressed_ms = _geometric_mean(medians[0]), _geometric_mean(medians[1])
     ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")  # the geometric mean of the ratios
     return LatencyComparison(original_ms, compressed_ms, ratio, tuple(original_rounds), tuple(compressed_rounds),
-                             tuple(ratios))
+                             tuple(ratios), level)
 
 
 def _geometric_mean(values: Sequence[float]) -> float:
