@@ -19,13 +19,14 @@ from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import checked
 from onnx_lowrank.pipeline import (Context, ModelLike, Progress, SampleSource, ShapeSpecs, finish_plan, prepare,
-                                   run_analysis, run_apply)
+                                   run_analysis, run_apply, run_quantize)
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
 from onnx_lowrank.stages.allocate import allocate, smallest_budget
 from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis
 from onnx_lowrank.stages.judge import choose_plan
 from onnx_lowrank.stages.report import Report
+from onnx_lowrank.stages.quantize import plan_quantization
 from onnx_lowrank.stages.search import search_budget
 
 __all__ = ["analyze", "plan", "apply", "compress"]
@@ -205,6 +206,8 @@ def compress(
     provider: str = DEFAULT_PROVIDER,
     latency_cache: CachePath = True,
     timer: object | None = None,
+    quantize: str | None = None,
+    upgrade_opset: bool = False,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model`: analyze, plan, apply, verify. Returns the compressed ModelProto and a Report.
@@ -225,6 +228,12 @@ def compress(
     factorized into a form measured faster than it, unless `allow_slower`. Verification times both models and
     reports the speedup. The report's plan records the settings, so `apply(model, report.plan, ...)` with the same
     samples writes the same model.
+
+    With `quantize` ("int8": static QDQ calibrated on the calibration samples; "int8-dynamic") the compressed model
+    is then quantized by onnxruntime (`stages.quantize`), and so is the original, the same way: the model returned
+    is ours + int8, verified on `inputs`, and the report compares the original, int8 alone and ours + int8 in size,
+    measured time and output error (`report.deployment`). `upgrade_opset` converts a model below opset 13 first,
+    for per-channel weights.
     """
     targeted = target_error is not None or evaluate is not None or min_score is not None
     if targeted == (budget is not None):
@@ -240,6 +249,8 @@ def compress(
     context = prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, settings, speed,
                       need_shapes=metric != "params",  # flops and latency need shapes: say so now
                       few_samples_fallback=not refit)  # refit fits the decoders on the samples, however few
+    quantization = None if quantize is None else plan_quantization(
+        context.model, quantize, context.calibration is not None, upgrade_opset)  # a quantized input: refused now
     seconds = {"load": time.perf_counter() - start}
     start = time.perf_counter()
     analysis = run_analysis(context, progress)
@@ -268,5 +279,9 @@ def compress(
         seconds["search"] = time.perf_counter() - start
         compressed, report = run_apply(context, best, verify, analysis, seconds, refit, progress=progress)
         report = replace(report, search=steps, search_goal=goal)
+    if quantization is not None:
+        start = time.perf_counter()
+        compressed, report = run_quantize(context, compressed, report, *quantization, verify, progress)
+        seconds["quantize"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - total_start
     return compressed, report

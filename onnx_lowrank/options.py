@@ -26,6 +26,7 @@ from pathlib import Path
 from onnx_lowrank.errors import InvalidOptionError, invalid
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
+from onnx_lowrank.stages.quantize import PER_CHANNEL_OPSET, QUANTIZE_MODES
 
 __all__ = ["Option", "OPTIONS", "METHODS", "METRICS", "ALLOCATORS", "ALLOCATOR_CHOICES", "add_flags", "check",
            "checked", "keywords_for"]
@@ -169,6 +170,13 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            requirement="a whole number >= 1", valid=_whole_positive, argparse={"type": int, "metavar": "K"}),
     Option("rank_multiple", "only ranks that are multiples of N (8 or 16 suit onnxruntime's blocked conv kernels)",
            default=1, requirement="a whole number >= 1", valid=_whole_positive, argparse={"type": int, "metavar": "N"}),
+    Option("quantize", "also quantize the result with onnxruntime's quantization, and compare it with the original "
+           "quantized the same way (int8 alone): int8 = static QDQ calibrated on the calibration samples (dynamic "
+           "without them); int8-dynamic = dynamic quantization (transformers)",
+           requirement=f"one of {', '.join(QUANTIZE_MODES)}", valid=lambda v: v in QUANTIZE_MODES,
+           argparse={"choices": QUANTIZE_MODES}),
+    Option("upgrade_opset", f"with --quantize: convert a model below opset {PER_CHANNEL_OPSET} to it first (onnx's "
+           "version converter), for per-channel int8 weights", default=False, argparse=_BOOL),
     Option("verify", "skip running both models in onnxruntime", default=True, flag="--no-verify",
            argparse={"action": "store_false"}),
     Option("latency", "skip the latency measurement", default=True, flag="--no-latency",
@@ -220,6 +228,10 @@ def check(values: Mapping[str, object], caller: str | None = None) -> None:
         if values.get(first) not in (None, False) and values.get(second) not in (None, False):
             one, other = (OPTIONS[first].cli_flag, OPTIONS[second].cli_flag) if caller is None else (first, second)
             raise InvalidOptionError(f"{one} and {other} {why}.")
+    if values.get("upgrade_opset") and values.get("quantize") is None:
+        raise InvalidOptionError(f"{OPTIONS['upgrade_opset'].cli_flag if caller is None else 'upgrade_opset'} goes "
+                                 "with --quantize (it converts the model for per-channel int8 weights); add it or "
+                                 "drop this one.")
     if values.get("max_error") is not None and values.get("verify") is False:
         raise InvalidOptionError("--max-error needs verification, which --no-verify turns off; drop one of them.")
 

@@ -32,10 +32,12 @@ from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis, analyze_chains
 from onnx_lowrank.stages.apply import Written, check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
+from onnx_lowrank.stages.deployment import choose_activations, compare_deployed
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, fold_statistics
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
+from onnx_lowrank.stages.quantize import Quantization, quantize
 from onnx_lowrank.stages.report import Report, build_report
 from onnx_lowrank.stages.timing import MEASUREMENTS, LatencyComparison, SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
@@ -320,6 +322,47 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
         few_samples=context.few_samples,
     )
     return compressed, replace(report, speed_check=check)
+
+
+def run_quantize(context: Context, compressed: onnx.ModelProto, report: Report, quantization: Quantization,
+                 notes: Sequence[str], run_verify: bool, progress: Progress | None = None
+                 ) -> tuple[onnx.ModelProto, Report]:
+    """The written model quantized as `quantization` says, and the original the same way (int8 alone; for static
+    QDQ the faster activation type, measured on the original), compared side by side (`stages.deployment`) when
+    verifying. Returns ours + int8 and the report with the comparison; its verification is of ours + int8, the model
+    written."""
+    if progress is not None:
+        progress("quantizing", 0, 2)
+    feed = context.timing_feed()
+    quantization, alone, activation_ms = choose_activations(context.model, quantization, context.calibration, feed,
+                                                             context.speed)
+    if progress is not None:
+        progress("quantizing", 1, 2)
+    ours = quantize(compressed, quantization, context.calibration)
+    if progress is not None:
+        progress("quantizing", 2, 2)
+    _runs_quantized(ours, feed, quantization)
+    samples = context.samples_to_verify if run_verify else None
+    deployment, check = compare_deployed(context.model, compressed, alone, ours, quantization, samples,
+                                         feed if run_verify else None, context.speed, activation_ms, notes)
+    return ours, replace(report, deployment=deployment,
+                         verification=check if check is not None else report.verification,
+                         verified_on=report.verified_on if check is None else samples.source)
+
+
+def _runs_quantized(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None, quantization: Quantization) -> None:
+    """Ours + int8 runs in onnxruntime once before anything is written, verified or not: onnxruntime's quantizer can
+    write a model its own kernels refuse (per-channel zero points of a dynamic MatMul)."""
+    if feed is None:
+        return
+    from onnx_lowrank.graph.runtime import run, session
+
+    try:
+        run(session(model), feed)
+    except InvalidModelError as exc:
+        raise InvalidModelError(f"onnxruntime's quantization ({quantization.describe()}) of the compressed model "
+                                f"does not run: {exc}; try the other --quantize mode, or compress without it and "
+                                "quantize separately") from exc
 
 
 def _savings(analysis: Analysis, plan: Plan) -> list[tuple[float, str, str]]:

@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("input", help="the model to compress (never modified)")
     compress.add_argument("output", help="where to write the compressed model (.onnx)")
     add_flags(compress.add_mutually_exclusive_group(required=True), ("budget", "target_error"))
-    add_flags(compress, ("metric", "allocator", "method", "refit", "plan_out", *_ANALYSIS, *_WRITING))
+    add_flags(compress, ("metric", "allocator", "method", "refit", "plan_out", "quantize", "upgrade_opset", *_ANALYSIS,
+                         *_WRITING))
     compress.set_defaults(run=_run_compress)
 
     analyze = commands.add_parser("analyze", help="per-layer compressibility table; no rewrite")

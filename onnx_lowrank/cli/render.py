@@ -89,7 +89,8 @@ def render(report: Report, console: Console) -> None:
                        "-" if ratio is None else f"{ratio:.3f}")
     if report.latency is not None:
         timed = report.latency
-        totals.add_row("latency ms (measured)", f"{timed.original_ms:.3f}", f"{timed.compressed_ms:.3f}",
+        label = "latency ms (measured, float)" if report.deployment is not None else "latency ms (measured)"
+        totals.add_row(label, f"{timed.original_ms:.3f}", f"{timed.compressed_ms:.3f}",
                        f"{timed.ratio:.3f}")
     skipped_note = f" ({len(report.skipped)} more skipped)" if report.skipped else ""
     totals.add_row("factorized layers", "", f"{len(report.factorized)} of {len(report.layers)}{skipped_note}", "")
@@ -162,6 +163,8 @@ def render(report: Report, console: Console) -> None:
                 "[yellow]Verification is in-sample: it ran on the calibration samples themselves, so it is "
                 "optimistic. Pass held-out samples with --inputs and calibration samples with --calibration.[/yellow]"
             )
+    if report.deployment is not None:
+        _render_deployment(report.deployment, console)
     if report.message:
         console.print(report.message)
     large = report.verification is not None and not report.verification.worst_relative_l2 < LARGE_ERROR
@@ -317,3 +320,27 @@ def _float(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "nan"
     return f"{value:.{digits}g}" if digits != 6 else f"{value:.6f}"
+
+
+def _render_deployment(deployment, console: Console) -> None:
+    """The deployed form next to its alternatives: size, measured time and output error of each model."""
+    alone = deployment.model("int8 alone")
+    table = Table(title=f"Deployed as int8 ({deployment.quantization.describe()})", title_justify="left")
+    for column in ("model", "file MB", "size vs int8 alone", "latency (of the original)", "output error"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in deployment.models:
+        table.add_row(row.label, f"{row.size_bytes / 1e6:.2f}",
+                      f"{row.size_bytes / alone.size_bytes:.2f}x" if alone.size_bytes else "-",
+                      "-" if row.latency_ratio is None else f"{row.latency_ratio:.3f}x",
+                      "-" if row.error is None else _float(row.error))
+    console.print(table)
+    if deployment.against_int8 is not None:
+        ratio, lower, upper = deployment.against_int8
+        console.print(f"Ours + int8 against int8 alone: {ratio:.3f}x its time ({lower:.3f}-{upper:.3f}, medians of the "
+                      "four models timed interleaved, each measurement with fresh sessions).")
+    if deployment.activation_ms:
+        times = ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in deployment.activation_ms.items())
+        console.print(f"Activation type measured on the original quantized both ways: {times}; the faster quantizes "
+                      "both int8 models.")
+    for note in deployment.notes:
+        console.print(note)

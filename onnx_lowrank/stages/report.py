@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from onnx_lowrank.stages.allocate import plan_cost
 from onnx_lowrank.stages.analyze import Analysis
 from onnx_lowrank.stages.apply import Written
+from onnx_lowrank.stages.deployment import Deployment
 from onnx_lowrank.ops.layer import Skipped
 from onnx_lowrank.stages.timing import LatencyComparison, SpeedCheck
 from onnx_lowrank.plan import Plan
@@ -103,6 +104,7 @@ class Report:
     speed_check: SpeedCheck | None = None  # the guard's whole-model check; None: not made (guard off, not timed)
     thin_calibration: tuple = ()  # `analyze.ThinLayer`s: fewer calibration rows than input dimensions, fallbacks
     few_samples: int | None = None  # calibration samples given, when too few to calibrate on (weight-only instead)
+    deployment: Deployment | None = None  # --quantize: ours + int8 against int8 alone and the original
 
     def ratio(self, metric: str) -> float | None:
         """after / before in `metric`, or None when the report has no such cost (flops without shapes)."""
@@ -157,6 +159,8 @@ class Report:
             cures = self.cures if not error < LARGE_ERROR and math.isfinite(error) else ()
             cure = "" if not cures else " " + _sentence(cures)
             lines.append(f"Outputs moved by {error:.3g} (worst relative L2): {words}{cure}")
+        if self.deployment is not None:
+            lines.append(self.deployment.verdict)
         return tuple(lines)
 
     def _shortfall(self, ratio: float) -> str:
@@ -247,6 +251,7 @@ class Report:
                 "thin_calibration": [t._asdict() for t in self.thin_calibration],
                 "few_samples": self.few_samples,
             },
+            "deployment": None if self.deployment is None else self.deployment.to_dict(),
             "search": {"goal": self.search_goal, "steps": [s.__dict__ for s in self.search]} if self.search else None,
             "plan": self.plan.to_dict(),
             "layers": [_row_dict(row) for row in self.layers],

@@ -1,0 +1,125 @@
+"""int8 deployment: low rank + onnxruntime's int8 against int8 alone, side by side in one run.
+
+    python benchmarks/int8.py                                   # the four models below; writes benchmarks/INT8.md
+    python benchmarks/int8.py --models yolov8n-320 --budgets 0.8,0.6
+
+For each model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation type measured)
+and dynamic; and, at each params budget, `onnx_lowrank.compress(..., quantize=...)` with the defaults (calibrated
+on the workload's calibration split, the never-slower guard on). Every model is scored with the workload's task
+metric on the disjoint evaluation split, its file size counted, and timed against int8 alone (`compare_models`,
+5 measurements with fresh sessions, 2 threads, interleaved) and int8 alone against the original. A row meets the
+issue's goal when its task metric is within 0.01 of int8 alone's and it is at most 0.75x int8 alone's size and
+0.85x its measured time. Tool seconds are the compress call's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import onnx_lowrank  # noqa: E402
+from onnx_lowrank.graph import runtime  # noqa: E402
+from onnx_lowrank.graph.inputs import Samples  # noqa: E402
+from onnx_lowrank.graph.runtime import RuntimeSettings  # noqa: E402
+from onnx_lowrank.settings import SpeedSettings  # noqa: E402
+from onnx_lowrank.stages.deployment import choose_activations  # noqa: E402
+from onnx_lowrank.stages.quantize import plan_quantization, quantize  # noqa: E402
+from onnx_lowrank.stages.timing import compare_models  # noqa: E402
+
+from benchmarks.workloads import model_path, workloads  # noqa: E402
+
+MODELS = ("yolov8n-320", "ppocrv4-det", "ppocrv4-rec", "text-transformer")
+BUDGETS = (0.9, 0.8, 0.7, 0.6)
+THREADS = 2
+SIZE_GOAL, TIME_GOAL, METRIC_SLACK = 0.75, 0.85, 0.01
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--out", default=str(HERE / "INT8.md"))
+    args = parser.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    started = time.perf_counter()
+    sections = [_model(name, budgets) for name in args.models.split(",")]
+    header = (f"# int8 deployment: low rank + int8 against int8 alone\n\nProduced by `python benchmarks/int8.py "
+              f"--models {args.models} --budgets {args.budgets}` on {datetime.date.today()} in "
+              f"{(time.perf_counter() - started) / 60:.1f} minutes: onnx-lowrank {onnx_lowrank.__version__}, onnx "
+              f"{onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
+              f"{THREADS} threads. See the script's docstring for what each row is. **goal**: task metric within "
+              f"{METRIC_SLACK} of int8 alone (static), size <= {SIZE_GOAL}x and time <= {TIME_GOAL}x of it.\n")
+    Path(args.out).write_text(header + "\n".join(sections))
+    print(Path(args.out).read_text())
+
+
+def _model(name: str, budgets: list[float]) -> str:
+    workload = workloads()[name]
+    path = model_path(workload.model)
+    original = onnx.load(path)
+    calibration, evaluation = workload.calibration_feeds(), workload.evaluation_feeds()
+    speed = SpeedSettings(runtime=RuntimeSettings(threads=THREADS))
+    reference = workload.outputs(runtime.session(original))
+    feed = evaluation[0]
+    rows = []
+
+    def row(label, model, against, seconds=None, note=""):
+        score = workload.compare(workload.outputs(runtime.session(model)), reference)["metric"]
+        size = len(model.SerializeToString())
+        vs_original = compare_models(original, model, [feed], speed, stop_early=False).ratio
+        vs_alone = None if against is None else compare_models(against, model, [feed], speed,
+                                                               stop_early=False).ratio
+        rows.append((label, size, vs_original, vs_alone, score, seconds, note))
+        return score, size, vs_alone
+
+    row("original (float)", original, None)
+    alone = {}
+    for mode in ("int8", "int8-dynamic"):
+        recipe, _ = plan_quantization(original, mode, True, upgrade=False)
+        recipe, model, _ = choose_activations(original, recipe, Samples.given(calibration), feed, speed)
+        alone[mode] = model
+        row(f"int8 alone ({recipe.describe()})", model, None)
+    alone_score, alone_size = rows[1][4], rows[1][1]
+    modes = ("int8", "int8-dynamic") if "transformer" in name else ("int8",)
+    for mode in modes:
+        for budget in budgets:
+            start = time.perf_counter()
+            try:
+                model, report = onnx_lowrank.compress(path, budget, calibration=calibration, quantize=mode,
+                                                      verify=False, threads=THREADS)
+            except onnx_lowrank.LowRankError as exc:
+                rows.append((f"ours {budget:g} + {mode}", None, None, None, None, None, str(exc)[:80]))
+                continue
+            seconds = time.perf_counter() - start
+            score, size, vs_alone = row(f"ours {budget:g} + {mode}", model, alone[mode], seconds,
+                                        report.plan.allocator or "")
+            goal = (mode == "int8" and score >= alone_score - METRIC_SLACK and size <= SIZE_GOAL * alone_size
+                    and vs_alone is not None and vs_alone <= TIME_GOAL)
+            rows[-1] = rows[-1][:6] + (("**goal** " if goal else "") + rows[-1][6],)
+    lines = [f"\n## {name} ({workload.metric})\n",
+             "| model | file MB | size vs int8 alone | time vs original | time vs int8 alone | task metric | tool s | |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for label, size, vs_original, vs_alone, score, seconds, note in rows:
+        lines.append(f"| {label} | {_f(size and size / 1e6, 2)} | {_f(size and size / alone_size, 2, 'x')} | "
+                     f"{_f(vs_original, 3, 'x')} | {_f(vs_alone, 3, 'x')} | {_f(score, 3)} | {_f(seconds, 1)} | "
+                     f"{note} |")
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def _f(value, digits, suffix=""):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""--quantize: ours + int8 through onnxruntime's quantization, compared with int8 alone; quantized inputs refused.
+
+Timings come from a scripted timer (the choice of activation type and the comparison's ratios are then determined);
+the quantization itself is onnxruntime's, run for real.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_lowrank
+from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.graph.runtime import session
+from onnx_lowrank.stages.deployment import Deployment, DeployedModel
+from onnx_lowrank.stages.quantize import (PER_CHANNEL_OPSET, Quantization, plan_quantization, quantization_ops,
+                                          quantize, quantize_each)
+
+from helpers.builders import build_cnn, build_matmul
+from helpers.files import save, sha256
+from helpers.running import run_cli
+from helpers.timers import ScriptedTimer
+
+RNG = np.random.default_rng(0)
+CALIBRATION = [{"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
+HELD_OUT = [{"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for entry in copy.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version
+    return copy
+
+
+def _outputs(model, feeds):
+    sess = session(model)
+    return [sess.run(None, feed)[0] for feed in feeds]
+
+
+def test_static_int8_is_qdq_per_channel_and_close_to_the_float_model():
+    model = build_cnn()
+    recipe, notes = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    assert recipe == Quantization("static", True, "uint8", model.opset_import[0].version) and notes == ()
+    quantized = quantize(model, recipe, CALIBRATION)
+    assert set(quantization_ops(quantized)) == {"QuantizeLinear", "DequantizeLinear"}
+    axes = [a.i for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
+            if a.name == "axis"]
+    assert axes  # per-channel weights carry an axis
+    reference, int8 = _outputs(model, HELD_OUT), _outputs(quantized, HELD_OUT)
+    error = max(np.linalg.norm(a - b) / np.linalg.norm(a) for a, b in zip(reference, int8))
+    assert 0 < error < 0.2
+    assert len(quantized.SerializeToString()) < len(model.SerializeToString())
+
+
+def test_both_activation_types_come_from_one_calibration_and_are_deterministic():
+    model = build_cnn()
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    both = quantize_each(model, recipe, CALIBRATION, ("uint8", "int8"))
+    again = quantize(model, recipe, CALIBRATION)
+    assert both["uint8"].SerializeToString() == again.SerializeToString()
+    zero_points = {onnx.numpy_helper.to_array(t).dtype for m in both.values() for t in m.graph.initializer
+                   if t.name.endswith("zero_point") and not t.dims}
+    assert {np.dtype(np.uint8), np.dtype(np.int8)} <= zero_points
+
+
+def test_without_calibration_data_int8_is_dynamic_and_says_so():
+    recipe, notes = plan_quantization(build_matmul(), "int8", calibrated=False, upgrade=False)
+    assert recipe.mode == "dynamic" and "dynamically" in notes[0]
+    quantized = quantize(build_matmul(), recipe)
+    assert "DynamicQuantizeLinear" in quantization_ops(quantized)
+
+
+def test_an_old_opset_is_per_tensor_unless_upgraded():
+    old = _with_opset(build_cnn(), 11)
+    recipe, notes = plan_quantization(old, "int8", calibrated=True, upgrade=False)
+    assert not recipe.per_channel and "--upgrade-opset" in notes[0]
+    upgraded, notes = plan_quantization(old, "int8", calibrated=True, upgrade=True)
+    assert upgraded.per_channel and upgraded.upgraded_from == 11 and str(PER_CHANNEL_OPSET) in notes[0]
+    quantized = quantize(old, upgraded, CALIBRATION)
+    assert next(e.version for e in quantized.opset_import if e.domain in ("", "ai.onnx")) >= PER_CHANNEL_OPSET
+
+
+def test_a_quantized_model_is_refused_in_one_line():
+    model = build_cnn()
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    quantized = quantize(model, recipe, CALIBRATION)
+    with pytest.raises(InvalidOptionError, match="already quantized"):
+        plan_quantization(quantized, "int8", calibrated=True, upgrade=False)
+    with pytest.raises(InvalidOptionError, match="already quantized"):
+        onnx_lowrank.compress(quantized, 0.8, calibration=CALIBRATION, quantize="int8", timer=ScriptedTimer())
+
+
+def test_the_cli_refuses_a_quantized_input_and_writes_nothing(tmp_path):
+    model = build_cnn()
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    source = save(quantize(model, recipe, CALIBRATION), tmp_path / "int8.onnx")
+    before = sha256(source)
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(["compress", str(source), str(out), "--budget", "0.8", "--quantize", "int8"])
+    assert code == 2 and "already quantized" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and sha256(source) == before
+
+
+def test_a_quantized_model_without_quantize_has_nothing_to_compress():
+    model = build_cnn()
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    quantized = quantize(model, recipe, CALIBRATION)
+    compressed, report = onnx_lowrank.compress(quantized, 0.8, allow_slower=True)
+    assert not report.factorized and report.message and "Nothing to compress" in report.message
+    assert compressed.SerializeToString() == quantized.SerializeToString()
+
+
+def test_upgrade_opset_alone_is_refused(tmp_path):
+    source = save(build_cnn(), tmp_path / "m.onnx")
+    code, _, err = run_cli(["compress", str(source), str(tmp_path / "o.onnx"), "--budget", "0.8", "--upgrade-opset"])
+    assert code == 2 and "--quantize" in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_compress_with_quantize_returns_ours_plus_int8_and_compares_it_with_int8_alone():
+    model = build_cnn()
+    compressed, report = onnx_lowrank.compress(model, 0.6, calibration=CALIBRATION, inputs=HELD_OUT,
+                                               quantize="int8", timer=ScriptedTimer())
+    assert set(quantization_ops(compressed)) == {"QuantizeLinear", "DequantizeLinear"}
+    deployment = report.deployment
+    assert isinstance(deployment, Deployment)
+    assert [m.label for m in deployment.models] == ["original", "ours (float)", "int8 alone", "ours + int8"]
+    original, ours, alone, ours_int8 = deployment.models
+    assert ours_int8.size_bytes == len(compressed.SerializeToString())
+    assert ours_int8.size_bytes < alone.size_bytes < original.size_bytes
+    assert original.error is None and all(m.error is not None and m.error > 0 for m in deployment.models[1:])
+    # the report's verification is of the model written: ours + int8
+    assert report.verification.worst_relative_l2 == pytest.approx(ours_int8.error)
+    reference, written = _outputs(model, HELD_OUT), _outputs(compressed, HELD_OUT)
+    error = max(np.linalg.norm(a - b) / np.linalg.norm(a) for a, b in zip(reference, written))
+    assert error == pytest.approx(ours_int8.error, rel=0.5)
+    assert original.latency_ratio == pytest.approx(1.0) and deployment.against_int8 is not None
+    assert set(deployment.activation_ms) == {"uint8", "int8"}
+    assert deployment.verdict in report.verdict
+    summary = json.loads(json.dumps(report.to_dict()))["deployment"]
+    assert summary["quantization"]["mode"] == "static" and len(summary["models"]) == 4
+
+
+def test_quantized_compression_is_byte_identical_on_a_rerun():
+    first, _ = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, quantize="int8",
+                                     timer=ScriptedTimer(), verify=False)
+    second, _ = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, quantize="int8",
+                                      timer=ScriptedTimer(), verify=False)
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_the_cli_writes_ours_plus_int8_and_prints_the_comparison(tmp_path):
+    source = save(build_matmul(shape=(2, 6, 24)), tmp_path / "mlp.onnx")
+    before = sha256(source)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, stdout, err = run_cli(["compress", str(source), str(out), "--budget", "0.7", "--quantize", "int8-dynamic",
+                                 "--allow-slower", "--report", str(report)])
+    assert code == 0, err
+    assert "Deployed as int8 (dynamic" in stdout and "int8 alone" in stdout
+    assert "DynamicQuantizeLinear" in quantization_ops(onnx.load(out))
+    assert json.loads(report.read_text())["deployment"]["quantization"]["mode"] == "dynamic"
+    assert sha256(source) == before
+
+
+@pytest.mark.parametrize("ratio, bounds, expected", [
+    (0.8, (0.75, 0.85), "Ours + int8: 0.75x the size and 0.80x the time of int8 alone"),
+    (1.06, (1.04, 1.07), "int8 alone is faster at this budget"),
+    (1.0, (0.97, 1.03), "int8 alone is as fast at this budget"),
+])
+def test_the_verdict_says_plainly_when_int8_alone_is_as_good(ratio, bounds, expected):
+    models = (DeployedModel("original", 400), DeployedModel("ours (float)", 300), DeployedModel("int8 alone", 100),
+              DeployedModel("ours + int8", 75))
+    deployment = Deployment(Quantization("static", True, "uint8", 17), models, (ratio, *bounds))
+    assert deployment.verdict.startswith(expected)
+    same_size = Deployment(deployment.quantization, models[:3] + (DeployedModel("ours + int8", 100),),
+                           (1.0, 0.97, 1.03))
+    assert "adds nothing" in same_size.verdict
+
+
+def test_the_weightless_tail_after_the_last_weighted_layer_stays_float():
+    """A detector-like tail: boxes and sigmoid scores concatenated after the last Conv. Static QDQ leaves those
+    nodes in float (one scale over pixels and probabilities ruined YOLOv8n's scores)."""
+    rng = np.random.default_rng(1)
+    init = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+            "w2": rng.standard_normal((4, 8, 1, 1)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),  # read by conv2: quantized
+        onnx.helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+        onnx.helper.make_node("Sigmoid", ["c2"], ["s"], name="scores"),
+        onnx.helper.make_node("Mul", ["c1", "c1"], ["boxes"], name="boxes"),
+        onnx.helper.make_node("Concat", ["boxes", "s"], ["y"], name="concat", axis=1),
+    ]
+    from helpers.builders import make_model, tensor
+    model = make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 12, 8, 8])], init)
+    from onnx_lowrank.stages.quantize import weightless_tail
+    assert weightless_tail(model) == ["scores", "boxes", "concat"]
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    feeds = [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    quantized = quantize(model, recipe, feeds)
+    concat = next(n for n in quantized.graph.node if n.op_type == "Concat")
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert all(producers.get(name) != "DequantizeLinear" for name in concat.input)
