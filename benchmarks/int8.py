@@ -5,11 +5,14 @@
 
 For each model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation type measured)
 and dynamic; and, at each params budget, `onnx_lowrank.compress(..., quantize=...)` with the defaults (calibrated
-on the workload's calibration split, the never-slower guard on). Every model is scored with the workload's task
+on the workload's calibration split, the never-slower guard on), with `--upgrade-opset` (per-channel weights for
+the models below opset 13: PP-OCRv4's recogniser lost all its accuracy per tensor, char accuracy 0.017, and kept
+0.957 per channel). Every model is scored with the workload's task
 metric on the disjoint evaluation split, its file size counted, and timed against int8 alone (`compare_models`,
 5 measurements with fresh sessions, 2 threads, interleaved) and int8 alone against the original. A row meets the
 issue's goal when its task metric is within 0.01 of int8 alone's and it is at most 0.75x int8 alone's size and
-0.85x its measured time. Tool seconds are the compress call's.
+0.85x its measured time. "size vs int8 alone" is against the static int8 model in every row, "time vs int8 alone"
+against the int8 alone of the row's own mode. Tool seconds are the compress call's.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _model(name: str, budgets: list[float]) -> str:
     row("original (float)", original, None)
     alone = {}
     for mode in ("int8", "int8-dynamic"):
-        recipe, _ = plan_quantization(original, mode, True, upgrade=False)
+        recipe, _ = plan_quantization(original, mode, True, upgrade=True)
         recipe, model, _ = choose_activations(original, recipe, Samples.given(calibration), feed, speed)
         alone[mode] = model
         row(f"int8 alone ({recipe.describe()})", model, None)
@@ -96,7 +99,7 @@ def _model(name: str, budgets: list[float]) -> str:
             start = time.perf_counter()
             try:
                 model, report = onnx_lowrank.compress(path, budget, calibration=calibration, quantize=mode,
-                                                      verify=False, threads=THREADS)
+                                                      verify=False, threads=THREADS, upgrade_opset=True)
             except onnx_lowrank.LowRankError as exc:
                 rows.append((f"ours {budget:g} + {mode}", None, None, None, None, None, str(exc)[:80]))
                 continue

@@ -11,10 +11,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_lowrank"
 
 STAGES = ("parallel", "discover", "channel_sets", "calibrate", "costs", "cost_models", "latency_cache", "timing",
-          "layer_timing", "analyze", "allocate", "refit", "apply", "verify", "judge", "report", "search")
+          "layer_timing", "analyze", "allocate", "refit", "apply", "verify", "judge", "quantize", "deployment",
+          "report", "search")
 """stages/ in pipeline order: discovery, calibration, timing and costs feed the analysis; the allocation plans it;
-apply writes a plan, verify checks it, the judge writes and verifies several; the report describes one; the
-search writes, verifies and reports one budget after another."""
+apply writes a plan, verify checks it, the judge writes and verifies several; quantize makes the int8 form and
+deployment compares it with int8 alone; the report describes one; the search writes, verifies and reports one
+budget after another."""
 
 TOP = {"onnx_lowrank.api", "onnx_lowrank.pipeline", "onnx_lowrank.sweep", "onnx_lowrank.cli"}
 
