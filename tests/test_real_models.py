@@ -82,3 +82,30 @@ def test_a_real_model_with_nothing_to_compress_says_why(tmp_path, capsys):
 
     assert main(["sweep", str(source), "--budgets", "0.9,0.5"]) == 0
     assert "Nothing to compress in this model: all 12" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_quantize_int8_on_a_real_detector(tmp_path):
+    """YOLOv8n end to end with --quantize int8 on its own workload's samples: ours + int8 written (QDQ), the
+    comparison with int8 alone in the report, the input untouched."""
+    from benchmarks.workloads import workloads
+    from onnx_lowrank.stages.quantize import quantization_ops
+
+    workload = workloads()["yolov8n-320"]
+    for split, feeds in (("calib", workload.calibration_feeds()[:8]), ("held", workload.evaluation_feeds()[:4])):
+        (tmp_path / split).mkdir()
+        for index, feed in enumerate(feeds):
+            np.savez(tmp_path / split / f"{index:02d}.npz", **feed)
+    source = model_path("yolov8n-320")
+    before = source.read_bytes()
+    output, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["compress", str(source), str(output), "--budget", "0.8", "--calibration", str(tmp_path / "calib"),
+                 "--inputs", str(tmp_path / "held"), "--quantize", "int8", "--report", str(report_path), "--quiet"])
+    assert code == 0 and source.read_bytes() == before
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(quantization_ops(onnx.load(str(output))))
+    deployment = json.loads(report_path.read_text())["deployment"]
+    labels = [row["label"] for row in deployment["models"]]
+    assert labels == ["original", "ours (float)", "int8 alone", "ours + int8"]
+    alone, ours = deployment["models"][2], deployment["models"][3]
+    assert ours["size_bytes"] < alone["size_bytes"] and 0 < ours["error"] < 0.2
+    assert deployment["quantization"]["per_channel"] and deployment["verdict"]
