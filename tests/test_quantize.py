@@ -206,3 +206,21 @@ def test_the_weightless_tail_after_the_last_weighted_layer_stays_float():
     concat = next(n for n in quantized.graph.node if n.op_type == "Concat")
     producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
     assert all(producers.get(name) != "DequantizeLinear" for name in concat.input)
+
+
+def test_quantizing_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
+    """onnxruntime's preprocessing writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
+    folder; they must not end up in the user's."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def incomplete(model, *args, **kwargs):  # what onnxruntime does when it cannot finish (YOLOv8n)
+        onnx.save_model(model, "sym_shape_infer_temp.onnx", save_as_external_data=True)
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(incomplete))
+    monkeypatch.chdir(tmp_path)
+    model = build_cnn()
+    for mode in ("int8", "int8-dynamic"):
+        recipe, _ = plan_quantization(model, mode, calibrated=True, upgrade=False)
+        quantize(model, recipe, CALIBRATION)
+    assert list(tmp_path.iterdir()) == []

@@ -22,8 +22,10 @@ The times are kept in the latency cache under each model's bytes, so runs sharin
 
 from __future__ import annotations
 
+import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +145,7 @@ def quantize_each(model: onnx.ModelProto, quantization: Quantization,
         model = upgrade_opset(model, quantization.opset)
     large = model_size(model) > _EXTERNAL_ABOVE
     results = {}
-    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder:
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder, _working_in(folder):
         source, prepared, ranges = (Path(folder) / name for name in ("model.onnx", "prepared.onnx", "ranges.json"))
         onnx.save_model(model, source, save_as_external_data=large, location="model.data" if large else None)
         _preprocess(source, prepared, large)
@@ -165,6 +167,20 @@ def quantize_each(model: onnx.ModelProto, quantization: Quantization,
             quantized.producer_name, quantized.producer_version = model.producer_name, model.producer_version
             results[kind] = quantized
     return results
+
+
+@contextmanager
+def _working_in(folder: str) -> Iterator[None]:
+    """onnxruntime's quantization tools write scratch files into the current folder and leave them there (its
+    symbolic shape inference: `sym_shape_infer_temp.onnx` and a `<uuid>.data` of the model's size, in the user's
+    folder, found after a benchmark run): they run inside our temporary folder, removed with it. Our paths are
+    absolute; nothing else of ours runs meanwhile."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 _WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
