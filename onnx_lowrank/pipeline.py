@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import InvalidModelError, InvalidOptionError, SlowerModelError
+from onnx_lowrank.graph import runtime
 from onnx_lowrank.graph.constant_inputs import constant_initializer_inputs
 from onnx_lowrank.graph.inputs import (Samples, assumed_sizes_note, batch_can_be_cut, parse_shape_specs, random_feeds,
                                        resolve_shapes, sample_units, samples_from)
@@ -355,10 +356,8 @@ def _runs_quantized(model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | Non
     write a model its own kernels refuse (per-channel zero points of a dynamic MatMul)."""
     if feed is None:
         return
-    from onnx_lowrank.graph.runtime import run, session
-
     try:
-        run(session(model), feed)
+        runtime.run(runtime.session(model), feed)
     except InvalidModelError as exc:
         raise InvalidModelError(f"onnxruntime's quantization ({quantization.describe()}) of the compressed model "
                                 f"does not run: {exc}; try the other --quantize mode, or compress without it and "

@@ -224,3 +224,11 @@ def test_quantizing_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
         recipe, _ = plan_quantization(model, mode, calibrated=True, upgrade=False)
         quantize(model, recipe, CALIBRATION)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_without_a_default_opset_is_refused_in_one_line():
+    model = build_matmul()
+    del model.opset_import[:]
+    model.opset_import.add(domain="com.example", version=1)
+    with pytest.raises(InvalidOptionError, match="nothing for int8 to quantize"):
+        plan_quantization(model, "int8", calibrated=True, upgrade=False)

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from scipy import special  # scipy.stats alone took 0.5 s to import, a third of the CLI's start
 
-__all__ = ["NOISE_LEVEL", "EARLY_MEASUREMENTS", "EARLY_LEVEL", "tolerated_rounds", "slower_beyond_noise", "faster_beyond_noise", "ratio_bounds"]
+__all__ = ["NOISE_LEVEL", "EARLY_MEASUREMENTS", "EARLY_LEVEL", "tolerated_rounds", "slower_beyond_noise",
+           "faster_beyond_noise", "ratio_bounds", "geometric_mean"]
 
 NOISE_LEVEL = 0.05
 """The one-sided level of every test of "faster" or "slower" beyond noise."""
@@ -78,3 +79,9 @@ def ratio_bounds(ratios: Sequence[float], level: float = NOISE_LEVEL) -> tuple[f
     t = float(special.stdtrit(len(logs) - 1, 1 - level))  # Student's t quantile
     spread = statistics.stdev(logs) / math.sqrt(len(logs)) * t
     return math.exp(centre - spread), math.exp(centre + spread)
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """The geometric mean of positive values: how independent measurements' times and ratios are combined (nan when
+    there are none or one is not positive)."""
+    return math.exp(statistics.fmean(map(math.log, values))) if values and min(values) > 0 else float("nan")

@@ -10,8 +10,6 @@ is a claim beyond noise, or not made.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -19,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.graph.inputs import Samples
-from onnx_lowrank.math.noise import ratio_bounds
+from onnx_lowrank.math.noise import geometric_mean, ratio_bounds
 from onnx_lowrank.stages.latency_cache import model_key
 from onnx_lowrank.stages.layer_timing import open_cache
 from onnx_lowrank.stages.quantize import Quantization, quantize, quantize_each
@@ -134,10 +132,10 @@ def compare_deployed(original: onnx.ModelProto, ours: onnx.ModelProto, alone: on
     against = None
     if feed is not None and speed.measure:
         medians = _timed(models, feed, speed)
-        ratios = [_geometric_mean([m / o for m, o in zip(runs, medians[0])]) for runs in medians]
+        ratios = [geometric_mean([m / o for m, o in zip(runs, medians[0])]) for runs in medians]
         pairs = [a / b for a, b in zip(medians[3], medians[2]) if b > 0]
         lower, upper = ratio_bounds(pairs)
-        against = (_geometric_mean(pairs), lower, upper)
+        against = (geometric_mean(pairs), lower, upper)
     rows = tuple(DeployedModel(label, len(model.SerializeToString()), ratio, error)
                  for label, model, ratio, error in zip(labels, models, ratios, errors))
     return Deployment(quantization, rows, against, dict(activation_ms or {}), tuple(notes)), written_check
@@ -152,8 +150,3 @@ def _timed(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray], sp
         for runs, ms in zip(medians, timings.medians):
             runs.append(ms)
     return medians
-
-
-def _geometric_mean(values: Sequence[float]) -> float:
-    values = [v for v in values if v > 0 and math.isfinite(v)]
-    return math.exp(statistics.fmean(map(math.log, values))) if values else float("nan")

@@ -3,7 +3,7 @@
 Edge deployments quantize, so what low rank is worth is judged against int8 alone and on top of it. Nothing here is
 a quantizer of ours: `onnxruntime.quantization` does the work, after the preprocessing it recommends
 (`quant_pre_process`: ONNX shape inference and onnxruntime's basic graph optimizations, BatchNorm folded into Conv;
-its symbolic shape inference is skipped when it cannot finish, e.g. on YOLOv8n, and the note says so).
+its symbolic shape inference is skipped when it cannot finish, e.g. on YOLOv8n, or when sympy is not installed).
 
 - `int8`: static QDQ, weights int8 per output channel where the opset allows it (QDQ's `axis` needs opset 13; an
   older model is quantized per tensor unless `--upgrade-opset` converts it first with onnx's version converter), the
@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.graph.editor import default_opset
 from onnx_lowrank.graph.runtime import model_size
 
 __all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "Quantization", "quantization_ops", "plan_quantization",
@@ -78,10 +79,6 @@ def quantization_ops(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(node.op_type for node in model.graph.node if node.op_type in _QUANTIZED_OPS))
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
-
-
 def plan_quantization(model: onnx.ModelProto, mode: str, calibrated: bool, upgrade: bool
                       ) -> tuple[Quantization, tuple[str, ...]]:
     """The recipe for `mode` on `model` (activations "uint8" until measured), and the notes a user should read: a
@@ -98,7 +95,10 @@ def plan_quantization(model: onnx.ModelProto, mode: str, calibrated: bool, upgra
         dynamic = True
         notes.append("No calibration data (--calibration or --inputs) to calibrate static int8 on: quantized "
                      "dynamically instead (activations quantized at run time).")
-    opset = own = default_opset(model)
+    try:
+        opset = own = default_opset(model)
+    except ValueError as exc:  # no default-domain opset: no Conv, Gemm or MatMul either
+        raise InvalidOptionError(f"--quantize: {exc}; there is nothing for int8 to quantize.") from exc
     upgraded_from = None
     if own < PER_CHANNEL_OPSET and not dynamic:
         if upgrade:
@@ -229,4 +229,3 @@ def _reader(feeds: Iterable[Mapping[str, np.ndarray]]):
             return None if feed is None else dict(feed)
 
     return Reader()
-

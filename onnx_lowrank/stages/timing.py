@@ -28,8 +28,8 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
-from onnx_lowrank.math.noise import (EARLY_LEVEL, EARLY_MEASUREMENTS, NOISE_LEVEL, faster_beyond_noise, ratio_bounds,
-                                     slower_beyond_noise)
+from onnx_lowrank.math.noise import (EARLY_LEVEL, EARLY_MEASUREMENTS, NOISE_LEVEL, faster_beyond_noise, geometric_mean,
+                                     ratio_bounds, slower_beyond_noise)
 
 __all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
            "model_latency", "compare_models", "SpeedCheck"]
@@ -244,11 +244,7 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds
             if upper < 1.0 or lower > 1.0:
                 level = EARLY_LEVEL
                 break
-    original_ms, compressed_ms = _geometric_mean(medians[0]), _geometric_mean(medians[1])
+    original_ms, compressed_ms = geometric_mean(medians[0]), geometric_mean(medians[1])
     ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")  # the geometric mean of the ratios
     return LatencyComparison(original_ms, compressed_ms, ratio, tuple(original_rounds), tuple(compressed_rounds),
                              tuple(ratios), level)
-
-
-def _geometric_mean(values: Sequence[float]) -> float:
-    return math.exp(statistics.fmean(map(math.log, values))) if values and min(values) > 0 else float("nan")
