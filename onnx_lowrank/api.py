@@ -19,14 +19,13 @@ from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import checked
 from onnx_lowrank.pipeline import (Context, ModelLike, Progress, SampleSource, ShapeSpecs, finish_plan, prepare,
-                                   run_analysis, run_apply, run_quantize)
+                                   run_analysis, run_apply, run_quantize, deploy_int8)
 from onnx_lowrank.plan import Plan
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
 from onnx_lowrank.stages.allocate import allocate, smallest_budget
 from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis
 from onnx_lowrank.stages.judge import choose_plan
 from onnx_lowrank.stages.report import Report
-from onnx_lowrank.stages.quantize import plan_quantization
 from onnx_lowrank.stages.search import search_budget
 
 __all__ = ["analyze", "plan", "apply", "compress"]
@@ -249,9 +248,12 @@ def compress(
     context = prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, settings, speed,
                       need_shapes=metric != "params",  # flops and latency need shapes: say so now
                       few_samples_fallback=not refit)  # refit fits the decoders on the samples, however few
-    quantization = None if quantize is None else plan_quantization(
-        context.model, quantize, context.calibration is not None, upgrade_opset)  # a quantized input: refused now
     seconds = {"load": time.perf_counter() - start}
+    alone = None
+    if quantize is not None:  # a quantized input is refused here, before any work
+        start = time.perf_counter()
+        context, alone = deploy_int8(context, quantize, upgrade_opset)
+        seconds["int8 alone"] = time.perf_counter() - start
     start = time.perf_counter()
     analysis = run_analysis(context, progress)
     seconds["analyze"] = time.perf_counter() - start
@@ -269,8 +271,12 @@ def compress(
         chosen_allocator = _default_allocator(analysis, allocator)
         low = smallest_budget(analysis, metric, "alds" if chosen_allocator == "auto" else chosen_allocator)
 
-        def written(candidate: Plan):
-            return run_apply(context, candidate, target_error is not None, analysis, {}, refit, time_models=False)
+        def written(candidate: Plan):  # with --quantize, the target is checked on ours + int8, as deployed
+            compressed, report = run_apply(context, candidate, target_error is not None, analysis, {}, refit,
+                                           time_models=False)
+            if alone is None:
+                return compressed, report
+            return run_quantize(context, compressed, report, alone, target_error is not None, time_models=False)
 
         empty = finish_plan(Plan(layers={}, allocator=chosen_allocator, metric=metric, budget=1.0, threshold=0.0),
                             analysis, refit)
@@ -279,9 +285,9 @@ def compress(
         seconds["search"] = time.perf_counter() - start
         compressed, report = run_apply(context, best, verify, analysis, seconds, refit, progress=progress)
         report = replace(report, search=steps, search_goal=goal)
-    if quantization is not None:
+    if alone is not None:
         start = time.perf_counter()
-        compressed, report = run_quantize(context, compressed, report, *quantization, verify, progress)
+        compressed, report = run_quantize(context, compressed, report, alone, verify, progress)
         seconds["quantize"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - total_start
     return compressed, report

@@ -33,18 +33,18 @@ from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis, analyze_chains
 from onnx_lowrank.stages.apply import Written, check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
-from onnx_lowrank.stages.deployment import choose_activations, compare_deployed
+from onnx_lowrank.stages.deployment import Int8Alone, choose_activations, compare_deployed
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, fold_statistics
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
-from onnx_lowrank.stages.quantize import Quantization, quantize
+from onnx_lowrank.stages.quantize import Quantization, plan_quantization, quantize
 from onnx_lowrank.stages.report import Report, build_report
 from onnx_lowrank.stages.timing import MEASUREMENTS, LatencyComparison, SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
 
-__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "keep_speed_promise", "ModelLike", "ShapeSpecs",
-           "SampleSource", "Progress"]
+__all__ = ["Context", "prepare", "run_analysis", "finish_plan", "written_with", "run_apply", "deploy_int8",
+           "run_quantize", "keep_speed_promise", "ModelLike", "ShapeSpecs", "SampleSource", "Progress"]
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 ShapeSpecs = Mapping[str, Sequence[int]] | Sequence[str] | None
@@ -325,27 +325,38 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
     return compressed, replace(report, speed_check=check)
 
 
-def run_quantize(context: Context, compressed: onnx.ModelProto, report: Report, quantization: Quantization,
-                 notes: Sequence[str], run_verify: bool, progress: Progress | None = None
+def deploy_int8(context: Context, mode: str, upgrade: bool) -> tuple[Context, Int8Alone]:
+    """Settle the int8 recipe before planning (`quantize.plan_quantization`: a quantized input is refused here)
+    and quantize the original by it (int8 alone; static QDQ with the faster activation type, measured on the
+    original). Returns the context whose speed settings name that int8 form (`speed.deployed`): every model timed
+    is timed in it, so the layer timings, the latency budget and the never-slower guard measure what is deployed,
+    against int8 alone, and the `auto` judge scores its plans quantized; and int8 alone itself."""
+    quantization, notes = plan_quantization(context.model, mode, context.calibration is not None, upgrade)
+    quantization, model, activation_ms = choose_activations(context.model, quantization, context.calibration,
+                                                            context.timing_feed(), context.speed)
+    context = replace(context, speed=replace(context.speed, deployed=quantization))
+    return context, Int8Alone(quantization, model, activation_ms, tuple(notes))
+
+
+def run_quantize(context: Context, compressed: onnx.ModelProto, report: Report, alone: Int8Alone,
+                 run_verify: bool, progress: Progress | None = None, time_models: bool = True
                  ) -> tuple[onnx.ModelProto, Report]:
-    """The written model quantized as `quantization` says, and the original the same way (int8 alone; for static
-    QDQ the faster activation type, measured on the original), compared side by side (`stages.deployment`) when
-    verifying. Returns ours + int8 and the report with the comparison; its verification is of ours + int8, the model
+    """The written model quantized as int8 alone was (`deploy_int8`), compared side by side with the original, int8
+    alone and ours in float (`stages.deployment`) when verifying (and timed, unless not `time_models`: a search
+    step). Returns ours + int8 and the report with the comparison; its verification is of ours + int8, the model
     written."""
+    quantization = alone.quantization
     if progress is not None:
-        progress("quantizing", 0, 2)
-    feed = context.timing_feed()
-    quantization, alone, activation_ms = choose_activations(context.model, quantization, context.calibration, feed,
-                                                             context.speed)
-    if progress is not None:
-        progress("quantizing", 1, 2)
+        progress("quantizing", 0, 1)
     ours = quantize(compressed, quantization, context.calibration)
     if progress is not None:
-        progress("quantizing", 2, 2)
+        progress("quantizing", 1, 1)
+    feed = context.timing_feed()
     _runs_quantized(ours, feed, quantization)
     samples = context.samples_to_verify if run_verify else None
-    deployment, check = compare_deployed(context.model, compressed, alone, ours, quantization, samples,
-                                         feed if run_verify else None, context.speed, activation_ms, notes)
+    deployment, check = compare_deployed(context.model, compressed, alone.model, ours, quantization, samples,
+                                         feed if run_verify and time_models else None, context.speed,
+                                         alone.activation_ms, alone.notes)
     return ours, replace(report, deployment=deployment,
                          verification=check if check is not None else report.verification,
                          verified_on=report.verified_on if check is None else samples.source)
@@ -439,17 +450,18 @@ def _whole_model_check(context: Context, analysis: Analysis, plan: Plan, written
                 "slower (narrowing adds no node and drops channels on onnxruntime's channel block); the "
                 f"never-slower promise was not shown{' (the factorized layers were kept dense)' if plan.layers else ''}."))
     raise SlowerModelError(
-        f"The compressed model was measured at {_measured(timing)}, not faster than the original beyond noise, and "
-        "neither was any plan with the least-saving layers taken out: the never-slower guard wrote nothing. Use a "
+        f"The compressed model was measured at {_measured(timing)}, not faster than {timing.baseline} beyond noise, "
+        "and neither was any plan with the least-saving layers taken out: the never-slower guard wrote nothing. Use a "
         "higher budget, --exclude the slow layers, or --allow-slower to write it knowingly.")
 
 
 def _measured(timing: LatencyComparison) -> str:
-    """'1.027x of the original's time (0.991-1.064 over 5 measurements)': the ratio and its bounds."""
+    """'1.027x of the original's time (0.991-1.064 over 5 measurements)': the ratio and its bounds (of int8 alone's
+    time when the models were timed in their int8 form)."""
     bounds = timing.bounds
     spread = "" if bounds is None else (f" ({bounds[0]:.3f}-{bounds[1]:.3f} over {len(timing.pair_ratios)} "
                                         "measurements)")
-    return f"{timing.ratio:.3f}x of the original's time{spread}"
+    return f"{timing.ratio:.3f}x of {timing.baseline}'s time{spread}"
 
 
 def _speed_note(context: Context, analysis: Analysis) -> str | None:

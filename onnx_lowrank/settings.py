@@ -74,6 +74,7 @@ class SpeedSettings:
     measure: bool = False
     guard: bool = False
     timer: object | None = None  # a `stages.timing.Timer`; None: onnxruntime on this machine
+    deployed: object | None = None  # a `stages.quantize.Quantization`: everything is timed in that int8 form
 
     @classmethod
     def of(cls, allow_slower: bool, metric: str | None, threads: int | None, provider: str, cache: CachePath,

@@ -372,7 +372,7 @@ def test_auto_picks_the_plan_with_the_smallest_calibration_error(cnn_model, cali
     from onnx_lowrank.graph.inputs import samples_from
     from onnx_lowrank.stages import judge
     samples = samples_from(calibration_feeds, cnn_model)
-    [(scored, judged)], where = judge._folds(cnn_model, dataclasses.replace(calibrated_analysis,
+    [(scored, judged, _)], where = judge._folds(cnn_model, dataclasses.replace(calibrated_analysis,
                                                                            calibration_key=samples.key), samples)
     assert where in chosen.notes[0]
     scored_feeds = list(scored)

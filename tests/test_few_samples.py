@@ -110,7 +110,7 @@ def test_the_judge_scores_on_held_out_rows_and_an_overfitted_plan_loses():
     rng = np.random.default_rng(5)
     samples = Samples.given([{"x": _batch(rng, 8)}, {"x": _batch(rng, 8)}])  # 16 rows: 4 held out
     analysis = onnx_lowrank.analyze(model, calibration=samples, method="lowrank", allow_slower=True)
-    [(scored, judged)], where = judge._folds(model, analysis, samples)
+    [(scored, judged, _)], where = judge._folds(model, analysis, samples)
     assert scored.rows == 4 and judged is not analysis and "held-out" in where
     held = [i for i in range(16) if judge.held_out(i)]
     everything = np.concatenate([feed["x"] for feed in samples])
@@ -188,10 +188,13 @@ def test_four_to_fifteen_samples_are_judged_in_four_folds(rows):
     folds, where = judge._folds(model, analysis, samples)
     assert len(folds) == judge.FOLDS and "in 4 folds" in where
     everything = np.concatenate([feed["x"] for feed in samples])
-    for fold, (scored, judged) in enumerate(folds):
+    for fold, (scored, judged, fit) in enumerate(folds):
         assert judged is not analysis
         held = [i for i in range(rows) if i % judge.FOLDS == fold]
         assert np.array_equal(np.concatenate([feed["x"] for feed in scored]), everything[held])
+        # the rows that fitted the fold (and calibrate its int8 candidates with --quantize): all the others
+        others = [i for i in range(rows) if i % judge.FOLDS != fold]
+        assert np.array_equal(np.concatenate([feed["x"] for feed in fit]), everything[others])
     plan = onnx_lowrank.plan(analysis, 0.8)
     assert f"{rows} calibration samples in 4 folds" in plan.notes[0]
 

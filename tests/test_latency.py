@@ -52,7 +52,7 @@ def test_returns_positive_medians_and_their_ratio():
     assert result.ratio == pytest.approx(result.compressed_ms / result.original_ms)
     assert set(result.to_dict()) == {"original_ms", "compressed_ms", "ratio", "rounds", "rounds_not_faster",
                                      "measurements", "ratio_bounds", "bounds_level", "faster_beyond_noise",
-                                     "slower_beyond_noise"}
+                                     "slower_beyond_noise", "against"}
     assert len(result.original_rounds) == len(result.compressed_rounds) == 5
 
 

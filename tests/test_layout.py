@@ -10,13 +10,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnx_lowrank"
 
-STAGES = ("parallel", "discover", "channel_sets", "calibrate", "costs", "cost_models", "latency_cache", "timing",
-          "layer_timing", "analyze", "allocate", "refit", "apply", "verify", "judge", "quantize", "deployment",
+STAGES = ("parallel", "discover", "channel_sets", "calibrate", "costs", "cost_models", "latency_cache", "quantize",
+          "timing", "layer_timing", "analyze", "allocate", "refit", "apply", "verify", "judge", "deployment",
           "report", "search")
-"""stages/ in pipeline order: discovery, calibration, timing and costs feed the analysis; the allocation plans it;
-apply writes a plan, verify checks it, the judge writes and verifies several; quantize makes the int8 form and
-deployment compares it with int8 alone; the report describes one; the search writes, verifies and reports one
-budget after another."""
+"""stages/ in pipeline order: discovery, calibration, timing and costs feed the analysis; the int8 recipe is settled
+before anything is timed (quantize: with --quantize every model is timed in its int8 form); the allocation plans
+it; apply writes a plan, verify checks it, the judge writes and verifies several; deployment compares ours + int8
+with int8 alone; the report describes one; the search writes, verifies and reports one budget after another."""
 
 TOP = {"onnx_lowrank.api", "onnx_lowrank.pipeline", "onnx_lowrank.sweep", "onnx_lowrank.cli"}
 

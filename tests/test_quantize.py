@@ -16,8 +16,9 @@ import onnx_lowrank
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.graph.runtime import session
 from onnx_lowrank.stages.deployment import Deployment, DeployedModel
-from onnx_lowrank.stages.quantize import (PER_CHANNEL_OPSET, Quantization, plan_quantization, quantization_ops,
-                                          quantize, quantize_each)
+from onnx_lowrank.stages.quantize import (PER_CHANNEL_OPSET, Quantization, QuantizedTimer, plan_quantization,
+                                          quantization_ops, quantize, quantize_each)
+from onnx_lowrank.stages.timing import MEASUREMENTS
 
 from helpers.builders import build_cnn, build_matmul
 from helpers.files import save, sha256
@@ -232,3 +233,99 @@ def test_a_model_without_a_default_opset_is_refused_in_one_line():
     model.opset_import.add(domain="com.example", version=1)
     with pytest.raises(InvalidOptionError, match="nothing for int8 to quantize"):
         plan_quantization(model, "int8", calibrated=True, upgrade=False)
+
+
+def test_with_quantize_the_planning_times_every_model_in_its_int8_form():
+    timer = ScriptedTimer()
+    _, report = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
+                                      timer=timer, latency_cache=False)
+    weighted = {"Conv", "Gemm", "MatMul"}
+
+    def in_float(model):
+        return any(n.op_type in weighted for n in model.graph.node) and not quantization_ops(model)
+
+    float_calls = [call for call in timer.calls if any(map(in_float, call))]
+    # only the deployment comparison times float models: the original, ours, int8 alone, ours + int8, each time
+    assert len(float_calls) == MEASUREMENTS
+    assert all([in_float(m) for m in call] == [True, True, False, False] for call in float_calls)
+    planning = [call for call in timer.calls if call not in float_calls]
+    assert sum(1 for call in planning for m in call if quantization_ops(m)) > 10  # layers, probes, the check
+    assert report.latency.against == "int8 alone" and report.to_dict()["summary"]["latency_measured"]["against"] == "int8 alone"
+
+
+def test_the_quantized_timer_quantizes_a_model_once_and_leaves_quantized_or_weightless_ones(monkeypatch):
+    from collections import OrderedDict
+
+    from onnx_lowrank.stages import quantize as quantize_module
+    from onnx_lowrank.stages.layer_timing import overhead_model
+
+    monkeypatch.setattr(quantize_module, "_QUANTIZED", OrderedDict())
+    recipe, _ = plan_quantization(build_cnn(), "int8", calibrated=True, upgrade=False)
+    model, already, identity = build_cnn(), quantize(build_cnn(), recipe, CALIBRATION), overhead_model()
+    made = []
+    real = quantize_module.quantize
+    monkeypatch.setattr(quantize_module, "quantize", lambda m, q, c=None: made.append(m) or real(m, q, c))
+    inner = ScriptedTimer()
+    timer = QuantizedTimer(inner, recipe)
+    feed = HELD_OUT[0]
+    timer.time([model, already, identity], [[feed], [feed], [{"x": np.zeros((1, 16), np.float32)}]], 3)
+    timer.time([model], [[feed]], 3)
+    assert len(made) == 1  # the original, compared again and again, is quantized once
+    (first, second) = inner.calls
+    assert quantization_ops(first[0]) and first[1] is already and first[2] is identity
+    assert second[0].SerializeToString() == first[0].SerializeToString()
+
+
+def test_times_in_an_int8_form_have_keys_of_their_own():
+    from onnx_lowrank.graph.runtime import RuntimeSettings
+    from onnx_lowrank.stages.latency_cache import model_key, variant_key
+
+    recipe, _ = plan_quantization(build_cnn(), "int8", calibrated=True, upgrade=False)
+    settings, layer = RuntimeSettings(), {"op": "Conv", "input": [1, 3, 16, 16]}
+    assert variant_key(layer, (1, 4), settings) != variant_key(layer, (1, 4), settings, recipe.key)
+    assert variant_key(layer, (1, 4), settings, None) == variant_key(layer, (1, 4), settings)
+    shapes = {"x": (1, 3, 16, 16)}
+    assert model_key(build_cnn(), shapes, settings) != model_key(build_cnn(), shapes, settings, recipe.key)
+    other = Quantization("static", True, "int8", recipe.opset)
+    assert other.key != recipe.key
+
+
+def test_probe_factors_keep_the_activations_size():
+    """A probe model of many factorized layers is calibrated on its own outputs in int8: unscaled random factors
+    grew YOLOv8n's probe to overflow and onnxruntime's quantizer failed ("scale issue")."""
+    from onnx_lowrank.stages.discover import discover
+    from onnx_lowrank.stages.layer_timing import _random_factors
+
+    layer = discover(build_cnn()).layers[-1]
+    factors = _random_factors(layer, 1, 4, np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((layer.columns, 256))
+    hidden = factors.encoder[0] @ x
+    y = factors.decoder @ hidden
+    assert 0.5 < hidden.std() < 2 and 0.5 < y.std() < 2
+
+
+def test_the_auto_judge_scores_its_plans_quantized(monkeypatch):
+    from onnx_lowrank.stages import judge
+
+    quantized = []
+    real = judge.quantize
+    monkeypatch.setattr(judge, "quantize", lambda m, q, c=None: quantized.append(list(c)) or real(m, q, c))
+    # allow_slower: the scripted timer calls every int8 factorized form slower, and one plan would be left to judge
+    _, report = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
+                                      timer=ScriptedTimer(), allow_slower=True)
+    assert len(quantized) >= 2 and "each plan quantized as deployed" in report.plan.notes[0]
+    # 16 samples: one split, every 4th held out to score; the others (12) calibrate the candidates' int8 forms
+    held = np.stack([feed["x"] for feed in CALIBRATION[3::4]])
+    assert all(len(fit) == 12 for fit in quantized)
+    assert not any((feed["x"] == held).all(axis=(1, 2, 3, 4)).any() for fit in quantized for feed in fit)
+
+
+def test_a_target_error_with_quantize_is_checked_on_ours_plus_int8():
+    compressed, report = onnx_lowrank.compress(build_cnn(), target_error=0.3, calibration=CALIBRATION,
+                                               inputs=HELD_OUT, quantize="int8", timer=ScriptedTimer(),
+                                               allow_slower=True)
+    passing = [step for step in report.search if step.passed]
+    assert passing
+    best = min(passing, key=lambda step: step.budget)
+    assert best.value == pytest.approx(report.deployment.model("ours + int8").error)
+    assert best.value == pytest.approx(report.verification.worst_relative_l2)

@@ -80,7 +80,7 @@ def _judged(monkeypatch, checks: dict):
     monkeypatch.setattr(select, "verify_many", fake_verify)
     # the data-aware plans alone, scored on one fold (folds and weight-only plans: tests/test_few_samples.py)
     monkeypatch.setattr(select, "weight_only", lambda analysis: None)
-    monkeypatch.setattr(select, "_folds", lambda model, analysis, samples: ([(samples, analysis)], "the samples"))
+    monkeypatch.setattr(select, "_folds", lambda model, analysis, samples: ([(samples, analysis, samples)], "the samples"))
     return model, analysis, onnx_lowrank.graph.inputs.Samples.given(feeds, "test"), judged_plans
 
 

@@ -89,7 +89,8 @@ def render(report: Report, console: Console) -> None:
                        "-" if ratio is None else f"{ratio:.3f}")
     if report.latency is not None:
         timed = report.latency
-        label = "latency ms (measured, float)" if report.deployment is not None else "latency ms (measured)"
+        label = ("latency ms (measured, int8: before = int8 alone)" if timed.against != "original" else
+                 "latency ms (measured, float)" if report.deployment is not None else "latency ms (measured)")
         totals.add_row(label, f"{timed.original_ms:.3f}", f"{timed.compressed_ms:.3f}",
                        f"{timed.ratio:.3f}")
     skipped_note = f" ({len(report.skipped)} more skipped)" if report.skipped else ""
@@ -100,12 +101,13 @@ def render(report: Report, console: Console) -> None:
     console.print(totals)
     if report.latency is not None:
         error, predicted = report.predicted_latency_error, report.ratio("latency")
-        forecast = "" if error is None else f"; predicted {predicted:.3f}x of the original, off by {error:+.1%}"
+        baseline = report.latency.baseline
+        forecast = "" if error is None else f"; predicted {predicted:.3f}x of {baseline}, off by {error:+.1%}"
         bounds = report.latency.bounds
         spread = "" if bounds is None else (f", {bounds[0]:.3f}-{bounds[1]:.3f} over "
                                             f"{len(report.latency.pair_ratios)} measurements with fresh sessions")
-        console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime: {report.latency.ratio:.3f}x of the "
-                      f"original's time (medians of both models timed interleaved{spread}{forecast}).")
+        console.print(f"Speedup {1 / report.latency.ratio:.2f}x in onnxruntime: {report.latency.ratio:.3f}x of "
+                      f"{baseline}'s time (medians of both models timed interleaved{spread}{forecast}).")
     if report.guarded:
         console.print("Never slower: candidates measured slower than their dense layer beyond noise were left out "
                       "(--allow-slower lifts this).")
@@ -113,7 +115,8 @@ def render(report: Report, console: Console) -> None:
     if check is not None:
         dropped = f"; {len(check.dropped)} planned layer(s) kept dense to get there" if check.dropped else ""
         if check.kept:
-            console.print(f"Never slower, checked: the written model was measured faster than the original beyond "
+            baseline = "the original" if report.latency is None else report.latency.baseline
+            console.print(f"Never slower, checked: the written model was measured faster than {baseline} beyond "
                           f"noise{dropped}.")
         else:
             console.print(f"[yellow]Never slower, not shown: {check.note}[/yellow]")

@@ -24,10 +24,21 @@ from onnx_lowrank.stages.quantize import Quantization, quantize, quantize_each
 from onnx_lowrank.stages.timing import BLOCK_SECONDS, MEASUREMENT_ROUNDS, MEASUREMENTS, timer_of
 from onnx_lowrank.stages.verify import verify_many
 
-__all__ = ["DeployedModel", "Deployment", "choose_activations", "compare_deployed", "ACTIVATION_ROUNDS"]
+__all__ = ["DeployedModel", "Deployment", "Int8Alone", "choose_activations", "compare_deployed", "ACTIVATION_ROUNDS"]
 
 ACTIVATION_ROUNDS = 20
 """Interleaved rounds timing the original quantized with uint8 against int8 activations (medians)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Alone:
+    """The alternative ours is judged against, settled before planning: the recipe with its activation type
+    measured (`choose_activations`), the original quantized by it, and the notes a user should read about it."""
+
+    quantization: Quantization
+    model: onnx.ModelProto
+    activation_ms: Mapping[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,8 +153,9 @@ def compare_deployed(original: onnx.ModelProto, ours: onnx.ModelProto, alone: on
 
 
 def _timed(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray], speed) -> list[list[float]]:
-    """Per model, its median ms in each of `MEASUREMENTS` interleaved measurements with fresh sessions."""
-    timer = timer_of(speed)
+    """Per model, its median ms in each of `MEASUREMENTS` interleaved measurements with fresh sessions, each model
+    in the form it is given (the float ones in float, whatever form the planning timed in)."""
+    timer = timer_of(replace(speed, deployed=None))
     medians: list[list[float]] = [[] for _ in models]
     for _ in range(MEASUREMENTS):
         timings = timer.time(list(models), [[feed]] * len(models), MEASUREMENT_ROUNDS, block_s=BLOCK_SECONDS)

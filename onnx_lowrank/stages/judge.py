@@ -74,6 +74,7 @@ from onnx_lowrank.errors import BudgetError
 from onnx_lowrank.graph.inputs import Samples, batch_can_be_cut, sample_units
 from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics
 from onnx_lowrank.stages.latency_cache import LatencyCache, model_key
+from onnx_lowrank.stages.quantize import Quantization, quantize
 from onnx_lowrank.stages.layer_timing import BLOCK_SECONDS, open_cache
 from onnx_lowrank.stages.timing import OnnxruntimeTimer, timer_of
 from onnx_lowrank.options import ALLOCATORS
@@ -119,11 +120,15 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
         name = next(iter(plans))
         return _chosen(plans[name], name, writers[name] is plain, analysis, f"auto: {name} (the only distinct plan)")
     folds, where = _folds(model, analysis, samples)
+    deployed = None if speed is None else speed.deployed
     per_fold = []
-    for scored, judged in folds:
-        models = (_written(model, *_fitted(analysis, judged, plain, plans[label], origins[label], budget, metric))
+    for scored, judged, fit in folds:
+        models = (_deployed(_written(model, *_fitted(analysis, judged, plain, plans[label], origins[label], budget,
+                                                     metric)), deployed, fit)
                   for label in plans)  # each written when its session is made
         per_fold.append(verify_many(model, models, scored))
+    if deployed is not None:
+        where = f"{where}, each plan quantized as deployed"
     checks = {label: _pooled([fold[i] for fold in per_fold]) for i, label in enumerate(plans)}
     errors = {name: _score(check.worst_relative_l2) for name, check in checks.items()}
     least = min(plans, key=lambda name: errors[name])  # ties: the first listed (alds)
@@ -219,9 +224,9 @@ search plans for the same analysis reuses one set of calibration passes and deco
 
 
 def _folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
-           ) -> tuple[list[tuple[Samples, Analysis]], str]:
-    """([(the rows that score the plans, the analysis their plans are built on)] per fold, how the note names the
-    rows); computed once per analysis and samples."""
+           ) -> tuple[list[tuple[Samples, Analysis, Samples]], str]:
+    """([(the rows that score the plans, the analysis their plans are built on, the rows that fitted it)] per fold,
+    how the note names the rows); computed once per analysis and samples."""
     known = _FOLDS_OF.setdefault(analysis, {})
     key = (samples.key, id(model))
     if key not in known:
@@ -230,15 +235,15 @@ def _folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
 
 
 def _made_folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
-                ) -> tuple[list[tuple[Samples, Analysis]], str]:
+                ) -> tuple[list[tuple[Samples, Analysis, Samples]], str]:
     rows = samples.rows
     own = bool(analysis.calibration_key) and analysis.calibration_key == samples.key
     if not own:
-        return [(samples, analysis)], _rows(rows, "sample")
+        return [(samples, analysis, samples)], _rows(rows, "sample")
     by_row = batch_can_be_cut(model)
     units = sample_units(samples, model)
     if units < MIN_CALIBRATION_UNITS or not analysis.layers:
-        return [(samples, analysis)], (_rows(rows, "calibration sample")
+        return [(samples, analysis, samples)], (_rows(rows, "calibration sample")
                                        + " (the ones that fitted them: too few to hold any out)")
     shrinkage = DEFAULT_SHRINKAGE if analysis.context is None else analysis.context.settings.shrinkage
     chosen = (FOLDS - 1,) if units >= SINGLE_SPLIT_UNITS else tuple(range(FOLDS))
@@ -249,7 +254,7 @@ def _made_folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
         scored = samples.rows_where(lambda i, fold=fold: i % FOLDS == fold, by_row=by_row)
         statistics = collected[index] if collected is not None else calibrate(
             model, [entry.layer for entry in analysis.layers], fit).layers  # an analysis made without parts
-        folds.append((scored, reanalyzed(analysis, statistics, shrinkage)))
+        folds.append((scored, reanalyzed(analysis, statistics, shrinkage), fit))
     if len(folds) == 1:
         return folds, f"{_rows(scored.rows, 'held-out calibration sample')}, plans fitted on the other {fit.rows}"
     return folds, (f"{_rows(rows, 'calibration sample')} in {FOLDS} folds, each held out once and scored on plans "
@@ -290,7 +295,8 @@ def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, 
         settings, timer, cache = speed.runtime, timer_of(speed), open_cache(speed.cache)
     models = [_written(model, (writers or {}).get(name, analysis), plan) for name, plan in plans.items()]
     shapes = {name: value.shape for name, value in feed.items()}
-    keys = [model_key(written, shapes, settings) for written in models]
+    deployed = None if speed is None or speed.deployed is None else speed.deployed.key
+    keys = [model_key(written, shapes, settings, deployed) for written in models]
     keys = [None if key is None else key + "/judged" for key in keys]
     cached = [None if key is None else cache.get(key) for key in keys]
     if any(ms is None for ms in cached):
@@ -305,6 +311,15 @@ def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, 
 
 def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     return write_plan(model, analysis, plan).model
+
+
+def _deployed(model: onnx.ModelProto, quantization: Quantization | None, fit: Samples) -> onnx.ModelProto:
+    """A candidate as it is deployed: quantized by `quantization` (static: calibrated on the fold's fit rows, never
+    on the rows that score it), or as it is (None). A factor that quantizes badly then costs its plan the judgement
+    instead of being found after deployment."""
+    if quantization is None:
+        return model
+    return quantize(model, quantization, fit if quantization.mode == "static" else None)
 
 
 TIE_ROWS = 16

@@ -68,23 +68,32 @@ def environment_key(settings: RuntimeSettings) -> dict:
     }
 
 
-def variant_key(layer_key: Mapping, form: tuple[int, int] | None, settings: RuntimeSettings) -> str:
+def variant_key(layer_key: Mapping, form: tuple[int, int] | None, settings: RuntimeSettings,
+                deployed: str | None = None) -> str:
     """A stable text key for one timed variant: the layer's description, (k, rank) or None for dense, the
-    environment. Hashed so keys stay short whatever the shapes."""
+    environment, and the int8 form it was timed in (`Quantization.key`; None: float). Hashed so keys stay short
+    whatever the shapes."""
     text = json.dumps({"layer": layer_key, "form": list(form) if form else "dense",
-                       "environment": environment_key(settings)}, sort_keys=True)
+                       "environment": environment_key(settings), **_deployed(deployed)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def model_key(model, input_shapes: Mapping[str, tuple[int, ...]], settings: RuntimeSettings) -> str | None:
-    """A key for a whole model's time: the digest of its bytes, its input shapes and the environment; None for a
-    model too large to serialize in one message (it is then timed every run)."""
+def model_key(model, input_shapes: Mapping[str, tuple[int, ...]], settings: RuntimeSettings,
+              deployed: str | None = None) -> str | None:
+    """A key for a whole model's time: the digest of its bytes, its input shapes, the environment and the int8
+    form it was timed in (None: float); None for a model too large to serialize in one message (it is then timed
+    every run)."""
     if model_size(model) > PROTOBUF_LIMIT:
         return None
     digest = hashlib.sha256(model.SerializeToString()).hexdigest()
     text = json.dumps({"model": digest, "inputs": {k: list(map(int, v)) for k, v in sorted(input_shapes.items())},
-                       "environment": environment_key(settings)}, sort_keys=True)
+                       "environment": environment_key(settings), **_deployed(deployed)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _deployed(deployed: str | None) -> dict:
+    """The key's entry for the int8 form; none for float, so float keys are those older caches hold."""
+    return {} if deployed is None else {"deployed": deployed}
 
 
 def _positive(value) -> bool:

@@ -117,9 +117,11 @@ def layer_key(model: onnx.ModelProto, layer: Layer, input_shape: Sequence[int]) 
 
 
 def _random_factors(layer: Layer, k: int, rank: int, rng: np.random.Generator) -> Factors:
+    """Random factors of the timed shapes, scaled to keep the activations' size (1 / sqrt of the sum's length):
+    a probe model of many such layers must not overflow, since its int8 form is calibrated on its own outputs."""
     cols = layer.columns
-    return Factors(k=k, rank=rank, encoder=rng.standard_normal((k, rank, cols // k)),
-                   decoder=rng.standard_normal((layer.out_channels, k * rank)))
+    return Factors(k=k, rank=rank, encoder=rng.standard_normal((k, rank, cols // k)) / np.sqrt(cols // k),
+                   decoder=rng.standard_normal((layer.out_channels, k * rank)) / np.sqrt(k * rank))
 
 
 def _forms(layer: Layer, max_groups: int, block: int) -> dict[int, tuple[list[int], int]]:
@@ -155,11 +157,13 @@ def measure_layers(
     progress: Callable[[int, int], None] | None = None,
     narrowing: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
     timer: Timer | None = None,
+    deployed: str | None = None,
 ) -> dict[str, LayerTiming]:
     """Dense and factorized timings of every layer (layer name -> LayerTiming), from the cache where it has them;
     new timings are put in the cache, which the caller saves. `narrowing`: layer name -> (the output channel counts,
     the input channel counts) to time it narrowed at (`narrowing_grid`). `timer`: default onnxruntime with
-    `settings` (which also key the cache)."""
+    `settings` (which also key the cache). `deployed`: the int8 form `timer` times in (`Quantization.key`, part of
+    the keys; None: float)."""
     timer = timer or OnnxruntimeTimer(settings)
     block = block_size()
     narrowing = narrowing or {}
@@ -170,19 +174,20 @@ def measure_layers(
         # cache) and the times add up, since every node runs. Chains never narrow one.
         grids = narrowing.get(layer.name, ((), ())) if not layer.shared else ((), ())
         timings[layer.name] = _summed([_measure_layer(model, view, tuple(shapes[view.input_name]), settings, cache,
-                                                      forms, grids, timer) for view in layer.views()])
+                                                      forms, grids, timer, deployed)
+                                        for view in layer.views()])
         if progress is not None:
             progress(index, len(layers))
     return timings
 
 
-def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing, timer) -> LayerTiming:
+def _measure_layer(model, layer, input_shape, settings, cache, forms, narrowing, timer, deployed) -> LayerTiming:
     description = layer_key(model, layer, input_shape)
     variants: list[tuple | None] = [None]
     for k, (grid, _) in forms.items():
         variants += [(k, r) for r in grid]
     variants += [("rows", w) for w in narrowing[0]] + [("columns", w) for w in narrowing[1]]
-    keys = [variant_key(description, variant, settings) for variant in variants]
+    keys = [variant_key(description, variant, settings, deployed) for variant in variants]
     # Any variant missing: time them all again, together, so a layer's times all come from one period (a layer's
     # dense time cached minutes ago against variants timed now would carry the machine's drift into the ratio).
     # Entries without per-round times (a version 1 cache) count as missing: the guard judges noise by the rounds.
@@ -294,7 +299,8 @@ def realized_narrowing(
             continue
         width = timing.rows.points[0][0]
         folded = Folded(kept=np.arange(width),
-                        matrices=tuple(rng.standard_normal((r.out_channels, width * r.taps)) for r in chain.readers),
+                        matrices=tuple(rng.standard_normal((r.out_channels, width * r.taps)) / np.sqrt(width * r.taps)
+                                       for r in chain.readers),
                         biases=tuple(np.zeros(r.out_channels) for r in chain.readers))
         cuts.append((chain, folded))
         widths_of.append((chain, width))
@@ -326,10 +332,11 @@ def latency_cost(model: onnx.ModelProto, layers: Sequence[Layer], shapes, speed,
             narrowing[layer.name] = (grid, narrowing.get(layer.name, ([], []))[1])
         for layer in chain.readers:
             narrowing[layer.name] = (narrowing.get(layer.name, ([], []))[0], grid)
+    deployed = None if speed.deployed is None else speed.deployed.key
     timings = measure_layers(model, layers, shapes, speed.runtime, cache, max_groups=max_groups, progress=progress,
-                             narrowing=narrowing, timer=timer)
+                             narrowing=narrowing, timer=timer, deployed=deployed)
     overhead = per_node_overhead(cache, speed.runtime, timer)
-    key = model_key(model, {name: value.shape for name, value in feed.items()}, speed.runtime)
+    key = model_key(model, {name: value.shape for name, value in feed.items()}, speed.runtime, deployed)
     keys = (None, None, None) if key is None else (key + "/total", key + "/realized", key + "/narrowed")
     cached = (None, None, None) if key is None or cache.changed else tuple(cache.get(k) for k in keys)
     total, realized, narrowed = cached

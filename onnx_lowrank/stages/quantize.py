@@ -22,8 +22,11 @@ The times are kept in the latency cache under each model's bytes, so runs sharin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +39,8 @@ from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.graph.editor import default_opset
 from onnx_lowrank.graph.runtime import model_size
 
-__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "Quantization", "quantization_ops", "plan_quantization",
-           "quantize", "quantize_each", "upgrade_opset", "weightless_tail"]
+__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "Quantization", "QuantizedTimer", "quantization_ops",
+           "plan_quantization", "quantize", "quantize_each", "upgrade_opset", "weightless_tail"]
 
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 PER_CHANNEL_OPSET = 13
@@ -72,6 +75,11 @@ class Quantization:
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "per_channel": self.per_channel, "activations": self.activations,
                 "opset": self.opset, "upgraded_from": self.upgraded_from, "description": self.describe()}
+
+    @property
+    def key(self) -> str:
+        """The recipe as stable text: part of the latency cache's keys for times measured in this int8 form."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "description"}, sort_keys=True)
 
 
 def quantization_ops(model: onnx.ModelProto) -> list[str]:
@@ -167,6 +175,46 @@ def quantize_each(model: onnx.ModelProto, quantization: Quantization,
             quantized.producer_name, quantized.producer_version = model.producer_name, model.producer_version
             results[kind] = quantized
     return results
+
+
+class QuantizedTimer:
+    """A `timing.Timer` that times every model in its deployed int8 form: quantized by `quantize` with the recipe
+    (static: calibrated on the very feeds it is timed on; the scales do not change which kernels run), then timed by
+    `inner`. So every time the planning measures — a layer's dense and factorized forms, the probes, the whole
+    model against the original in the never-slower check, the judge's plans — is a time of what is deployed: quantized
+    dense and quantized factorized layers have other ratios than float ones. A model already quantized, or without a
+    weighted layer (the per-node overhead's Identity), is timed as it is. Quantized models are remembered by their
+    bytes and feeds (`_QUANTIZED`), so the original, timed again in every comparison, is quantized once."""
+
+    def __init__(self, inner, quantization: Quantization):
+        self.inner, self.quantization = inner, quantization
+
+    def time(self, models, feeds, rounds, warmup=1, block_s=0.0):
+        deployed = [self.deployed(model, own) for model, own in zip(models, feeds)]
+        return self.inner.time(deployed, feeds, rounds, warmup=warmup, block_s=block_s)
+
+    def deployed(self, model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> onnx.ModelProto:
+        """`model` as it is deployed: quantized, unless it already is or has nothing to quantize."""
+        if quantization_ops(model) or not any(node.op_type in _WEIGHTED for node in model.graph.node):
+            return model
+        digest = hashlib.sha256(model.SerializeToString())
+        for feed in feeds:
+            for name in sorted(feed):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(feed[name]).tobytes())
+        key = (digest.hexdigest(), self.quantization)
+        if key not in _QUANTIZED:
+            static = self.quantization.mode == "static"
+            _QUANTIZED[key] = quantize(model, self.quantization, list(feeds) if static else None)
+            while len(_QUANTIZED) > _REMEMBERED:
+                _QUANTIZED.popitem(last=False)
+        _QUANTIZED.move_to_end(key)
+        return _QUANTIZED[key]
+
+
+_REMEMBERED = 8
+_QUANTIZED: OrderedDict = OrderedDict()
+"""The last `_REMEMBERED` models `QuantizedTimer` quantized, by (digest of bytes and feeds, recipe)."""
 
 
 @contextmanager

@@ -28,10 +28,11 @@ import onnx
 from onnx_lowrank.graph import runtime
 from onnx_lowrank.errors import InputDataError, InvalidOptionError
 from onnx_lowrank.graph.runtime import RuntimeSettings
+from onnx_lowrank.stages.quantize import QuantizedTimer
 from onnx_lowrank.math.noise import (EARLY_LEVEL, EARLY_MEASUREMENTS, NOISE_LEVEL, faster_beyond_noise, geometric_mean,
                                      ratio_bounds, slower_beyond_noise)
 
-__all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "LatencyComparison", "measure_latency_ratio",
+__all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "baseline_of", "LatencyComparison", "measure_latency_ratio",
            "model_latency", "compare_models", "SpeedCheck"]
 
 Feed = Mapping[str, np.ndarray]
@@ -92,8 +93,16 @@ class OnnxruntimeTimer:
 
 
 def timer_of(speed) -> Timer:
-    """The timer `speed` (`settings.SpeedSettings`) names: its own, else onnxruntime with its session settings."""
-    return speed.timer or OnnxruntimeTimer(speed.runtime)
+    """The timer `speed` (`settings.SpeedSettings`) names: its own, else onnxruntime with its session settings;
+    timing the int8 form of every model when `speed.deployed` names one (`quantize.QuantizedTimer`)."""
+    timer = speed.timer or OnnxruntimeTimer(speed.runtime)
+    return timer if speed.deployed is None else QuantizedTimer(timer, speed.deployed)
+
+
+def baseline_of(speed) -> str:
+    """What a whole-model comparison under `speed` compares with: the original, or the original quantized the
+    same way when the models are timed in their int8 form."""
+    return "original" if speed.deployed is None else "int8 alone"
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,8 @@ class LatencyComparison:
     their spread (`noise.ratio_bounds`), which includes the few percent by which two sessions of one model differ. A
     single measurement (`measure_latency_ratio`) decides from its per-round times (the sign test), which cannot see
     that difference. `level`: the one-sided level of those bounds (`compare_models` spends NOISE_LEVEL over two
-    looks)."""
+    looks). `against`: what the "original" is: "original", or "int8 alone" when both were timed in their int8 form
+    (`baseline_of`)."""
 
     original_ms: float
     compressed_ms: float
@@ -114,6 +124,12 @@ class LatencyComparison:
     compressed_rounds: tuple[float, ...] = ()
     pair_ratios: tuple[float, ...] = ()
     level: float = NOISE_LEVEL
+    against: str = "original"
+
+    @property
+    def baseline(self) -> str:
+        """What was compared with, for a sentence: "the original" or "int8 alone"."""
+        return "the original" if self.against == "original" else self.against
 
     @property
     def bounds(self) -> tuple[float, float] | None:
@@ -146,7 +162,7 @@ class LatencyComparison:
                 "rounds": len(self.compressed_rounds), "rounds_not_faster": self.slower_rounds,
                 "measurements": max(1, len(self.pair_ratios)),
                 "ratio_bounds": None if bounds is None else list(bounds), "bounds_level": self.level,
-                "faster_beyond_noise": self.faster, "slower_beyond_noise": self.slower}
+                "faster_beyond_noise": self.faster, "slower_beyond_noise": self.slower, "against": self.against}
 
 
 @dataclass(frozen=True)
@@ -247,4 +263,4 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds
     original_ms, compressed_ms = geometric_mean(medians[0]), geometric_mean(medians[1])
     ratio = compressed_ms / original_ms if original_ms > 0 else float("nan")  # the geometric mean of the ratios
     return LatencyComparison(original_ms, compressed_ms, ratio, tuple(original_rounds), tuple(compressed_rounds),
-                             tuple(ratios), level)
+                             tuple(ratios), level, baseline_of(speed))
