@@ -48,23 +48,84 @@ THREADS = 2
 SIZE_GOAL, TIME_GOAL, METRIC_SLACK = 0.75, 0.85, 0.01
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--out", default=str(HERE / "INT8.md"))
+    parser.add_argument("--plots", default=str(HERE / "plots"), help="folder of the int8-<model>.png plots")
+    parser.add_argument("--results", default=None,
+                        help="also write the tables into this RESULTS.md (its int8 section, replaced)")
     args = parser.parse_args(argv)
     budgets = [_budget(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
-    sections = [_model(name, budgets) for name in args.models.split(",")]
-    header = (f"# int8 deployment: low rank + int8 against int8 alone\n\nProduced by `python benchmarks/int8.py "
-              f"--models {args.models} --budgets {args.budgets}` on {datetime.date.today()} in "
-              f"{(time.perf_counter() - started) / 60:.1f} minutes: onnx-lowrank {onnx_lowrank.__version__}, onnx "
-              f"{onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
-              f"{THREADS} threads. See the script's docstring for what each row is. **goal**: task metric within "
-              f"{METRIC_SLACK} of int8 alone (static), size <= {SIZE_GOAL}x and time <= {TIME_GOAL}x of it.\n")
-    Path(args.out).write_text(header + "\n".join(sections))
-    print(Path(args.out).read_text())
+    sections = []
+    for name in args.models.split(","):
+        section, rows = _model(name, budgets)
+        plot = Path(args.plots) / f"int8-{name}.png"
+        _plot(name, rows, plot)
+        sections.append(section + f"\n![{name}: size and time against the task metric](plots/{plot.name})\n")
+    header = (f"Produced by `python benchmarks/int8.py --models {args.models} --budgets {args.budgets}` on "
+              f"{datetime.date.today()} in {(time.perf_counter() - started) / 60:.1f} minutes: onnx-lowrank "
+              f"{onnx_lowrank.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python "
+              f"{platform.python_version()}, {THREADS} threads. See the script's docstring for what each row is. "
+              f"**goal**: task metric within {METRIC_SLACK} of int8 alone (static), size <= {SIZE_GOAL}x and time "
+              f"<= {TIME_GOAL}x of it.\n")
+    body = header + "\n".join(sections)
+    Path(args.out).write_text("# int8 deployment: low rank + int8 against int8 alone\n\n" + body)
+    if args.results:
+        _into_results(Path(args.results), body)
+    print(body)
+    return 0
+
+
+RESULTS_START, RESULTS_END = "<!-- int8: benchmarks/int8.py -->", "<!-- /int8 -->"
+
+
+def _into_results(path: Path, body: str) -> None:
+    """RESULTS.md with its int8 section (between the markers) replaced by `body`, or appended."""
+    text = path.read_text() if path.exists() else ""
+    section = f"{RESULTS_START}\n## int8 deployment: ours + int8 against int8 alone\n\n{body}\n{RESULTS_END}\n"
+    if RESULTS_START in text and RESULTS_END in text:
+        before, rest = text.split(RESULTS_START, 1)
+        text = before + section + rest.split(RESULTS_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def _plot(name: str, rows: list[tuple], path: Path) -> None:
+    """Task metric against size and against time, both as fractions of int8 alone: ours + int8 per budget kind,
+    int8 alone (static) marked with a star, dynamic int8 alone with a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    static_size = rows[1][1]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, column, label in ((axes[0], 1, "file size / int8 alone's"), (axes[1], 3, "time / int8 alone's")):
+        for kind, marker in (("ours 0", "o"), ("ours latency", "s")):
+            for mode in ("int8", "int8-dynamic"):
+                points = sorted((r[column] / (static_size if column == 1 else 1), r[4]) for r in rows
+                                if r[0].startswith(kind) and r[0].endswith(f"+ {mode}") and r[1] is not None
+                                and r[column] is not None)
+                if points:
+                    axis.plot(*zip(*points), marker=marker, linestyle="-" if mode == "int8" else ":",
+                              label=f"{kind} budgets + {mode}".replace("ours 0", "ours params"))
+        axis.scatter([1.0], [rows[1][4]], marker="*", s=180, color="black", label="int8 alone (static)", zorder=3)
+        if column == 1:
+            axis.scatter([rows[2][1] / static_size], [rows[2][4]], marker="x", s=80, color="grey",
+                         label="int8 alone (dynamic)", zorder=3)
+        axis.set_xlabel(label)
+        axis.set_ylabel("task metric")
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"{name}: ours + int8 against int8 alone (times measured interleaved, same run)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -73,7 +134,7 @@ def _budget(text: str) -> tuple[str, float]:
     return metric or "params", float(fraction)
 
 
-def _model(name: str, budgets: list[tuple[str, float]]) -> str:
+def _model(name: str, budgets: list[tuple[str, float]]) -> tuple[str, list[tuple]]:
     workload = workloads()[name]
     path = model_path(workload.model)
     original = onnx.load(path)
@@ -125,7 +186,7 @@ def _model(name: str, budgets: list[tuple[str, float]]) -> str:
                      f"{_f(vs_original, 3, 'x')} | {_f(vs_alone, 3, 'x')} | {_f(score, 3)} | {_f(seconds, 1)} | "
                      f"{note} |")
     print("\n".join(lines), flush=True)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", rows
 
 
 def _f(value, digits, suffix=""):
@@ -133,4 +194,4 @@ def _f(value, digits, suffix=""):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -170,9 +170,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
            requirement="a whole number >= 1", valid=_whole_positive, argparse={"type": int, "metavar": "K"}),
     Option("rank_multiple", "only ranks that are multiples of N (8 or 16 suit onnxruntime's blocked conv kernels)",
            default=1, requirement="a whole number >= 1", valid=_whole_positive, argparse={"type": int, "metavar": "N"}),
-    Option("quantize", "also quantize the result with onnxruntime's quantization, and compare it with the original "
-           "quantized the same way (int8 alone): int8 = static QDQ calibrated on the calibration samples (dynamic "
-           "without them); int8-dynamic = dynamic quantization (transformers)",
+    Option("quantize", "deploy as int8: plan, time and judge in onnxruntime's int8 form, quantize the result with "
+           "onnxruntime's quantization and compare it with the original quantized the same way (int8 alone): int8 "
+           "= static QDQ calibrated on the calibration samples (dynamic without them); int8-dynamic = dynamic "
+           "quantization (transformers)",
            requirement=f"one of {', '.join(QUANTIZE_MODES)}", valid=lambda v: v in QUANTIZE_MODES,
            argparse={"choices": QUANTIZE_MODES}),
     Option("upgrade_opset", f"with --quantize: convert a model below opset {PER_CHANNEL_OPSET} to it first (onnx's "

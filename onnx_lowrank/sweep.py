@@ -3,6 +3,10 @@
 The model is analysed once; every (allocator, budget) cell is planned, applied, verified on the same samples, and
 timed against the original interleaved in one process (see `latency`), so the cells are comparable with each other.
 An optional `evaluate` hook adds task metrics (the benchmark runner scores detections or recognised text with it).
+
+With `quantize` every cell is ours + int8 (`pipeline.deploy_int8`: planned, timed and guarded in the int8 form) and
+the frontier starts with int8 alone, the original quantized the same way: sizes and times are then fractions of
+int8 alone's, output errors and task metrics still against the original.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from onnx_lowrank.graph.inputs import Samples, parse_shape_specs, random_feeds, 
 from onnx_lowrank.graph.runtime import DEFAULT_PROVIDER
 from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import checked
-from onnx_lowrank.pipeline import keep_speed_promise, prepare, run_analysis, run_apply
+from onnx_lowrank.pipeline import deploy_int8, keep_speed_promise, prepare, run_analysis, run_apply
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
+from onnx_lowrank.stages.deployment import Int8Alone
+from onnx_lowrank.stages.quantize import quantize
 from onnx_lowrank.stages.report import nothing_to_compress
 from onnx_lowrank.stages.timing import MEASUREMENT_ROUNDS, compare_models
 from onnx_lowrank.stages.verify import verify
@@ -45,6 +51,7 @@ class SweepPoint:
     tool_seconds: float  # analyze + plan + apply: what one `compress --no-verify` costs
     task: Mapping[str, float] = field(default_factory=dict)  # from the evaluate hook
     never_slower: bool | None = None  # guarded: measured faster than the original beyond noise (the check's word)
+    size_ratio: float | None = None  # file size / the original's (int8 alone's with quantize)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "task": dict(self.task)}
@@ -60,6 +67,7 @@ class Sweep:
     measure: str = "spectral"  # what layer errors measure
     message: str | None = None  # why nothing could be compressed, when nothing could
     guarded: bool = False  # only candidates measured faster than their dense layer were kept
+    deployed: Mapping[str, object] | None = None  # the int8 recipe (`Quantization.to_dict`) with quantize
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +79,7 @@ class Sweep:
             "measure": self.measure,
             "message": self.message,
             "guarded": self.guarded,
+            "deployed": None if self.deployed is None else dict(self.deployed),
         }
 
 
@@ -99,16 +108,23 @@ def sweep(
     latency_cache: CachePath = True,
     timer: object | None = None,
     evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None = None,
+    quantize: str | None = None,
+    upgrade_opset: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Sweep:
     """Measure every (allocator, budget) cell. `inputs` and `calibration` may also be lists of feed dicts (the
     benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
-    the default allocators are `auto`; otherwise `alds`."""
+    the default allocators are `auto`; otherwise `alds`. `quantize`, `upgrade_opset`: as `compress`'s; the first
+    point is then int8 alone."""
     settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
     speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache, timer)  # compress's rule
     start = time.perf_counter()
     context = prepare(model, inputs, input_shapes, False, calibration, settings, speed)
+    alone = None
+    if quantize is not None:  # a quantized input is refused here, before any work
+        context, alone = deploy_int8(context, quantize, upgrade_opset)
     proto, feeds, calibration_samples = context.model, context.feeds, context.calibration
+    speed = context.speed  # with quantize: every model timed in its int8 form
     analysis = run_analysis(context)
     analysis_seconds = time.perf_counter() - start
     if allocators is None:
@@ -118,6 +134,9 @@ def sweep(
         feeds = Samples.given(random_feeds(proto, random_shapes, count=2, seed=0), "random")
 
     points, unreachable = [], []
+    reference_size = len(proto.SerializeToString()) if alone is None else len(alone.model.SerializeToString())
+    if alone is not None and feeds is not None:
+        points.append(_int8_alone(proto, alone.model, feeds, reference_size, evaluate))
     for allocator in allocators:
         for budget in budgets:
             if progress is not None:
@@ -131,9 +150,12 @@ def sweep(
             compressed, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
             tool_seconds = analysis_seconds + time.perf_counter() - start
             output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
-            promise = None
+            promise, deployed = None, None
             if report.factorized or report.narrowed:
-                check = verify(proto, compressed, feeds)
+                # with quantize the float model is timed (the timer quantizes both it and the original), and
+                # ours + int8 is what is verified, measured and scored
+                deployed = _deployed(compressed, alone, calibration_samples)
+                check = verify(proto, deployed, feeds)
                 output_error = check.worst_relative_l2
                 agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
                 timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
@@ -149,9 +171,11 @@ def sweep(
                     if kept is not plan:  # changes were taken out: the point describes the model written
                         plan = kept
                         _, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
-                        check = verify(proto, compressed, feeds)
+                        deployed = _deployed(compressed, alone, calibration_samples)
+                        check = verify(proto, deployed, feeds)
                         output_error = check.worst_relative_l2
                         agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
+            compressed = deployed if deployed is not None else _deployed(compressed, alone, calibration_samples)
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -168,9 +192,29 @@ def sweep(
                     tool_seconds=tool_seconds,
                     task=dict(evaluate(compressed)) if evaluate is not None else {},
                     never_slower=promise,
+                    size_ratio=len(compressed.SerializeToString()) / reference_size,
                 )
             )
     return Sweep(points=tuple(points), unreachable=tuple(unreachable), analysis_seconds=analysis_seconds,
                  samples="random" if feeds is None else feeds.source, calibration=analysis.calibration,
                  measure=analysis.measure,
-                 message=None if analysis.layers else nothing_to_compress(analysis.skipped), guarded=analysis.guarded)
+                 message=None if analysis.layers else nothing_to_compress(analysis.skipped), guarded=analysis.guarded,
+                 deployed=None if alone is None else alone.quantization.to_dict())
+
+
+def _deployed(model: onnx.ModelProto, alone: Int8Alone | None, calibration: Samples | None) -> onnx.ModelProto:
+    """`model` quantized as int8 alone was (None: as it is)."""
+    return model if alone is None else quantize(model, alone.quantization, calibration)
+
+
+def _int8_alone(original: onnx.ModelProto, alone: onnx.ModelProto, feeds: Samples, size: int,
+                evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None) -> SweepPoint:
+    """The frontier's reference point with quantize: the original quantized alone (budget 1, time 1 by definition)."""
+    check = verify(original, alone, feeds)
+    agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
+    return SweepPoint(allocator="int8 alone", budget=1.0, params_ratio=1.0, flops_ratio=None, latency_ratio=1.0,
+                      predicted_latency_ratio=None, output_error=check.worst_relative_l2,
+                      top1_agreement=min(agreements) if agreements else None, max_layer_error=0.0,
+                      layers_factorized=0, tool_seconds=0.0,
+                      task=dict(evaluate(alone)) if evaluate is not None else {}, size_ratio=len(
+                          alone.SerializeToString()) / size)

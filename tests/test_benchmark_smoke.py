@@ -114,3 +114,22 @@ def test_the_plain_baselines_meet_their_budget_and_keep_the_outputs_close():
     for compressed in (plain_calibrated(model, feeds, 0.8), bare_svd(model, 0.8)):
         assert costs.model_params(compressed) <= 0.8 * costs.model_params(model)
         assert verify(model, compressed, feeds).worst_relative_l2 < 1e-5  # w1 is exactly rank 16: kept exactly
+
+
+@pytest.mark.slow
+def test_the_int8_benchmark_writes_its_tables_plot_and_results_section(tmp_path):
+    from benchmarks import int8
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nearlier sections\n")
+    arguments = ["--models", "text-transformer", "--budgets", "0.8,latency:0.9", "--out", str(tmp_path / "INT8.md"),
+                 "--plots", str(tmp_path / "plots"), "--results", str(results)]
+    assert int8.main(arguments) == 0
+    table = (tmp_path / "INT8.md").read_text()
+    for label in ("int8 alone (static QDQ", "int8 alone (dynamic", "ours 0.8 + int8 |", "ours latency 0.9 + int8 |",
+                  "ours 0.8 + int8-dynamic |"):
+        assert label in table, label
+    assert (tmp_path / "plots" / "int8-text-transformer.png").stat().st_size > 10_000
+    assert int8.main(arguments) == 0  # run again: the section is replaced, not appended
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nearlier sections") and text.count(int8.RESULTS_START) == 1

@@ -329,3 +329,30 @@ def test_a_target_error_with_quantize_is_checked_on_ours_plus_int8():
     best = min(passing, key=lambda step: step.budget)
     assert best.value == pytest.approx(report.deployment.model("ours + int8").error)
     assert best.value == pytest.approx(report.verification.worst_relative_l2)
+
+
+def test_a_sweep_with_quantize_starts_at_int8_alone_and_scores_ours_plus_int8():
+    from onnx_lowrank.sweep import sweep
+
+    scored = []
+
+    def evaluate(model):
+        scored.append(quantization_ops(model))
+        return {"int8": float(bool(quantization_ops(model)))}
+
+    result = sweep(build_cnn(), (0.8, 0.6), calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
+                   timer=ScriptedTimer(), allow_slower=True, latency_cache=False, evaluate=evaluate)
+    first, *cells = result.points
+    assert first.allocator == "int8 alone" and first.size_ratio == 1.0 and first.latency_ratio == 1.0
+    assert first.output_error > 0 and cells
+    assert all(scored) and all(p.task == {"int8": 1.0} for p in result.points)
+    assert all(p.size_ratio is not None and p.size_ratio < 1.5 for p in cells)  # of int8 alone, not of the float
+    assert result.deployed["mode"] == "static" and result.to_dict()["deployed"] == result.deployed
+
+
+def test_the_cli_sweep_takes_quantize(tmp_path):
+    source = save(build_matmul(shape=(2, 6, 24)), tmp_path / "mlp.onnx")
+    code, out, err = run_cli(["sweep", str(source), "--budgets", "0.8", "--quantize", "int8-dynamic",
+                              "--allow-slower"])
+    assert code == 0, err
+    assert "int8 alone" in out and "ours + int8" in out

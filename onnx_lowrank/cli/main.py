@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="compress at several budgets; table of size, speed and output error")
     sweep.add_argument("input", help="the model to sweep (never modified)")
-    add_flags(sweep, ("budgets", "metric", "allocators", "method", "plot", "latency", *_ANALYSIS, "quiet"))
+    add_flags(sweep, ("budgets", "metric", "allocators", "method", "plot", "latency", "quantize", "upgrade_opset",
+                      *_ANALYSIS, "quiet"))
     sweep.set_defaults(run=_run_sweep)
     return parser
 

@@ -243,8 +243,12 @@ def _render_narrowable(analysis: Analysis, console: Console, error_levels: tuple
 
 def render_sweep(result, console: Console) -> None:
     """One row per (allocator, budget) cell of a sweep."""
-    table = Table(title=f"Sweep (output error on {result.samples} samples)", title_justify="left")
-    for column in ("alloc", "budget", "params", "FLOPs", "time", "out err", "top-1", "layer err", "n", "s"):
+    deployed = getattr(result, "deployed", None)
+    title = f"Sweep (output error on {result.samples} samples)"
+    if deployed is not None:
+        title += f"; every cell ours + int8 ({deployed['description']})"
+    table = Table(title=title, title_justify="left")
+    for column in ("alloc", "budget", "params", "FLOPs", "size", "time", "out err", "top-1", "layer err", "n", "s"):
         table.add_column(column, justify="left" if column == "alloc" else "right", no_wrap=True)
     for p in result.points:
         table.add_row(
@@ -252,6 +256,7 @@ def render_sweep(result, console: Console) -> None:
             f"{p.budget:g}",
             f"{p.params_ratio:.3f}",
             "-" if p.flops_ratio is None else f"{p.flops_ratio:.3f}",
+            "-" if p.size_ratio is None else f"{p.size_ratio:.3f}",
             "-" if p.latency_ratio is None else f"{p.latency_ratio:.3f}",
             _float(p.output_error, digits=3),
             "-" if p.top1_agreement is None else f"{p.top1_agreement:.3f}",
@@ -264,8 +269,9 @@ def render_sweep(result, console: Console) -> None:
         console.print(result.message)
     for allocator, budget, why in result.unreachable:
         console.print(f"[yellow]{allocator} at {budget:g}: {why}[/yellow]")
+    reference = "the original" if deployed is None else "the original (size and time: of int8 alone)"
     console.print(
-        "params, FLOPs, time: fractions of the original (time: onnxruntime median, measured interleaved); "
+        f"params, FLOPs, size, time: fractions of {reference} (time: onnxruntime median, measured interleaved); "
         "out err: worst output relative L2; layer err: worst layer's "
         + ("relative output error on the calibration data" if getattr(result, "measure", "") == "output"
            else "relative spectral error")

@@ -19,6 +19,10 @@ change what a factorization saves (measured on YOLOv8n's head: a rank-16 form ra
 every layer factorized at its smallest timed rank is timed against the original, interleaved, and the fraction of
 the predicted saving it really delivered scales every layer's saving.
 
+Deployed as int8 (`--quantize`), every variant, probe and whole model is timed in its int8 form
+(`quantize.QuantizedTimer`, under keys of their own): a quantized factorized pair gains over the quantized dense
+layer other than what it gains in float32, and a latency budget is then a fraction of int8 alone's time.
+
 All variants of one layer are timed interleaved, round after round, in sessions made with the deployment's settings
 (threads, provider, optimization level) whose threads stop spinning after each run, so no variant steals a core
 from the next; the median per variant is kept. Results go to the `LatencyCache`, so a second run only looks them up.
