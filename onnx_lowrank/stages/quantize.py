@@ -18,14 +18,19 @@ The activations' type of static QDQ is measured, not assumed: onnxruntime's defa
 (which kernel is fast is the CPU's business). So the original is quantized both ways and the two are timed
 interleaved; the faster one's type quantizes ours too, so the two int8 models differ only by the low-rank rewrite.
 The times are kept in the latency cache under each model's bytes, so runs sharing a cache choose, and write, the same.
+
+The recipe is settled before planning (`pipeline.deploy_int8`), and `QuantizedTimer` then times every model the
+planning measures in this int8 form: this module comes before `timing` in the stage order for that reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -153,7 +158,7 @@ def quantize_each(model: onnx.ModelProto, quantization: Quantization,
         model = upgrade_opset(model, quantization.opset)
     large = model_size(model) > _EXTERNAL_ABOVE
     results = {}
-    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder, _working_in(folder):
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder, _working_in(folder), _quietly():
         source, prepared, ranges = (Path(folder) / name for name in ("model.onnx", "prepared.onnx", "ranges.json"))
         onnx.save_model(model, source, save_as_external_data=large, location="model.data" if large else None)
         _preprocess(source, prepared, large)
@@ -197,6 +202,9 @@ class QuantizedTimer:
         """`model` as it is deployed: quantized, unless it already is or has nothing to quantize."""
         if quantization_ops(model) or not any(node.op_type in _WEIGHTED for node in model.graph.node):
             return model
+        static = self.quantization.mode == "static"
+        if model_size(model) > _EXTERNAL_ABOVE:  # too large to digest in one message: quantized every time
+            return quantize(model, self.quantization, list(feeds) if static else None)
         digest = hashlib.sha256(model.SerializeToString())
         for feed in feeds:
             for name in sorted(feed):
@@ -204,7 +212,6 @@ class QuantizedTimer:
                 digest.update(np.ascontiguousarray(feed[name]).tobytes())
         key = (digest.hexdigest(), self.quantization)
         if key not in _QUANTIZED:
-            static = self.quantization.mode == "static"
             _QUANTIZED[key] = quantize(model, self.quantization, list(feeds) if static else None)
             while len(_QUANTIZED) > _REMEMBERED:
                 _QUANTIZED.popitem(last=False)
@@ -215,6 +222,23 @@ class QuantizedTimer:
 _REMEMBERED = 8
 _QUANTIZED: OrderedDict = OrderedDict()
 """The last `_REMEMBERED` models `QuantizedTimer` quantized, by (digest of bytes and feeds, recipe)."""
+
+
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """onnxruntime's quantization tools log to the root logger and let numpy warn, once per tensor (PP-OCRv4 det:
+    "Axis 1 is out-of-range for weight 'batch_norm_1.w_0'" hundreds of times while its layers were timed in int8,
+    "All-NaN axis encountered" for tensors no sample reached): none of it is the user's to act on, and the results
+    are checked (run once before writing, verified). Silenced for the call, restored after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        root.setLevel(level)
 
 
 @contextmanager

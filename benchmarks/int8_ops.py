@@ -1,0 +1,69 @@
+"""Where an int8 model's time goes, by operator: onnxruntime's profiler on the float model and on int8 alone.
+
+    python benchmarks/int8_ops.py                       # YOLOv8n, its workload's calibration samples
+    python benchmarks/int8_ops.py --model ppocrv4-det --runs 20
+
+Why low rank buys little time on top of int8 on a model: a factorization shrinks only the (QLinear)Conv share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from onnx_lowrank.stages.quantize import plan_quantization, quantize  # noqa: E402
+
+from benchmarks.workloads import model_path, workloads  # noqa: E402
+
+
+def kernel_times(model: onnx.ModelProto, feed: dict, runs: int, threads: int) -> collections.Counter:
+    """Microseconds per run spent in each op type's kernels (onnxruntime's profile, after one warm-up run)."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    times = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"] / (runs + 1)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="yolov8n-320")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    workload = workloads()[args.model]
+    original = onnx.load(model_path(workload.model))
+    calibration = workload.calibration_feeds()
+    recipe, _ = plan_quantization(original, "int8", calibrated=True, upgrade=True)
+    alone = quantize(original, recipe, calibration)
+    for label, model in (("float", original), (f"int8 alone ({recipe.describe()})", alone)):
+        times = kernel_times(model, calibration[0], args.runs, args.threads)
+        total = sum(times.values())
+        print(f"{label}: {total / 1000:.2f} ms of kernels per run")
+        for op, us in times.most_common(8):
+            print(f"  {op:24s} {us / 1000:7.3f} ms  {us / total:6.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
