@@ -38,7 +38,7 @@ from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, fold_statistics
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
 from onnx_lowrank.stages.parallel import single_threaded_blas
-from onnx_lowrank.stages.quantize import Quantization, plan_quantization, quantize
+from onnx_lowrank.stages.quantize import Quantization, plan_quantization, quantize, with_shapes
 from onnx_lowrank.stages.report import Report, build_report
 from onnx_lowrank.stages.timing import MEASUREMENTS, LatencyComparison, SpeedCheck, compare_models
 from onnx_lowrank.stages.verify import verify
@@ -332,6 +332,7 @@ def deploy_int8(context: Context, mode: str, upgrade: bool) -> tuple[Context, In
     is timed in it, so the layer timings, the latency budget and the never-slower guard measure what is deployed,
     against int8 alone, and the `auto` judge scores its plans quantized; and int8 alone itself."""
     quantization, notes = plan_quantization(context.model, mode, context.calibration is not None, upgrade)
+    quantization = with_shapes(quantization, context.model)
     quantization, model, activation_ms = choose_activations(context.model, quantization, context.calibration,
                                                             context.timing_feed(), context.speed)
     context = replace(context, speed=replace(context.speed, deployed=quantization))

@@ -399,3 +399,29 @@ def test_onnxruntimes_quantization_chatter_does_not_reach_the_user(monkeypatch, 
     assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
     assert not [w for w in recwarn if "All-NaN" in str(w.message)]
     assert logging.getLogger().level == level
+
+
+def test_symbolic_shape_inference_is_tried_on_the_original_once_and_skipped_where_it_did_not_finish(monkeypatch):
+    from onnxruntime.quantization import shape_inference
+    from onnxruntime.tools import symbolic_shape_infer
+
+    from onnx_lowrank.stages.quantize import with_shapes
+
+    recipe, _ = plan_quantization(build_cnn(), "int8", calibrated=True, upgrade=False)
+    assert with_shapes(recipe, build_cnn()).symbolic_shapes  # it finishes on this one
+
+    def incomplete(*args, **kwargs):
+        raise Exception("Incomplete symbolic shape inference")  # what YOLOv8n and both PP-OCRv4 models raise
+
+    monkeypatch.setattr(symbolic_shape_infer.SymbolicShapeInference, "infer_shapes", staticmethod(incomplete))
+    skipped = with_shapes(recipe, build_cnn())
+    assert not skipped.symbolic_shapes and skipped.to_dict() == recipe.to_dict()  # same keys, same description
+    calls = []
+    real = shape_inference.quant_pre_process
+    monkeypatch.setattr(shape_inference, "quant_pre_process",
+                        lambda *a, **k: calls.append(k.get("skip_symbolic_shape", False)) or real(*a, **k))
+    quantize(build_cnn(), skipped, CALIBRATION)
+    assert calls == [True]  # straight to ONNX's shape inference: no failed attempt first
+    calls.clear()
+    quantize(build_cnn(), recipe, CALIBRATION)
+    assert calls == [False, True]  # a recipe that did not ask: tried, failed, then without it
