@@ -1,10 +1,10 @@
 """int8 deployment: low rank + onnxruntime's int8 against int8 alone, side by side in one run.
 
-    python benchmarks/int8.py                                   # the four models below; writes benchmarks/INT8.md
+    python benchmarks/int8.py --results benchmarks/RESULTS.md   # every benchmark model; INT8.md and RESULTS.md
     python benchmarks/int8.py --models yolov8n-320 --budgets 0.8,latency:0.8
 
-For each model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation type measured)
-and dynamic; and, at each budget (`0.7`: params; `latency:0.8`: of int8 alone's measured time, since the layers are
+For each benchmark model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation
+type measured) and dynamic; and, at each budget (`0.7`: params; `latency:0.8`: of int8 alone's measured time, since the layers are
 timed in their int8 form), `onnx_lowrank.compress(..., quantize=...)` with the defaults (calibrated on the
 workload's calibration split, the never-slower guard on), with `--upgrade-opset` (per-channel weights for
 the models below opset 13: PP-OCRv4's recogniser lost all its accuracy per tensor, char accuracy 0.017, and kept
@@ -13,7 +13,8 @@ metric on the disjoint evaluation split, its file size counted, and timed agains
 5 measurements with fresh sessions, 2 threads, interleaved) and int8 alone against the original. A row meets the
 issue's goal when its task metric is within 0.01 of int8 alone's and it is at most 0.75x int8 alone's size and
 0.85x its measured time. "size vs int8 alone" is against the static int8 model in every row, "time vs int8 alone"
-against the int8 alone of the row's own mode. Tool seconds are the compress call's.
+against the int8 alone of the row's own mode. Models without a Conv (transformers, MLPs) get ours + dynamic int8
+rows too. Tool seconds are the compress call's, with the latency cache the earlier cells of the run filled.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from onnx_lowrank.stages.timing import compare_models  # noqa: E402
 
 from benchmarks.workloads import model_path, workloads  # noqa: E402
 
-MODELS = ("yolov8n-320", "ppocrv4-det", "ppocrv4-rec", "text-transformer")
-BUDGETS = ("0.9", "0.8", "0.7", "0.6", "latency:0.9", "latency:0.8", "latency:0.7")
+MODELS = tuple(workloads())  # every benchmark model
+BUDGETS = ("0.9", "0.8", "0.7", "0.6", "latency:0.9", "latency:0.8", "latency:0.75", "latency:0.7")
 THREADS = 2
 SIZE_GOAL, TIME_GOAL, METRIC_SLACK = 0.75, 0.85, 0.01
 
@@ -161,7 +162,8 @@ def _model(name: str, budgets: list[tuple[str, float]]) -> tuple[str, list[tuple
         alone[mode] = model
         row(f"int8 alone ({recipe.describe()})", model, None)
     alone_score, alone_size = rows[1][4], rows[1][1]
-    modes = ("int8", "int8-dynamic") if "transformer" in name else ("int8",)
+    # dynamic int8 too where onnxruntime advises it: models without a Conv (transformers, MLPs)
+    modes = ("int8", "int8-dynamic") if not any(n.op_type == "Conv" for n in original.graph.node) else ("int8",)
     for mode in modes:
         for metric, budget in budgets:
             start = time.perf_counter()

@@ -228,8 +228,10 @@ def compress(
     reports the speedup. The report's plan records the settings, so `apply(model, report.plan, ...)` with the same
     samples writes the same model.
 
-    With `quantize` ("int8": static QDQ calibrated on the calibration samples; "int8-dynamic") the compressed model
-    is then quantized by onnxruntime (`stages.quantize`), and so is the original, the same way: the model returned
+    With `quantize` ("int8": static QDQ calibrated on the calibration samples; "int8-dynamic") the model is planned
+    for its int8 form (`pipeline.deploy_int8`: layers, the latency budget and the never-slower check timed
+    quantized, against int8 alone; the `auto` judge and a target checked on the quantized models), the compressed
+    model is quantized by onnxruntime (`stages.quantize`), and so is the original, the same way: the model returned
     is ours + int8, verified on `inputs`, and the report compares the original, int8 alone and ours + int8 in size,
     measured time and output error (`report.deployment`). `upgrade_opset` converts a model below opset 13 first,
     for per-channel weights.

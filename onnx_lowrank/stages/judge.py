@@ -49,6 +49,13 @@ layers (`analyze.weight_only`: no statistics, so no fold changes them), scored o
 wins ("auto: alds (weight only) ..."), the plan's settings say weight_only (method lowrank), and it is written, and
 reproduced by `apply`, from the weights alone (`pipeline.written_with`).
 
+Deployed as int8 (`--quantize`, `speed.deployed`): every candidate is scored as it will run, quantized by the same
+recipe as the model written, calibrated on the rows that fitted it (a fold's fit rows) and scored on the held-out
+ones, and the tied plans are timed in their int8 form. Measured on YOLOv8n at params 0.6 (benchmarks/INT8.md, this
+and the previous run): the plan timed and judged in float lost 0.13 box F1 once quantized (0.719 against int8
+alone's 0.849), the plan timed and judged in int8 0.011 (0.838). It costs one onnxruntime quantization per
+candidate and fold (about 2 s on YOLOv8n, 4 s on PP-OCRv4 det).
+
 Cost, bounded: one weight-only decomposition of every layer per analysis (shared by every budget); with a split or
 folds, one decomposition per layer per fold (at most `FOLDS`, and only with fewer than `SINGLE_SPLIT_UNITS` units),
 and per fold each distinct candidate written and run once on that fold's held-out rows (over the folds, every
