@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="yolov8n-320")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--silu-in-float", action="store_true",
+                        help="also time int8 alone with every Sigmoid and Mul left in float, against the default")
     args = parser.parse_args(argv)
     workload = workloads()[args.model]
     original = onnx.load(model_path(workload.model))
@@ -62,7 +64,29 @@ def main(argv=None) -> int:
         print(f"{label}: {total / 1000:.2f} ms of kernels per run")
         for op, us in times.most_common(8):
             print(f"  {op:24s} {us / 1000:7.3f} ms  {us / total:6.1%}")
+    if args.silu_in_float:
+        _silu_in_float(original, alone, recipe, calibration, args.threads)
     return 0
+
+
+def _silu_in_float(original, alone, recipe, calibration, threads: int) -> None:
+    """int8 alone against the same recipe with the SiLU's Sigmoid and Mul nodes kept in float (excluded like the
+    weightless tail), timed interleaved: whether the activations' share of int8 time is worth leaving unquantized."""
+    from onnx_lowrank.graph.runtime import RuntimeSettings
+    from onnx_lowrank.stages import quantize as quantize_module
+    from onnx_lowrank.stages.timing import OnnxruntimeTimer
+
+    tail = quantize_module.weightless_tail
+    quantize_module.weightless_tail = lambda model: tail(model) + [
+        node.name for node in model.graph.node if node.op_type in ("Sigmoid", "Mul") and node.name]
+    try:
+        float_silu = quantize(original, recipe, calibration)
+    finally:
+        quantize_module.weightless_tail = tail
+    timings = OnnxruntimeTimer(RuntimeSettings(threads=threads)).time(
+        [original, alone, float_silu], [[calibration[0]]] * 3, 30, block_s=0.002)
+    print("medians ms: float {:.2f}, int8 alone {:.2f}, int8 with Sigmoid and Mul in float {:.2f}".format(
+        *timings.medians))
 
 
 if __name__ == "__main__":
