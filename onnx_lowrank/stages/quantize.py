@@ -304,9 +304,11 @@ def with_shapes(quantization: Quantization, model: onnx.ModelProto) -> Quantizat
         return quantization  # onnxruntime infers it from the file; try it every time
     if quantization.upgraded_from is not None and default_opset(model) < quantization.opset:
         model = upgrade_opset(model, quantization.opset)  # as it will be quantized
-    try:
-        with _quietly():
-            SymbolicShapeInference.infer_shapes(model)  # quant_pre_process's defaults
+    try:  # in our temporary folder: when it cannot finish it leaves its scratch files in the current one
+        with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as folder, _working_in(folder), _quietly():
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # whatever it does to its input stays off the user's model
+            SymbolicShapeInference.infer_shapes(copy)  # quant_pre_process's defaults
         finishes = True
     except Exception:
         finishes = False
