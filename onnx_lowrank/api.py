@@ -135,9 +135,12 @@ def apply(
     threads: int | None = None,
     provider: str = DEFAULT_PROVIDER,
     timer: object | None = None,
+    quantize: str | None = None,
+    upgrade_opset: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite the layers `plan` names into their factorized or narrowed form; check the result in onnxruntime
-    unless told not to.
+    unless told not to. With `quantize` (and `upgrade_opset`), as `compress`: the result is quantized by
+    onnxruntime, compared with the original quantized the same way, and ours + int8 is what is returned.
 
     Returns the new ModelProto (the input is not modified) and a Report. Pass the `analysis` the plan came from to
     reuse its decompositions, calibration and latency costs; without it the model is analysed again (on
@@ -169,7 +172,16 @@ def apply(
         start = time.perf_counter()
         analysis = run_analysis(context)
         seconds["analyze"] = time.perf_counter() - start
-    return run_apply(context, plan, verify, analysis, seconds, refit or bool(plan.refit))
+    if quantize is None:
+        return run_apply(context, plan, verify, analysis, seconds, refit or bool(plan.refit))
+    start = time.perf_counter()
+    context, alone = deploy_int8(context, quantize, upgrade_opset)  # a quantized input is refused here
+    seconds["int8 alone"] = time.perf_counter() - start
+    compressed, report = run_apply(context, plan, verify, analysis, seconds, refit or bool(plan.refit))
+    start = time.perf_counter()
+    compressed, report = run_quantize(context, compressed, report, alone, verify)
+    seconds["quantize"] = time.perf_counter() - start
+    return compressed, report
 
 
 def _version1_settings(plan: Plan) -> AnalysisSettings:

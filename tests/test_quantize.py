@@ -428,3 +428,27 @@ def test_symbolic_shape_inference_is_tried_on_the_original_once_and_skipped_wher
     calls.clear()
     quantize(build_cnn(), recipe, CALIBRATION)
     assert calls == [False, True]  # a recipe that did not ask: tried, failed, then without it
+
+
+def test_apply_with_quantize_writes_ours_plus_int8_the_same_each_time(tmp_path):
+    analysis = onnx_lowrank.analyze(build_cnn(), calibration=CALIBRATION, timer=ScriptedTimer())
+    chosen = onnx_lowrank.plan(analysis, 0.6)
+    first, report = onnx_lowrank.apply(build_cnn(), chosen, calibration=CALIBRATION, inputs=HELD_OUT,
+                                       quantize="int8", timer=ScriptedTimer())
+    second, _ = onnx_lowrank.apply(build_cnn(), chosen, calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
+                                   timer=ScriptedTimer())
+    assert quantization_ops(first) and first.SerializeToString() == second.SerializeToString()
+    assert report.deployment is not None and report.verification.worst_relative_l2 == pytest.approx(
+        report.deployment.model("ours + int8").error)
+
+
+def test_the_cli_applies_a_plan_with_quantize(tmp_path):
+    source = save(build_matmul(shape=(2, 6, 24)), tmp_path / "mlp.onnx")
+    plan_file, out = tmp_path / "plan.json", tmp_path / "out.onnx"
+    code, _, err = run_cli(["compress", str(source), str(tmp_path / "float.onnx"), "--budget", "0.7",
+                            "--allow-slower", "--plan-out", str(plan_file)])
+    assert code == 0, err
+    code, stdout, err = run_cli(["apply", str(source), str(out), "--plan", str(plan_file), "--quantize",
+                                 "int8-dynamic"])
+    assert code == 0, err
+    assert "Deployed as int8 (dynamic" in stdout and "DynamicQuantizeLinear" in quantization_ops(onnx.load(out))

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("output", help="where to write the rewritten model (.onnx)")
     add_flags(apply, ("plan",), required=True)
     add_flags(apply, ("report", "refit", "inputs", "input_shapes", "threads", "provider", "calibration", "weight_only",
-                      *_WRITING))
+                      "quantize", "upgrade_opset", *_WRITING))
     apply.set_defaults(run=_run_apply)
 
     sweep = commands.add_parser("sweep", help="compress at several budgets; table of size, speed and output error")
