@@ -27,8 +27,7 @@ from onnx_lowrank.math.projection import DEFAULT_SHRINKAGE
 from onnx_lowrank.options import checked
 from onnx_lowrank.pipeline import deploy_int8, keep_speed_promise, prepare, run_analysis, run_apply
 from onnx_lowrank.settings import AnalysisSettings, CachePath, SpeedSettings
-from onnx_lowrank.stages.deployment import Int8Alone
-from onnx_lowrank.stages.quantize import quantize
+from onnx_lowrank.stages.quantize import as_deployed
 from onnx_lowrank.stages.report import nothing_to_compress
 from onnx_lowrank.stages.timing import MEASUREMENT_ROUNDS, compare_models
 from onnx_lowrank.stages.verify import verify
@@ -123,6 +122,7 @@ def sweep(
     alone = None
     if quantize is not None:  # a quantized input is refused here, before any work
         context, alone = deploy_int8(context, quantize, upgrade_opset)
+    recipe = None if alone is None else alone.quantization
     proto, feeds, calibration_samples = context.model, context.feeds, context.calibration
     speed = context.speed  # with quantize: every model timed in its int8 form
     analysis = run_analysis(context)
@@ -149,15 +149,14 @@ def sweep(
                 continue
             compressed, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
             tool_seconds = analysis_seconds + time.perf_counter() - start
-            output_error, agreements, timing = 0.0, [], None  # nothing factorized: the original, nothing to measure
+            output_error, top1, timing = 0.0, None, None  # nothing factorized: the original, nothing to measure
             promise, deployed = None, None
             if report.factorized or report.narrowed:
                 # with quantize the float model is timed (the timer quantizes both it and the original), and
                 # ours + int8 is what is verified, measured and scored
-                deployed = _deployed(compressed, alone, calibration_samples)
+                deployed = as_deployed(compressed, recipe, calibration_samples)
                 check = verify(proto, deployed, feeds)
-                output_error = check.worst_relative_l2
-                agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
+                output_error, top1 = check.worst_relative_l2, check.lowest_top1_agreement
                 timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
                                         rounds=latency_repeats) if latency else None  # as compress times it
                 if timing is not None and analysis.guarded:  # the promise compress keeps, kept here too
@@ -171,11 +170,10 @@ def sweep(
                     if kept is not plan:  # changes were taken out: the point describes the model written
                         plan = kept
                         _, report = run_apply(context, plan, False, analysis, {}, refit, time_models=False)
-                        deployed = _deployed(compressed, alone, calibration_samples)
+                        deployed = as_deployed(compressed, recipe, calibration_samples)
                         check = verify(proto, deployed, feeds)
-                        output_error = check.worst_relative_l2
-                        agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
-            compressed = deployed if deployed is not None else _deployed(compressed, alone, calibration_samples)
+                        output_error, top1 = check.worst_relative_l2, check.lowest_top1_agreement
+            compressed = deployed if deployed is not None else as_deployed(compressed, recipe, calibration_samples)
             points.append(
                 SweepPoint(
                     allocator=allocator if allocator != "auto" else f"auto:{plan.allocator}",
@@ -185,7 +183,7 @@ def sweep(
                     latency_ratio=None if timing is None else timing.ratio,
                     predicted_latency_ratio=report.ratio("latency"),
                     output_error=output_error,
-                    top1_agreement=min(agreements) if agreements else None,
+                    top1_agreement=top1,
                     max_layer_error=max([r.error for r in report.factorized] + [r.error for r in report.narrowed],
                                         default=0.0),
                     layers_factorized=len(report.factorized) + len(report.narrowed),
@@ -199,22 +197,16 @@ def sweep(
                  samples="random" if feeds is None else feeds.source, calibration=analysis.calibration,
                  measure=analysis.measure,
                  message=None if analysis.layers else nothing_to_compress(analysis.skipped), guarded=analysis.guarded,
-                 deployed=None if alone is None else alone.quantization.to_dict())
-
-
-def _deployed(model: onnx.ModelProto, alone: Int8Alone | None, calibration: Samples | None) -> onnx.ModelProto:
-    """`model` quantized as int8 alone was (None: as it is)."""
-    return model if alone is None else quantize(model, alone.quantization, calibration)
+                 deployed=None if recipe is None else recipe.to_dict())
 
 
 def _int8_alone(original: onnx.ModelProto, alone: onnx.ModelProto, feeds: Samples, size: int,
                 evaluate: Callable[[onnx.ModelProto], Mapping[str, float]] | None) -> SweepPoint:
     """The frontier's reference point with quantize: the original quantized alone (budget 1, time 1 by definition)."""
     check = verify(original, alone, feeds)
-    agreements = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
     return SweepPoint(allocator="int8 alone", budget=1.0, params_ratio=1.0, flops_ratio=None, latency_ratio=1.0,
                       predicted_latency_ratio=None, output_error=check.worst_relative_l2,
-                      top1_agreement=min(agreements) if agreements else None, max_layer_error=0.0,
+                      top1_agreement=check.lowest_top1_agreement, max_layer_error=0.0,
                       layers_factorized=0, tool_seconds=0.0,
                       task=dict(evaluate(alone)) if evaluate is not None else {}, size_ratio=len(
                           alone.SerializeToString()) / size)

@@ -311,8 +311,8 @@ def test_the_auto_judge_scores_its_plans_quantized(monkeypatch):
     from onnx_lowrank.stages import judge
 
     quantized = []
-    real = judge.quantize
-    monkeypatch.setattr(judge, "quantize", lambda m, q, c=None: quantized.append(list(c)) or real(m, q, c))
+    real = judge.as_deployed
+    monkeypatch.setattr(judge, "as_deployed", lambda m, q, c: quantized.append(list(c)) or real(m, q, c))
     # allow_slower: the scripted timer calls every int8 factorized form slower, and one plan would be left to judge
     _, report = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
                                       timer=ScriptedTimer(), allow_slower=True)

@@ -81,7 +81,7 @@ from onnx_lowrank.errors import BudgetError
 from onnx_lowrank.graph.inputs import Samples, batch_can_be_cut, sample_units
 from onnx_lowrank.math.statistics import InputStatistics, PooledStatistics
 from onnx_lowrank.stages.latency_cache import LatencyCache, model_key
-from onnx_lowrank.stages.quantize import Quantization, quantize
+from onnx_lowrank.stages.quantize import as_deployed
 from onnx_lowrank.stages.layer_timing import BLOCK_SECONDS, open_cache
 from onnx_lowrank.stages.timing import OnnxruntimeTimer, timer_of
 from onnx_lowrank.options import ALLOCATORS
@@ -130,9 +130,11 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     deployed = None if speed is None else speed.deployed
     per_fold = []
     for scored, judged, fit in folds:
-        models = (_deployed(_written(model, *_fitted(analysis, judged, plain, plans[label], origins[label], budget,
-                                                     metric)), deployed, fit)
-                  for label in plans)  # each written when its session is made
+        # each written when its session is made; with --quantize as deployed: calibrated on the fold's fit rows,
+        # never on the rows that score it, so a factor that quantizes badly costs its plan the judgement
+        models = (as_deployed(_written(model, *_fitted(analysis, judged, plain, plans[label], origins[label], budget,
+                                                       metric)), deployed, fit)
+                  for label in plans)
         per_fold.append(verify_many(model, models, scored))
     if deployed is not None:
         where = f"{where}, each plan quantized as deployed"
@@ -318,15 +320,6 @@ def measured_times(model: onnx.ModelProto, analysis: Analysis, plans: dict[str, 
 
 def _written(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     return write_plan(model, analysis, plan).model
-
-
-def _deployed(model: onnx.ModelProto, quantization: Quantization | None, fit: Samples) -> onnx.ModelProto:
-    """A candidate as it is deployed: quantized by `quantization` (static: calibrated on the fold's fit rows, never
-    on the rows that score it), or as it is (None). A factor that quantizes badly then costs its plan the judgement
-    instead of being found after deployment."""
-    if quantization is None:
-        return model
-    return quantize(model, quantization, fit if quantization.mode == "static" else None)
 
 
 TIE_ROWS = 16

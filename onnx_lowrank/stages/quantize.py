@@ -44,7 +44,7 @@ from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.graph.editor import default_opset
 from onnx_lowrank.graph.runtime import model_size
 
-__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "Quantization", "QuantizedTimer", "quantization_ops",
+__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "Quantization", "QuantizedTimer", "as_deployed", "quantization_ops",
            "plan_quantization", "quantize", "quantize_each", "upgrade_opset", "weightless_tail", "with_shapes"]
 
 QUANTIZE_MODES = ("int8", "int8-dynamic")
@@ -143,8 +143,15 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 def quantize(model: onnx.ModelProto, quantization: Quantization,
              calibration: Iterable[Mapping[str, np.ndarray]] | None = None) -> onnx.ModelProto:
-    """`model` quantized by onnxruntime as `quantization` says (static needs `calibration`, feed dicts)."""
+    """`model` quantized by onnxruntime as `quantization` says (static needs `calibration`, feed dicts; dynamic
+    ignores it)."""
     return quantize_each(model, quantization, calibration, (quantization.activations,))[quantization.activations]
+
+
+def as_deployed(model: onnx.ModelProto, quantization: Quantization | None,
+                calibration: Iterable[Mapping[str, np.ndarray]] | None) -> onnx.ModelProto:
+    """`model` in the form it is deployed in: quantized by `quantization`, or as it is (None: float)."""
+    return model if quantization is None else quantize(model, quantization, calibration)
 
 
 def quantize_each(model: onnx.ModelProto, quantization: Quantization,
@@ -203,9 +210,8 @@ class QuantizedTimer:
         """`model` as it is deployed: quantized, unless it already is or has nothing to quantize."""
         if quantization_ops(model) or not any(node.op_type in _WEIGHTED for node in model.graph.node):
             return model
-        static = self.quantization.mode == "static"
         if model_size(model) > _EXTERNAL_ABOVE:  # too large to digest in one message: quantized every time
-            return quantize(model, self.quantization, list(feeds) if static else None)
+            return quantize(model, self.quantization, list(feeds))
         digest = hashlib.sha256(model.SerializeToString())
         for feed in feeds:
             for name in sorted(feed):
@@ -213,7 +219,7 @@ class QuantizedTimer:
                 digest.update(np.ascontiguousarray(feed[name]).tobytes())
         key = (digest.hexdigest(), self.quantization)
         if key not in _QUANTIZED:
-            _QUANTIZED[key] = quantize(model, self.quantization, list(feeds) if static else None)
+            _QUANTIZED[key] = quantize(model, self.quantization, list(feeds))
             while len(_QUANTIZED) > _REMEMBERED:
                 _QUANTIZED.popitem(last=False)
         _QUANTIZED.move_to_end(key)

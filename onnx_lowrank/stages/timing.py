@@ -32,8 +32,8 @@ from onnx_lowrank.stages.quantize import QuantizedTimer
 from onnx_lowrank.math.noise import (EARLY_LEVEL, EARLY_MEASUREMENTS, NOISE_LEVEL, faster_beyond_noise, geometric_mean,
                                      ratio_bounds, slower_beyond_noise)
 
-__all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "baseline_of", "LatencyComparison", "measure_latency_ratio",
-           "model_latency", "compare_models", "SpeedCheck"]
+__all__ = ["Timer", "Timings", "OnnxruntimeTimer", "timer_of", "baseline_of", "LatencyComparison",
+           "measure_latency_ratio", "model_latency", "compare_models", "SpeedCheck"]
 
 Feed = Mapping[str, np.ndarray]
 

@@ -48,6 +48,11 @@ class Verification:
     rows: int | None = None  # items in them (the first input's batch dimension summed over feeds)
     squares: tuple[tuple[tuple[float, float], ...], ...] = ()  # per output, per row: (||a - b||^2, ||a||^2)
 
+    @property
+    def lowest_top1_agreement(self) -> float | None:
+        """The lowest top-1 agreement over the outputs that are score vectors (None when none is)."""
+        return min((o.top1_agreement for o in self.outputs if o.top1_agreement is not None), default=None)
+
     def leave_one_out(self) -> list[float]:
         """The worst relative L2 error with each row left out in turn (what a jackknife of it is made of): every row
         of a batch is a sample (a feed whose outputs are not per row counts as one)."""
