@@ -257,7 +257,8 @@ def compress(
         raise InvalidOptionError("Give target_error or evaluate with min_score, not both.")
     total_start = time.perf_counter()
     start = time.perf_counter()
-    settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
+    settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only,
+                                int8=quantize is not None)
     speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache, timer)
     context = prepare(model, inputs, input_shapes, verify or target_error is not None, calibration, settings, speed,
                       need_shapes=metric != "params",  # flops and latency need shapes: say so now

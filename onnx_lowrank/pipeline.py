@@ -241,7 +241,7 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
         return analysis
     block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths
     narrowable, too_few = analyze_chains(chains.chains, statistics, channel_statistics, analysis.costs, block,
-                                         guard=analysis.guarded)
+                                         guard=analysis.guarded, rounded=settings.int8)
     return replace(analysis, method=settings.method, unnarrowed=chains.skipped + too_few, chains=narrowable)
 
 

@@ -6,7 +6,7 @@ Plans are plain JSON so they can be reviewed, edited and re-applied (`onnx-lowra
     {"format": "onnx-lowrank-plan", "version": 2, "allocator": "alds", "metric": "params", "budget": 0.7,
      "method": "both", "model": "sha256:...", "refit": false,
      "settings": {"method": "both", "shrinkage": 0.01, "exclude": null, "max_groups": 8, "rank_multiple": 1,
-                  "weight_only": false},
+                  "weight_only": false, "int8": false},
      "layers": {"/model.0/conv/Conv": {"k": 1, "rank": 8}, ...}, "widths": {"/model.1/conv/Conv": 24, ...}}
 
 Version 2 records what the written model depends on besides the choices: the analysis settings, refit, and the

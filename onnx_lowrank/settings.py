@@ -40,12 +40,13 @@ class AnalysisSettings:
     max_groups: int = 8
     rank_multiple: int = 1
     weight_only: bool = False
+    int8: bool = False  # planned for an int8 deployment (--quantize): narrowing counts the activations' rounding noise
 
     def resolved(self, calibrated: bool) -> AnalysisSettings:
         """These settings with the method settled (`default_method` when none was given)."""
         method = self.method or default_method(calibrated)
-        return AnalysisSettings(method, None if self.shrinkage is None else float(self.shrinkage), self.exclude, int(self.max_groups),
-                                int(self.rank_multiple), bool(self.weight_only))
+        return AnalysisSettings(method, None if self.shrinkage is None else float(self.shrinkage), self.exclude,
+                                int(self.max_groups), int(self.rank_multiple), bool(self.weight_only), bool(self.int8))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,8 @@ class AnalysisSettings:
         names = {f.name for f in fields(cls)}
         values = {name: value for name, value in data.items() if name in names}
         check(values, "plan")
+        if not isinstance(values.get("int8", False), bool):
+            raise InvalidOptionError(f"The plan's int8 must be true or false. Got {values['int8']!r} instead.")
         if values.get("method") is not None and values["method"] not in METHODS:
             raise InvalidOptionError(f"The plan's method must be one of {', '.join(METHODS)}. "
                                      f"Got {values['method']!r} instead.")

@@ -115,7 +115,8 @@ def sweep(
     benchmark's splits). With calibration data (or `inputs`, unless `weight_only`) the analysis is data-aware and
     the default allocators are `auto`; otherwise `alds`. `quantize`, `upgrade_opset`: as `compress`'s; the first
     point is then int8 alone."""
-    settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only)
+    settings = AnalysisSettings(method, shrinkage, exclude, max_groups, rank_multiple, weight_only,
+                                int8=quantize is not None)
     speed = SpeedSettings.of(allow_slower, metric, threads, provider, latency_cache, timer)  # compress's rule
     start = time.perf_counter()
     context = prepare(model, inputs, input_shapes, False, calibration, settings, speed)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from onnx_lowrank.math.elimination import ChannelElimination, Reader, keep_order
-from onnx_lowrank.math.statistics import StatisticsAccumulator
+from onnx_lowrank.math.elimination import ChannelElimination, Reader, keep_order, regression
+from onnx_lowrank.math.statistics import StatisticsAccumulator, pooled, rounding_noise
 
 
 def _statistics(rows: np.ndarray):
@@ -108,3 +108,61 @@ def test_readers_of_different_tensors_are_each_fitted_on_their_own():
     for x, w, matrix, bias in zip((first, second), (w1, w2), folded.matrices, folded.biases):
         assert np.allclose(x[:, folded.kept] @ matrix.T + bias, x @ w.T, rtol=1e-4, atol=1e-5)  # float32 sums
     assert elimination.errors([2])[0] < 1e-3  # what the float32 sums can resolve
+
+
+def test_rounded_regression_does_not_lean_on_what_int8_rounding_drowns():
+    """h0 = z + e0 and h1 = z + e1 are near copies (e of variance 1e-6), h2 = 1000 (e0 - e1) lies exactly in their
+    span: the plain fold reproduces h2 with coefficients of +-1000, which an int8 model multiplies its rounding
+    (variance ~1e-4 here) by. With that rounding noise the regression is a ridge: small coefficients, h2 lost."""
+    rng = np.random.default_rng(0)
+    rows = 4000
+    z, other = rng.standard_normal(rows) * 3 + 5, rng.standard_normal(rows)
+    e = rng.standard_normal((rows, 2)) * 1e-3
+    statistics = _statistics(np.stack([z + e[:, 0], z + e[:, 1], 1000 * (e[:, 0] - e[:, 1]), other], axis=1))
+    noise = rounding_noise(statistics)
+    assert noise > 1e-5
+    covariance, mean = statistics.covariance, statistics.mean
+    kept, dropped = np.array([0, 1, 3]), np.array([2])
+    lean, _ = regression(covariance, mean, kept, dropped)
+    calm, _ = regression(covariance, mean, kept, dropped, noise)
+    assert np.abs(lean).max() > 500 and np.abs(calm).max() < 0.01 * np.abs(lean).max()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), taps=st.sampled_from([1, 4]), width=st.integers(1, 5))
+def test_the_rounded_error_is_what_int8_rounding_adds_to_the_readers_output(seed, taps, width):
+    """errors() with `rounded`: the error the narrowed readers add to the dense readers' when every input value
+    carries rounding noise of variance `rounding_noise` (uniform within a step), checked on rows with that noise."""
+    rng = np.random.default_rng(seed)
+    channels = 6
+    x = rng.standard_normal((60000, channels * taps)) @ rng.standard_normal((channels * taps, channels * taps))
+    x[:, 0] *= 20  # one wide channel: a coarse int8 step, so the rounding matters against the signal
+    statistics = _statistics(x)
+    w, b = rng.standard_normal((5, channels * taps)), rng.standard_normal(5)
+    elimination = ChannelElimination([Reader(w, taps, statistics, b)], channels, rounded=True)
+    folded = elimination.fold(width)
+    columns = (folded.kept[:, None] * taps + np.arange(taps)).reshape(-1)
+    step = np.sqrt(12 * rounding_noise(statistics))
+    noisy = x + rng.uniform(-0.5, 0.5, x.shape) * step
+    y = x @ w.T + b
+    dense = np.mean(np.sum((noisy @ w.T + b - y) ** 2, axis=1))
+    narrowed = np.mean(np.sum((noisy[:, columns] @ folded.matrices[0].T + folded.biases[0] - y) ** 2, axis=1))
+    measured = np.sqrt(max(narrowed - dense, 0.0) / np.sum(np.var(y, axis=0)))
+    assert elimination.errors([width])[0] == pytest.approx(measured, rel=0.05, abs=2e-3)
+
+
+def test_statistics_keep_the_range_an_int8_scale_is_calibrated_on():
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((500, 3)) * 2 + 1
+    accumulator = StatisticsAccumulator(3)
+    accumulator.add(rows[:200])
+    accumulator.add(rows[200:])
+    statistics = accumulator.result()
+    assert (statistics.low, statistics.high) == (rows.min(), rows.max())
+    halves = pooled([_statistics(rows[:100]), _statistics(rows[100:])])
+    assert (halves.low, halves.high) == (rows.min(), rows.max())
+    step = (rows.max() - min(rows.min(), 0.0)) / 255
+    assert rounding_noise(statistics) == pytest.approx(step * step / 12)
+    positive = _statistics(np.abs(rows) + 1)  # onnxruntime's range always includes 0
+    assert rounding_noise(positive) == pytest.approx(((np.abs(rows) + 1).max() / 255) ** 2 / 12)
+    assert rounding_noise(StatisticsAccumulator(3).result()) == 0.0

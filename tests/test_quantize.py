@@ -14,6 +14,7 @@ import pytest
 
 import onnx_lowrank
 from onnx_lowrank.errors import InvalidOptionError
+from onnx_lowrank.plan import Plan
 from onnx_lowrank.graph.runtime import session
 from onnx_lowrank.stages.deployment import Deployment, DeployedModel
 from onnx_lowrank.stages.quantize import (PER_CHANNEL_OPSET, Quantization, QuantizedTimer, plan_quantization,
@@ -452,3 +453,17 @@ def test_the_cli_applies_a_plan_with_quantize(tmp_path):
                                  "int8-dynamic"])
     assert code == 0, err
     assert "Deployed as int8 (dynamic" in stdout and "DynamicQuantizeLinear" in quantization_ops(onnx.load(out))
+
+
+def test_a_plan_made_for_int8_records_it_and_applies_to_the_same_bytes():
+    """compress(quantize=) analyses for the int8 form (narrowing counts the rounding noise: `AnalysisSettings.int8`);
+    the plan records it, so applying its JSON later writes the very same ours + int8."""
+    model, report = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, quantize="int8",
+                                          timer=ScriptedTimer(), verify=False)
+    assert report.plan.settings.int8 and (report.plan.widths or report.plan.layers)
+    plan = Plan.from_dict(json.loads(report.plan.to_json()))
+    again, _ = onnx_lowrank.apply(build_cnn(), plan, calibration=CALIBRATION, quantize="int8",
+                                  timer=ScriptedTimer(), verify=False)
+    assert again.SerializeToString() == model.SerializeToString()
+    _, plain = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, timer=ScriptedTimer(), verify=False)
+    assert not plain.plan.settings.int8

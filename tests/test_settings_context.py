@@ -53,7 +53,7 @@ def test_a_plan_records_its_settings_method_and_model():
     data = report.plan.to_dict()
     assert data["version"] == 2 and data["method"] == "both"
     assert data["settings"] == {"method": "both", "shrinkage": 0.2, "exclude": None, "max_groups": 2,
-                                "rank_multiple": 1, "weight_only": False}
+                                "rank_multiple": 1, "weight_only": False, "int8": False}
     assert data["model"].startswith("sha256:") and data["refit"] is False
 
 

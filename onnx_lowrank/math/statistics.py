@@ -14,16 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg.blas
 
-__all__ = ["InputStatistics", "StatisticsAccumulator", "pooled", "PooledStatistics"]
+__all__ = ["InputStatistics", "StatisticsAccumulator", "pooled", "PooledStatistics", "rounding_noise", "INT8_LEVELS"]
 
 
 @dataclass(frozen=True, eq=False)
 class InputStatistics:
-    """Sums over the calibration rows of one layer's input: gram = sum x x^T (d, d), total = sum x (d,), count."""
+    """Sums over the calibration rows of one layer's input: gram = sum x x^T (d, d), total = sum x (d,), count; and
+    the smallest and largest value seen, the range an int8 deployment's per-tensor scale is calibrated on
+    (`rounding_noise`)."""
 
     gram: np.ndarray  # (d, d) float64, symmetric
     total: np.ndarray  # (d,) float64
     count: int
+    low: float = 0.0  # smallest value in any row (0.0 when there were none)
+    high: float = 0.0  # largest value in any row
 
     @property
     def dim(self) -> int:
@@ -38,6 +42,17 @@ class InputStatistics:
         """Centered second moment E[(x - mean)(x - mean)^T] (float64, symmetric)."""
         mean = self.mean
         return self.gram / max(self.count, 1) - np.outer(mean, mean)
+
+
+INT8_LEVELS = 256
+
+
+def rounding_noise(statistics: InputStatistics, levels: int = INT8_LEVELS) -> float:
+    """The variance of the rounding error an activation quantized per tensor to `levels` levels carries: a step of
+    (max - min) / (levels - 1) over the calibrated range (which onnxruntime's MinMax calibration widens to include
+    0), and the error uniform within a step, step^2 / 12. What an int8 model adds to every value a layer reads."""
+    step = (max(statistics.high, 0.0) - min(statistics.low, 0.0)) / (levels - 1)
+    return step * step / 12.0
 
 
 class StatisticsAccumulator:
@@ -64,6 +79,7 @@ class StatisticsAccumulator:
         self._shift: np.ndarray | None = None
         self._buffer: np.ndarray | None = None  # (capacity, dim) float32, shifted rows not yet in the sums
         self._filled = 0
+        self._low, self._high = np.inf, -np.inf
 
     def add(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows)
@@ -72,6 +88,8 @@ class StatisticsAccumulator:
             raise ValueError(f"expected rows of shape (n, {dim}), got {rows.shape}")
         if rows.shape[0] == 0:
             return
+        self._low = min(self._low, float(rows.min()))
+        self._high = max(self._high, float(rows.max()))
         if self._shift is None:
             self._shift = np.asarray(rows.mean(axis=0, dtype=np.float64), dtype=np.float32).astype(np.float64)
             self._buffer = np.empty((max(dim, self.BUFFER_ROWS), dim), dtype=np.float32)
@@ -109,7 +127,9 @@ class StatisticsAccumulator:
             scipy.linalg.blas.dsyr2(1.0, self._shift, half, a=gram.T, lower=1, overwrite_a=1)
             total += self._count * self._shift
         _mirror_upper(gram)
-        return InputStatistics(gram=gram, total=total, count=self._count)
+        seen = self._count > 0
+        return InputStatistics(gram=gram, total=total, count=self._count, low=self._low if seen else 0.0,
+                               high=self._high if seen else 0.0)
 
 
 _BLOCK = 256
@@ -132,7 +152,8 @@ def pooled(parts: Sequence[InputStatistics]) -> InputStatistics:
     if len(parts) == 1:
         return parts[0]
     return InputStatistics(gram=sum(p.gram for p in parts), total=sum(p.total for p in parts),
-                           count=sum(p.count for p in parts))
+                           count=sum(p.count for p in parts), low=min(p.low for p in parts),
+                           high=max(p.high for p in parts))
 
 
 class PooledStatistics(Mapping):

@@ -351,14 +351,15 @@ def cuts_of(analysis: Analysis, widths: Mapping[str, int]) -> list[tuple[Chain, 
 
 
 def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],
-                   costs: Mapping[str, CostModel], block: int = 1, guard: bool = False
+                   costs: Mapping[str, CostModel], block: int = 1, guard: bool = False, rounded: bool = False
                    ) -> tuple[tuple[ChainAnalysis, ...], tuple[Skipped, ...]]:
     """Width candidates of every chain, from its readers' calibration statistics and the channel statistics of the
     tensors they are fitted on (`channels`, by tensor name; see `elimination`), each priced by every cost model
     that can price it; and the chains skipped because the samples are too few to tell which channels the others
     reproduce (with fewer rows than channels, every channel looks like a combination of the others). With `block`
     > 1 (onnxruntime's channel block, when latencies are measured) a chain with a 2-D Conv keeps widths on the
-    block; with `guard`, widths measured slower than the dense layers beyond noise are dropped."""
+    block; with `guard`, widths measured slower than the dense layers beyond noise are dropped; with `rounded` (an
+    int8 deployment) the fits and errors count the rounding noise of the activations (`elimination`)."""
     usable, skipped = [], []
     for chain in chains:
         rows = min(channels[name].count for name in chain.fits)
@@ -374,7 +375,7 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
         fits = chain.fits
         readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
                    for r, tensor in zip(chain.readers, chain.fitted_on)]
-        elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits])
+        elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits], rounded=rounded)
         n = chain.channels
         dense = sum(cost.dense_params(layer) for layer in chain.layers)
         offered = []
