@@ -198,7 +198,7 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
     chains = find_chains(context.model, discovery) if settings.method != "lowrank" else None
     statistics = None if context.calibration is None else {}
     channel_statistics = {}
-    parts = ()
+    parts = channel_parts = ()
     if context.calibration is not None and discovery.layers:
         samples = context.calibration
         calibration = calibrate(  # the channels narrowing fits its folds on, and the judge's parts, in the same pass
@@ -210,7 +210,8 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
             part_of=calibration_split(sample_units(samples, context.model)),
             by_row=batch_can_be_cut(context.model),
         )
-        statistics, channel_statistics, parts = calibration.layers, calibration.tensors, calibration.parts
+        statistics, channel_statistics = calibration.layers, calibration.tensors
+        parts, channel_parts = calibration.parts, calibration.tensor_parts
     latency = None
     timeable = shapes is not None and all(view.input_name in shapes for layer in discovery.layers
                                           for view in layer.views())
@@ -236,7 +237,8 @@ def _analysis(context: Context, progress: Progress | None) -> Analysis:
         guard=context.speed.guard and latency is not None,
     )
     analysis = replace(analysis, notes=context.notes, context=context,
-                       fold_statistics=fold_statistics(parts) if parts else ())
+                       fold_statistics=fold_statistics(parts) if parts else (),
+                       fold_channels=fold_statistics(channel_parts) if parts and chains is not None else ())
     if settings.method == "lowrank":
         return analysis
     block = block_size() if latency is not None else 1  # the latency model's rank rounding, for widths

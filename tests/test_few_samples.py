@@ -232,3 +232,36 @@ def test_auto_asked_for_with_too_few_samples_says_how_many_it_needs():
     feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
     with pytest.raises(onnx_lowrank.InvalidOptionError, match=r"at least 4 calibration samples \(2 given"):
         onnx_lowrank.compress(build_cnn(), 0.7, calibration=feeds, allocator="auto", allow_slower=True)
+
+
+def test_the_judge_fits_narrowing_on_each_folds_fit_rows_too():
+    """Narrowed plans are scored on rows that did not fit them: in every fold each chain is fitted again on the
+    channel statistics of the fold's fit rows (from the analysis' own pass, in parts), with the same widths offered,
+    so a width's error there is what a pass over the fit rows alone gives, not the all-rows fit."""
+    from helpers.builders import build_cnn
+
+    model = build_cnn()
+    rng = np.random.default_rng(9)
+    samples = Samples.given([{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(8)])
+    analysis = onnx_lowrank.analyze(model, calibration=samples, method="eliminate", allow_slower=True)
+    assert analysis.chains and len(analysis.fold_channels) == judge.FOLDS
+    folds, _ = judge._folds(model, analysis, samples)
+    chains = [entry.chain for entry in analysis.chains]
+    tensors = {name: chain.window for chain in chains for name in chain.fits}
+    for fold, (_, judged, fit) in enumerate(folds):
+        alone = calibrate(model, [c.layer for c in analysis.layers] + [r for c in chains for r in c.readers], fit,
+                          tensors=tensors)
+        for full, refit in zip(analysis.chains, judged.chains):
+            assert [c.width for c in refit.candidates] == [c.width for c in full.candidates]
+            assert refit.elimination.readers[0].statistics.count == alone.layers[full.chain.readers[0].name].count
+            errors = [c.error for c in refit.candidates]
+            redone = _elimination_on(full.chain, alone.layers, alone.tensors).errors([c.width for c in refit.candidates])
+            np.testing.assert_allclose(errors, redone, rtol=1e-6, atol=1e-9)
+        assert any(not np.allclose([c.error for c in f.candidates], [c.error for c in r.candidates])
+                   for f, r in zip(analysis.chains, judged.chains) if f.candidates)
+
+
+def _elimination_on(chain, statistics, channels):
+    from onnx_lowrank.stages.analyze import _elimination
+
+    return _elimination(chain, statistics, channels, False)

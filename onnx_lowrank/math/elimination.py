@@ -107,6 +107,7 @@ class ChannelElimination:
                 raise ValueError(f"fits must be statistics of the {channels} channels, one for every reader's fit")
             self._moments = [(_symmetric(f.covariance), f.mean) for f in fits]
         # with `rounded`, the rounding noise of an int8 deployment on each fitted tensor and on each reader's input
+        self.rounded = rounded
         fitted_on = [r.statistics for r in readers] if fits is None else fits
         self._fit_noise = [rounding_noise(f) if rounded else 0.0 for f in fitted_on]
         self._reader_noise = [rounding_noise(r.statistics) if rounded else 0.0 for r in readers]

@@ -124,6 +124,7 @@ class Analysis:
     context: object | None = None  # the `pipeline.Context` (model, samples, settings) it was made from
     thin_calibration: tuple[ThinLayer, ...] = ()  # layers with fewer calibration rows than input dimensions
     fold_statistics: tuple[Mapping[str, InputStatistics], ...] = ()  # per judge fold, its fit rows' statistics
+    fold_channels: tuple[Mapping[str, InputStatistics], ...] = ()  # per judge fold, its fit rows' channel statistics
 
     def total(self, metric: str) -> float | None:
         """The original model's cost in `metric`, or None when this analysis cannot count it."""
@@ -222,17 +223,27 @@ def analyze_layers(
     )
 
 
-def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], shrinkage: float | None) -> Analysis:
+def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], shrinkage: float | None,
+               channels: Mapping[str, InputStatistics] | None = None) -> Analysis:
     """`analysis` with every layer decomposed again on other calibration statistics (a subset of the rows: the
-    judge's fit rows), the same group counts, rank multiple, cost models (measured latencies reused) and guard."""
+    judge's fit rows), the same group counts, rank multiple, cost models (measured latencies reused) and guard; with
+    `channels` (the same rows' channel statistics) every narrowable chain fitted again on them too, with the same
+    widths offered, so a narrowed plan is scored on rows that did not fit it either."""
     def one(entry: LayerAnalysis) -> LayerAnalysis:
         return _analyze_layer(entry.layer, max(entry.decompositions), analysis.rank_multiple,
                               statistics[entry.layer.name], shrinkage, analysis.costs, analysis.guarded)
 
+    def chain(entry: ChainAnalysis) -> ChainAnalysis:
+        elimination = _elimination(entry.chain, statistics, channels, entry.elimination.rounded)
+        errors = elimination.errors([c.width for c in entry.candidates]) if entry.candidates else []
+        return replace(entry, elimination=elimination,
+                       candidates=tuple(replace(c, error=float(e)) for c, e in zip(entry.candidates, errors)))
+
     with single_threaded_blas():
         layers = map_all(one, analysis.layers)
-    return replace(analysis, layers=layers, thin_calibration=thin_layers(layers, statistics, shrinkage),
-                   fold_statistics=())
+        chains = map_all(chain, analysis.chains) if channels is not None and analysis.chains else analysis.chains
+    return replace(analysis, layers=layers, chains=tuple(chains),
+                   thin_calibration=thin_layers(layers, statistics, shrinkage), fold_statistics=(), fold_channels=())
 
 
 _WEIGHT_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # analysis -> its weight-only analysis
@@ -372,10 +383,7 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
     latency = costs.get("latency")
 
     def one(chain: Chain) -> ChainAnalysis:
-        fits = chain.fits
-        readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
-                   for r, tensor in zip(chain.readers, chain.fitted_on)]
-        elimination = ChannelElimination(readers, chain.channels, [channels[name] for name in fits], rounded=rounded)
+        elimination = _elimination(chain, statistics, channels, rounded)
         n = chain.channels
         dense = sum(cost.dense_params(layer) for layer in chain.layers)
         offered = []
@@ -395,3 +403,12 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
 
     with single_threaded_blas():
         return map_all(one, usable), tuple(skipped)
+
+
+def _elimination(chain: Chain, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],
+                 rounded: bool) -> ChannelElimination:
+    """The chain's elimination: its readers on their input statistics, fitted on its tensors' channel statistics."""
+    fits = chain.fits
+    readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
+               for r, tensor in zip(chain.readers, chain.fitted_on)]
+    return ChannelElimination(readers, chain.channels, [channels[name] for name in fits], rounded=rounded)

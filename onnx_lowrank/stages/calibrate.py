@@ -48,6 +48,7 @@ class Calibration:
     layers: Mapping[str, InputStatistics]  # by layer name (with parts: pooled from them when read)
     tensors: Mapping[str, InputStatistics] = field(default_factory=dict)  # by tensor name
     parts: tuple[Mapping[str, InputStatistics], ...] = ()  # by layer name, per part (`part_of`); () without parts
+    tensor_parts: tuple[Mapping[str, InputStatistics], ...] = ()  # by tensor name, per part; () without parts
 
 
 def collect_statistics(
@@ -134,6 +135,8 @@ def calibrate(
         tensors={name: pooled([results[(part, (name, geometry))] for part in range(count)])
                  for name, geometry in tensors.items()},
         parts=parts if part_of is not None else (),
+        tensor_parts=tuple({name: results[(part, (name, geometry))] for name, geometry in tensors.items()}
+                           for part in range(count)) if part_of is not None else (),
     )
 
 

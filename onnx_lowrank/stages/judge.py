@@ -41,8 +41,11 @@ pass collected in parts (`calibration_split`: the rows of the held-out units apa
 candidate allocator (and method) builds its plan on that analysis, and those plans are scored on the fold's
 held-out rows. A label's score is its worst relative output error pooled over every fold's held-out rows (and
 jackknifed over them). The winning allocator (and method) then builds the plan from the full analysis, on all rows.
-Narrowing is judged on the full analysis' chains (their fits are not re-done on the subset). Samples other than
-the analysis' own never fitted the plans, so all their rows score, once.
+Narrowing is judged the same way: each chain is fitted again on the fold's fit rows (the channel statistics of the
+same pass, in parts; same widths offered), so a narrowed plan is scored on rows that did not fit it. Before, the
+chains kept their fits on every row, held-out ones included, and narrowed plans looked better than they were: the
+judge chose them over plans that factorize. Samples other than the analysis' own never fitted the plans, so all
+their rows score, once.
 
 Weight-only plans are candidates too: the candidate allocators' plans on the weight-only analysis of the same
 layers (`analyze.weight_only`: no statistics, so no fold changes them), scored on the same held-out rows. When one
@@ -257,13 +260,15 @@ def _made_folds(model: onnx.ModelProto, analysis: Analysis, samples: Samples
     shrinkage = DEFAULT_SHRINKAGE if analysis.context is None else analysis.context.settings.shrinkage
     chosen = (FOLDS - 1,) if units >= SINGLE_SPLIT_UNITS else tuple(range(FOLDS))
     collected = analysis.fold_statistics if len(analysis.fold_statistics) == len(chosen) else None
+    channels = analysis.fold_channels if collected is not None and len(analysis.fold_channels) == len(chosen) else None
     folds = []
     for index, fold in enumerate(chosen):
         fit = samples.rows_where(lambda i, fold=fold: i % FOLDS != fold, by_row=by_row)
         scored = samples.rows_where(lambda i, fold=fold: i % FOLDS == fold, by_row=by_row)
         statistics = collected[index] if collected is not None else calibrate(
             model, [entry.layer for entry in analysis.layers], fit).layers  # an analysis made without parts
-        folds.append((scored, reanalyzed(analysis, statistics, shrinkage), fit))
+        folds.append((scored, reanalyzed(analysis, statistics, shrinkage, None if channels is None else channels[index]),
+                      fit))
     if len(folds) == 1:
         return folds, f"{_rows(scored.rows, 'held-out calibration sample')}, plans fitted on the other {fit.rows}"
     return folds, (f"{_rows(rows, 'calibration sample')} in {FOLDS} folds, each held out once and scored on plans "
