@@ -133,3 +133,17 @@ def test_the_int8_benchmark_writes_its_tables_plot_and_results_section(tmp_path)
     assert int8.main(arguments) == 0  # run again: the section is replaced, not appended
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nearlier sections") and text.count(int8.RESULTS_START) == 1
+
+
+@pytest.mark.slow
+def test_the_int8_ablation_prints_each_part_in_float_and_int8(capsys):
+    from benchmarks import int8_ablation
+
+    assert int8_ablation.main(["text-transformer", "0.6", "--each"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 alone" in printed and "| whole plan |" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| part")
+            and not line.startswith("| ---")]
+    assert len(rows) >= 2 and all(len(row.split("|")) == 5 for row in rows)
+    for row in rows:  # both columns are task metrics
+        assert all(0.0 <= float(cell) <= 1.0 for cell in row.split("|")[2:4])
