@@ -155,8 +155,7 @@ class ChannelElimination:
             shift = (np.zeros(out) if reader.bias is None else reader.bias) - bias
             total += _mean_square(difference, shift, reader.statistics)
             if noise:  # the rounding noise the folded weights carry, beyond what the dense reader's carried
-                total += noise * (float(np.einsum("ij,ij->", matrix, matrix))
-                                  - float(np.einsum("ij,ij->", reader.matrix, reader.matrix)))
+                total += noise * (_energy(matrix) - _energy(reader.matrix))
         return float(np.sqrt(max(total, 0.0) / self._variance))
 
 
@@ -227,6 +226,11 @@ def _centre_moments(statistics: InputStatistics, channels: int, taps: int) -> tu
     centre = taps // 2
     sigma = statistics.covariance.reshape(channels, taps, channels, taps)[:, centre, :, centre]
     return _symmetric(sigma), statistics.mean.reshape(channels, taps)[:, centre]
+
+
+def _energy(matrix: np.ndarray) -> float:
+    """||matrix||_F^2."""
+    return float(np.einsum("ij,ij->", matrix, matrix))
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

@@ -234,7 +234,7 @@ def reanalyzed(analysis: Analysis, statistics: Mapping[str, InputStatistics], sh
                               statistics[entry.layer.name], shrinkage, analysis.costs, analysis.guarded)
 
     def chain(entry: ChainAnalysis) -> ChainAnalysis:
-        elimination = _elimination(entry.chain, statistics, channels, entry.elimination.rounded)
+        elimination = _elimination(entry.chain, statistics, channels, entry.elimination.rounded, entry.elimination)
         errors = elimination.errors([c.width for c in entry.candidates]) if entry.candidates else []
         return replace(entry, elimination=elimination,
                        candidates=tuple(replace(c, error=float(e)) for c, e in zip(entry.candidates, errors)))
@@ -406,9 +406,11 @@ def analyze_chains(chains, statistics: Mapping[str, InputStatistics], channels: 
 
 
 def _elimination(chain: Chain, statistics: Mapping[str, InputStatistics], channels: Mapping[str, InputStatistics],
-                 rounded: bool) -> ChannelElimination:
-    """The chain's elimination: its readers on their input statistics, fitted on its tensors' channel statistics."""
+                 rounded: bool, like: ChannelElimination | None = None) -> ChannelElimination:
+    """The chain's elimination: its readers on their input statistics, fitted on its tensors' channel statistics;
+    with `like` (one of the same chain, on other statistics) its readers' matrices, not the weights read again."""
     fits = chain.fits
-    readers = [Reader(r.read_matrix(), r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
-               for r, tensor in zip(chain.readers, chain.fitted_on)]
+    matrices = [r.read_matrix() for r in chain.readers] if like is None else [r.matrix for r in like.readers]
+    readers = [Reader(matrix, r.taps, statistics[r.name], r.bias, fit=fits.index(tensor))
+               for matrix, r, tensor in zip(matrices, chain.readers, chain.fitted_on)]
     return ChannelElimination(readers, chain.channels, [channels[name] for name in fits], rounded=rounded)
