@@ -33,7 +33,7 @@ from onnx_lowrank.stages.analyze import OUTPUT_MEASURE, Analysis, analyze_chains
 from onnx_lowrank.stages.apply import Written, check_plan, write_plan
 from onnx_lowrank.stages.calibrate import calibrate
 from onnx_lowrank.stages.channel_sets import find_chains
-from onnx_lowrank.stages.deployment import Int8Alone, choose_activations, compare_deployed
+from onnx_lowrank.stages.deployment import Int8Alone, choose_activations, choose_ranges, compare_deployed
 from onnx_lowrank.stages.discover import discover
 from onnx_lowrank.stages.judge import MIN_CALIBRATION_UNITS, calibration_split, fold_statistics
 from onnx_lowrank.stages.layer_timing import block_size, latency_cost
@@ -330,15 +330,16 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
 def deploy_int8(context: Context, mode: str, upgrade: bool) -> tuple[Context, Int8Alone]:
     """Settle the int8 recipe before planning (`quantize.plan_quantization`: a quantized input is refused here)
     and quantize the original by it (int8 alone; static QDQ with the faster activation type, measured on the
-    original). Returns the context whose speed settings name that int8 form (`speed.deployed`): every model timed
+    original, and the activations' ranges whose int8 alone moved the outputs least on the calibration samples). Returns the context whose speed settings name that int8 form (`speed.deployed`): every model timed
     is timed in it, so the layer timings, the latency budget and the never-slower guard measure what is deployed,
     against int8 alone, and the `auto` judge scores its plans quantized; and int8 alone itself."""
     quantization, notes = plan_quantization(context.model, mode, context.calibration is not None, upgrade)
     quantization = with_shapes(quantization, context.model)
     quantization, model, activation_ms = choose_activations(context.model, quantization, context.calibration,
                                                             context.timing_feed(), context.speed)
+    quantization, model, range_errors = choose_ranges(context.model, quantization, context.calibration, model)
     context = replace(context, speed=replace(context.speed, deployed=quantization))
-    return context, Int8Alone(quantization, model, activation_ms, tuple(notes))
+    return context, Int8Alone(quantization, model, activation_ms, tuple(notes), range_errors)
 
 
 def run_quantize(context: Context, compressed: onnx.ModelProto, report: Report, alone: Int8Alone,
@@ -359,7 +360,7 @@ def run_quantize(context: Context, compressed: onnx.ModelProto, report: Report, 
     samples = context.samples_to_verify if run_verify else None
     deployment, check = compare_deployed(context.model, compressed, alone.model, ours, quantization, samples,
                                          feed if run_verify and time_models else None, context.speed,
-                                         alone.activation_ms, alone.notes)
+                                         alone.activation_ms, alone.notes, alone.range_errors)
     return ours, replace(report, deployment=deployment,
                          verification=check if check is not None else report.verification,
                          verified_on=report.verified_on if check is None else samples.source)

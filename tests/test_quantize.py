@@ -311,9 +311,10 @@ def test_probe_factors_keep_the_activations_size():
 def test_the_auto_judge_scores_its_plans_quantized(monkeypatch):
     from onnx_lowrank.stages import judge
 
-    quantized = []
+    quantized, recipes = [], []
     real = judge.as_deployed
-    monkeypatch.setattr(judge, "as_deployed", lambda m, q, c: quantized.append(list(c)) or real(m, q, c))
+    monkeypatch.setattr(judge, "as_deployed",
+                        lambda m, q, c: quantized.append(list(c)) or recipes.append(q) or real(m, q, c))
     # allow_slower: the scripted timer calls every int8 factorized form slower, and one plan would be left to judge
     _, report = onnx_lowrank.compress(build_cnn(), 0.6, calibration=CALIBRATION, inputs=HELD_OUT, quantize="int8",
                                       timer=ScriptedTimer(), allow_slower=True)
@@ -321,6 +322,9 @@ def test_the_auto_judge_scores_its_plans_quantized(monkeypatch):
     # 16 samples: one split, every 4th held out to score; the others (12) calibrate the candidates' int8 forms
     held = np.stack([feed["x"] for feed in CALIBRATION[3::4]])
     assert all(len(fit) == 12 for fit in quantized)
+    # the deployed recipe with min-max ranges, the cheapest to calibrate, whatever ranges the written model got
+    assert {recipe.ranges for recipe in recipes} == {"minmax"}
+    assert all(recipe == report.deployment.quantization.planning for recipe in recipes)
     assert not any((feed["x"] == held).all(axis=(1, 2, 3, 4)).any() for fit in quantized for feed in fit)
 
 

@@ -54,7 +54,10 @@ reproduced by `apply`, from the weights alone (`pipeline.written_with`).
 
 Deployed as int8 (`--quantize`, `speed.deployed`): every candidate is scored as it will run, quantized by the same
 recipe as the model written, calibrated on the rows that fitted it (a fold's fit rows) and scored on the held-out
-ones, and the tied plans are timed in their int8 form. Measured on YOLOv8n at params 0.6 (benchmarks/INT8.md, this
+ones, and the tied plans are timed in their int8 form. With min-max activation ranges (`Quantization.planning`),
+whatever ranges the model written gets: percentile ranges cost PP-OCRv4 det's judge minutes (one histogram
+calibration per candidate and fold), and min-max, the harsher on a factor's outliers, still finds the plans that
+quantize badly. Measured on YOLOv8n at params 0.6 (benchmarks/INT8.md, this
 and the previous run): the plan timed and judged in float lost 0.13 box F1 once quantized (0.719 against int8
 alone's 0.849), the plan timed and judged in int8 0.011 (0.838). It costs one onnxruntime quantization per
 candidate and fold (about 2 s on YOLOv8n, 4 s on PP-OCRv4 det).
@@ -130,7 +133,7 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
         name = next(iter(plans))
         return _chosen(plans[name], name, writers[name] is plain, analysis, f"auto: {name} (the only distinct plan)")
     folds, where = _folds(model, analysis, samples)
-    deployed = None if speed is None else speed.deployed
+    deployed = None if speed is None or speed.deployed is None else speed.deployed.planning
     per_fold = []
     for scored, judged, fit in folds:
         # each written when its session is made; with --quantize as deployed: calibrated on the fold's fit rows,
