@@ -114,3 +114,16 @@ def test_compress_with_quantize_reports_the_ranges_it_chose():
     errors = summary["range_errors"]
     assert set(errors) == set(RANGES)
     assert summary["quantization"]["ranges"] == min(RANGES, key=lambda ranges: errors[ranges])
+
+
+def test_min_max_collected_a_sample_at_a_time_gives_the_bytes_of_one_pass(monkeypatch):
+    from onnx_lowrank.stages import quantize as quantize_module
+
+    model = build_cnn()
+    recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
+    calibration = [{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                   for i in range(5)]
+    strided = quantize(model, recipe, calibration)
+    real = quantize_module._calibration_method
+    monkeypatch.setattr(quantize_module, "_calibration_method", lambda ranges: (real(ranges)[0], {}))
+    assert quantize(model, recipe, calibration).SerializeToString() == strided.SerializeToString()
