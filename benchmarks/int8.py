@@ -2,6 +2,7 @@
 
     python benchmarks/int8.py --results benchmarks/RESULTS.md   # every benchmark model; INT8.md and RESULTS.md
     python benchmarks/int8.py --models yolov8n-320 --budgets 0.8,latency:0.8
+    python benchmarks/int8.py --models ppocrv4-rec --budgets 0.7 --evaluation 192 --out /tmp/rec.md  # more lines
 
 For each benchmark model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation
 type measured, activation ranges chosen by output error) and dynamic; and, at each budget (`0.7`: params; `latency:0.8`: of int8 alone's measured time, since the layers are
@@ -58,16 +59,19 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=str(HERE / "plots"), help="folder of the int8-<model>.png plots")
     parser.add_argument("--results", default=None,
                         help="also write the tables into this RESULTS.md (its int8 section, replaced)")
+    parser.add_argument("--evaluation", type=int, default=0,
+                        help="score on at least this many evaluation samples (default: each workload's own split)")
     args = parser.parse_args(argv)
     budgets = [_budget(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
     sections = []
     for name in args.models.split(","):
-        section, rows = _model(name, budgets)
+        section, rows = _model(name, budgets, args.evaluation)
         plot = Path(args.plots) / f"int8-{name}.png"
         _plot(name, rows, plot)
         sections.append(section + f"\n![{name}: size and time against the task metric](plots/{plot.name})\n")
-    header = (f"Produced by `python benchmarks/int8.py --models {args.models} --budgets {args.budgets}` on "
+    more = f" --evaluation {args.evaluation}" if args.evaluation else ""
+    header = (f"Produced by `python benchmarks/int8.py --models {args.models} --budgets {args.budgets}{more}` on "
               f"{datetime.date.today()} in {(time.perf_counter() - started) / 60:.1f} minutes: onnx-lowrank "
               f"{onnx_lowrank.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python "
               f"{platform.python_version()}, {THREADS} threads. See the script's docstring for what each row is. "
@@ -136,8 +140,8 @@ def _budget(text: str) -> tuple[str, float]:
     return metric or "params", float(fraction)
 
 
-def _model(name: str, budgets: list[tuple[str, float]]) -> tuple[str, list[tuple]]:
-    workload = workloads()[name]
+def _model(name: str, budgets: list[tuple[str, float]], evaluation: int = 0) -> tuple[str, list[tuple]]:
+    workload = workloads()[name].with_evaluation(evaluation)
     path = model_path(workload.model)
     original = onnx.load(path)
     calibration, evaluation = workload.calibration_feeds(), workload.evaluation_feeds()
@@ -182,7 +186,7 @@ def _model(name: str, budgets: list[tuple[str, float]]) -> tuple[str, list[tuple
             goal = (mode == "int8" and score >= alone_score - METRIC_SLACK and size <= SIZE_GOAL * alone_size
                     and vs_alone is not None and vs_alone <= TIME_GOAL)
             rows[-1] = rows[-1][:6] + (("**goal** " if goal else "") + rows[-1][6], rows[-1][7])
-    lines = [f"\n## {name} ({workload.metric})\n",
+    lines = [f"\n## {name} ({workload.metric}; {len(evaluation)} evaluation samples)\n",
              "| model | file MB | size vs int8 alone | time vs original | time vs int8 alone | task metric | tool s | |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for label, size, vs_original, vs_alone, score, seconds, note, bounds in rows:

@@ -215,6 +215,18 @@ def test_workload_feeds_are_deterministic_read_only_and_disjoint(cls):
         assert not any(x.shape == y.shape and np.array_equal(x, y) for y in calibration)
 
 
+@pytest.mark.parametrize("cls", [RecognitionWorkload, TextDetectionWorkload, DetectionWorkload])
+def test_a_larger_evaluation_split_holds_the_default_one_and_leaves_calibration_alone(cls):
+    workload = cls()
+    larger = workload.with_evaluation(len(workload.evaluation_feeds()) + 2)
+    default, more = _arrays(workload.evaluation_feeds()), _arrays(larger.evaluation_feeds())
+    assert len(more) == len(default) + 2
+    assert all(any(x.shape == y.shape and np.array_equal(x, y) for y in more) for x in default)
+    assert all(np.array_equal(x, y) for x, y in zip(_arrays(workload.calibration_feeds()),
+                                                    _arrays(larger.calibration_feeds())))
+    assert workload.with_evaluation(1) == workload  # never fewer
+
+
 def test_text_splits_do_not_share_strings():
     rec = RecognitionWorkload()
     calibration = {s.truth for s in rec._calibration}

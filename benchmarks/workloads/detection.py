@@ -145,6 +145,10 @@ class DetectionWorkload(Workload):
         """At least `count` calibration images: the 4 photos, then more face mosaics (the first ones unchanged)."""
         return replace(self, n_mosaics_calibration=max(self.n_mosaics_calibration, count - 4))
 
+    def with_evaluation(self, count: int) -> "DetectionWorkload":
+        """At least `count` evaluation images: the 6 photos, then more face mosaics (the first ones unchanged)."""
+        return replace(self, n_mosaics_evaluation=max(self.n_mosaics_evaluation, count - 6))
+
     def images(self, split: str) -> list[np.ndarray]:
         """The RGB images of a split, before letterboxing."""
         if split == "calibration":
