@@ -40,7 +40,7 @@ from onnx_lowrank.graph.inputs import Samples  # noqa: E402
 from onnx_lowrank.graph.runtime import RuntimeSettings  # noqa: E402
 from onnx_lowrank.settings import SpeedSettings  # noqa: E402
 from onnx_lowrank.stages.deployment import choose_activations, choose_ranges  # noqa: E402
-from onnx_lowrank.stages.quantize import plan_quantization, quantize  # noqa: E402
+from onnx_lowrank.stages.quantize import plan_quantization  # noqa: E402
 from onnx_lowrank.stages.timing import compare_models  # noqa: E402
 
 from benchmarks.workloads import model_path, workloads  # noqa: E402

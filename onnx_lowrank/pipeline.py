@@ -330,9 +330,10 @@ def run_apply(context: Context, plan: Plan, run_verify: bool, analysis: Analysis
 def deploy_int8(context: Context, mode: str, upgrade: bool) -> tuple[Context, Int8Alone]:
     """Settle the int8 recipe before planning (`quantize.plan_quantization`: a quantized input is refused here)
     and quantize the original by it (int8 alone; static QDQ with the faster activation type, measured on the
-    original, and the activations' ranges whose int8 alone moved the outputs least on the calibration samples). Returns the context whose speed settings name that int8 form (`speed.deployed`): every model timed
-    is timed in it, so the layer timings, the latency budget and the never-slower guard measure what is deployed,
-    against int8 alone, and the `auto` judge scores its plans quantized; and int8 alone itself."""
+    original, and the activations' ranges whose int8 alone moved the outputs least on the calibration samples).
+    Returns the context whose speed settings name that int8 form (`speed.deployed`): every model timed is timed in
+    it, so the layer timings, the latency budget and the never-slower guard measure what is deployed, against int8
+    alone, and the `auto` judge scores its plans quantized; and int8 alone itself."""
     quantization, notes = plan_quantization(context.model, mode, context.calibration is not None, upgrade)
     quantization = with_shapes(quantization, context.model)
     quantization, model, activation_ms = choose_activations(context.model, quantization, context.calibration,

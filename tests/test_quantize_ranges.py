@@ -7,12 +7,15 @@ The quantization is onnxruntime's, run for real; timings come from a scripted ti
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
+from onnx_lowrank.graph.inputs import Samples
 from onnx_lowrank.stages.deployment import choose_ranges
 from onnx_lowrank.stages.quantize import RANGES, Quantization, QuantizedTimer, plan_quantization, quantize
 from onnx_lowrank.stages.verify import verify_many
@@ -91,13 +94,20 @@ def test_percentile_ranges_are_collected_a_sample_at_a_time_and_deterministic():
     from onnx_lowrank.stages.quantize import _reader
 
     feeds = _feeds(3, 0, None)
-    reader = _reader(iter(feeds))  # onnxruntime's strided collection asks its length, then one range at a time
+    read = []
+    samples = Samples("files", 3, lambda: (read.append(i) or feeds[i] for i in range(3)))
+    reader = _reader(samples)  # onnxruntime's strided collection asks its length, then one range at a time
     assert len(reader) == 3
+    reader.set_range(0, 1)
+    assert np.array_equal(reader.get_next()["x"], feeds[0]["x"]) and reader.get_next() is None
+    assert read == [0]  # streamed: nothing read ahead of what was asked
     reader.set_range(1, 2)
     assert np.array_equal(reader.get_next()["x"], feeds[1]["x"]) and reader.get_next() is None
+    with pytest.raises(ValueError, match="in order"):
+        reader.set_range(0, 1)
     model = build_cnn()
     recipe, _ = plan_quantization(model, "int8", calibrated=True, upgrade=False)
-    clipped = Quantization(**{**recipe.__dict__, "ranges": "percentile-99.999"})
+    clipped = replace(recipe, ranges="percentile-99.999")
     calibration = [{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
                    for i in range(6)]
     first, second = quantize(model, clipped, calibration), quantize(model, clipped, calibration)

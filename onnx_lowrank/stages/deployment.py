@@ -10,6 +10,7 @@ is a claim beyond noise, or not made.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -146,7 +147,7 @@ def choose_ranges(original: onnx.ModelProto, quantization: Quantization, calibra
             models[ranges] = quantize(original, replace(quantization, ranges=ranges), calibration)
     checks = verify_many(original, list(models.values()), calibration)
     errors = {ranges: check.worst_relative_l2 for ranges, check in zip(models, checks)}
-    chosen = min(RANGES, key=lambda ranges: errors[ranges] if errors[ranges] == errors[ranges] else float("inf"))
+    chosen = min(RANGES, key=lambda ranges: math.inf if math.isnan(errors[ranges]) else errors[ranges])
     return replace(quantization, ranges=chosen), models[chosen], {ranges: errors[ranges] for ranges in RANGES}
 
 

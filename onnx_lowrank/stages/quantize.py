@@ -34,7 +34,7 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,10 +44,11 @@ import onnx
 
 from onnx_lowrank.errors import InvalidOptionError
 from onnx_lowrank.graph.editor import default_opset
+from onnx_lowrank.graph.inputs import Samples
 from onnx_lowrank.graph.runtime import model_size
 
-__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "RANGES", "Quantization", "QuantizedTimer", "as_deployed", "quantization_ops",
-           "plan_quantization", "quantize", "quantize_each", "upgrade_opset", "weightless_tail", "with_shapes"]
+__all__ = ["QUANTIZE_MODES", "PER_CHANNEL_OPSET", "RANGES", "Quantization", "QuantizedTimer", "as_deployed",
+           "quantization_ops", "plan_quantization", "quantize", "quantize_each", "upgrade_opset", "weightless_tail", "with_shapes"]
 
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 PER_CHANNEL_OPSET = 13
@@ -162,20 +163,20 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def quantize(model: onnx.ModelProto, quantization: Quantization,
-             calibration: Iterable[Mapping[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+             calibration: Samples | Sequence[Mapping[str, np.ndarray]] | None = None) -> onnx.ModelProto:
     """`model` quantized by onnxruntime as `quantization` says (static needs `calibration`, feed dicts; dynamic
     ignores it)."""
     return quantize_each(model, quantization, calibration, (quantization.activations,))[quantization.activations]
 
 
 def as_deployed(model: onnx.ModelProto, quantization: Quantization | None,
-                calibration: Iterable[Mapping[str, np.ndarray]] | None) -> onnx.ModelProto:
+                calibration: Samples | Sequence[Mapping[str, np.ndarray]] | None) -> onnx.ModelProto:
     """`model` in the form it is deployed in: quantized by `quantization`, or as it is (None: float)."""
     return model if quantization is None else quantize(model, quantization, calibration)
 
 
 def quantize_each(model: onnx.ModelProto, quantization: Quantization,
-                  calibration: Iterable[Mapping[str, np.ndarray]] | None, activations: Sequence[str]
+                  calibration: Samples | Sequence[Mapping[str, np.ndarray]] | None, activations: Sequence[str]
                   ) -> dict[str, onnx.ModelProto]:
     """`model` quantized once per activation type of `activations` (static; dynamic takes one), preprocessed and
     calibrated once: the activations' ranges do not depend on their type (onnxruntime's calibration cache). Through
@@ -357,24 +358,31 @@ def _calibration_method(ranges: str) -> tuple[object, dict[str, object]]:
     return CalibrationMethod.Percentile, {"CalibPercentile": float(ranges.split("-")[1]), "CalibStridedMinMax": 1}
 
 
-def _reader(feeds: Iterable[Mapping[str, np.ndarray]]):
-    """onnxruntime's CalibrationDataReader over our samples: one feed dict per call, None at the end; `set_range`
-    for its strided collection."""
+def _reader(feeds: Samples | Sequence[Mapping[str, np.ndarray]]):
+    """onnxruntime's CalibrationDataReader over our samples: one feed dict per call, None at the end of the range
+    onnxruntime's strided collection asked for (`set_range`: consecutive ranges, read as they come). Streamed, so
+    samples read from files are read one at a time (`inputs.Samples`)."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    count = feeds.count if isinstance(feeds, Samples) else len(feeds)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._feeds = list(feeds)
-            self.set_range(0, len(self._feeds))
+            self._feeds, self._position, self._end = iter(feeds), 0, count
 
         def __len__(self) -> int:
-            return len(self._feeds)
+            return count
 
         def set_range(self, start_index: int, end_index: int) -> None:
-            self._next = iter(self._feeds[start_index:end_index])
+            if start_index != self._position:
+                raise ValueError(f"samples are streamed in order: asked for {start_index}, at {self._position}")
+            self._end = min(end_index, count)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            feed = next(self._next, None)
+            if self._position >= self._end:
+                return None
+            self._position += 1
+            feed = next(self._feeds, None)
             return None if feed is None else dict(feed)
 
     return Reader()
