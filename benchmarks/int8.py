@@ -3,6 +3,7 @@
     python benchmarks/int8.py --results benchmarks/RESULTS.md   # every benchmark model; INT8.md and RESULTS.md
     python benchmarks/int8.py --models yolov8n-320 --budgets 0.8,latency:0.8
     python benchmarks/int8.py --models ppocrv4-rec --budgets 0.7 --evaluation 192 --out /tmp/rec.md  # more lines
+    python benchmarks/int8.py --models ppocrv4-rec,ppocrv4-det --calibration ppocrv4-rec=64,ppocrv4-det=16
 
 For each benchmark model: the original; int8 alone, static QDQ (the tool's recipe: `stages.quantize`, activation
 type measured, activation ranges chosen by output error) and dynamic; and, at each budget (`0.7`: params; `latency:0.8`: of int8 alone's measured time, since the layers are
@@ -59,18 +60,23 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=str(HERE / "plots"), help="folder of the int8-<model>.png plots")
     parser.add_argument("--results", default=None,
                         help="also write the tables into this RESULTS.md (its int8 section, replaced)")
-    parser.add_argument("--evaluation", type=int, default=0,
-                        help="score on at least this many evaluation samples (default: each workload's own split)")
+    parser.add_argument("--evaluation", type=_counts, default={},
+                        help="score on at least this many evaluation samples: N for every model, or "
+                             "MODEL=N,... (default: each workload's own split)")
+    parser.add_argument("--calibration", type=_counts, default={},
+                        help="calibrate int8 alone and ours on at least this many samples: N or MODEL=N,... "
+                             "(default: each workload's own split)")
     args = parser.parse_args(argv)
     budgets = [_budget(b) for b in args.budgets.split(",")]
     started = time.perf_counter()
     sections = []
     for name in args.models.split(","):
-        section, rows = _model(name, budgets, args.evaluation)
+        section, rows = _model(name, budgets, _count(args.evaluation, name), _count(args.calibration, name))
         plot = Path(args.plots) / f"int8-{name}.png"
         _plot(name, rows, plot)
         sections.append(section + f"\n![{name}: size and time against the task metric](plots/{plot.name})\n")
-    more = f" --evaluation {args.evaluation}" if args.evaluation else ""
+    more = "".join(f" --{flag} {','.join(f'{m}={n}' if m else str(n) for m, n in counts.items())}"
+                   for flag, counts in (("evaluation", args.evaluation), ("calibration", args.calibration)) if counts)
     header = (f"Produced by `python benchmarks/int8.py --models {args.models} --budgets {args.budgets}{more}` on "
               f"{datetime.date.today()} in {(time.perf_counter() - started) / 60:.1f} minutes: onnx-lowrank "
               f"{onnx_lowrank.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, Python "
@@ -134,14 +140,31 @@ def _plot(name: str, rows: list[tuple], path: Path) -> None:
     plt.close(figure)
 
 
+def _counts(text: str) -> dict[str, int]:
+    """'64' -> {"": 64} (every model); 'ppocrv4-rec=64,ppocrv4-det=16' -> {model: count}."""
+    counts = {}
+    for part in text.split(","):
+        model, _, count = part.rpartition("=")
+        if model and model not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        counts[model] = int(count)
+    return counts
+
+
+def _count(counts: dict[str, int], model: str) -> int:
+    """The count `counts` gives `model` (its own, else the one for every model, else 0: the workload's split)."""
+    return counts.get(model, counts.get("", 0))
+
+
 def _budget(text: str) -> tuple[str, float]:
     """'0.7' -> ("params", 0.7); 'latency:0.8' -> ("latency", 0.8)."""
     metric, _, fraction = text.rpartition(":")
     return metric or "params", float(fraction)
 
 
-def _model(name: str, budgets: list[tuple[str, float]], evaluation: int = 0) -> tuple[str, list[tuple]]:
-    workload = workloads()[name].with_evaluation(evaluation)
+def _model(name: str, budgets: list[tuple[str, float]], evaluation: int = 0, calibration: int = 0
+           ) -> tuple[str, list[tuple]]:
+    workload = workloads()[name].with_evaluation(evaluation).with_calibration(calibration)
     path = model_path(workload.model)
     original = onnx.load(path)
     calibration, evaluation = workload.calibration_feeds(), workload.evaluation_feeds()
@@ -186,7 +209,8 @@ def _model(name: str, budgets: list[tuple[str, float]], evaluation: int = 0) -> 
             goal = (mode == "int8" and score >= alone_score - METRIC_SLACK and size <= SIZE_GOAL * alone_size
                     and vs_alone is not None and vs_alone <= TIME_GOAL)
             rows[-1] = rows[-1][:6] + (("**goal** " if goal else "") + rows[-1][6], rows[-1][7])
-    lines = [f"\n## {name} ({workload.metric}; {len(evaluation)} evaluation samples)\n",
+    lines = [f"\n## {name} ({workload.metric}; {len(calibration)} calibration and {len(evaluation)} evaluation "
+             "samples)\n",
              "| model | file MB | size vs int8 alone | time vs original | time vs int8 alone | task metric | tool s | |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for label, size, vs_original, vs_alone, score, seconds, note, bounds in rows:

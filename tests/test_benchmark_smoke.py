@@ -116,6 +116,19 @@ def test_the_plain_baselines_meet_their_budget_and_keep_the_outputs_close():
         assert verify(model, compressed, feeds).worst_relative_l2 < 1e-5  # w1 is exactly rank 16: kept exactly
 
 
+def test_the_int8_benchmark_takes_split_sizes_for_every_model_or_per_model():
+    import argparse
+
+    from benchmarks import int8
+
+    per_model = int8._counts("ppocrv4-rec=64,ppocrv4-det=16")
+    assert int8._count(per_model, "ppocrv4-rec") == 64 and int8._count(per_model, "ppocrv4-det") == 16
+    assert int8._count(per_model, "yolov8n-320") == 0  # not named: the workload's own split
+    assert int8._count(int8._counts("32"), "yolov8n-320") == 32
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown model 'yolo'"):
+        int8._counts("yolo=3")
+
+
 @pytest.mark.slow
 def test_the_int8_benchmark_writes_its_tables_plot_and_results_section(tmp_path):
     from benchmarks import int8
@@ -123,9 +136,11 @@ def test_the_int8_benchmark_writes_its_tables_plot_and_results_section(tmp_path)
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nearlier sections\n")
     arguments = ["--models", "text-transformer", "--budgets", "0.8,latency:0.9", "--out", str(tmp_path / "INT8.md"),
-                 "--plots", str(tmp_path / "plots"), "--results", str(results)]
+                 "--plots", str(tmp_path / "plots"), "--results", str(results),
+                 "--evaluation", "text-transformer=512"]
     assert int8.main(arguments) == 0
     table = (tmp_path / "INT8.md").read_text()
+    assert "--evaluation text-transformer=512`" in table and " 512 evaluation samples)" in table
     for label in ("int8 alone (static QDQ", "int8 alone (dynamic", "ours 0.8 + int8 |", "ours latency 0.9 + int8 |",
                   "ours 0.8 + int8-dynamic |"):
         assert label in table, label
