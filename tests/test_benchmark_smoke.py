@@ -162,3 +162,19 @@ def test_the_int8_ablation_prints_each_part_in_float_and_int8(capsys):
     assert len(rows) >= 2 and all(len(row.split("|")) == 5 for row in rows)
     for row in rows:  # both columns are task metrics
         assert all(0.0 <= float(cell) <= 1.0 for cell in row.split("|")[2:4])
+
+
+@pytest.mark.slow
+def test_the_int8_calibration_study_scores_every_range_method_at_every_size(capsys):
+    from benchmarks import int8_calibration
+    from onnx_lowrank.stages.quantize import RANGES
+
+    assert int8_calibration.main(["text-transformer", "--calibration", "8,32"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), r[1].strip()) for r in rows] == [(n, ranges) for n in (8, 32) for ranges in RANGES]
+    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
+    for n in (8, 32):  # one method chosen per size: the least output error on the calibration samples
+        mine = [r for r in rows if int(r[0]) == n]
+        chosen = [r for r in mine if r[4].strip() == "chosen"]
+        assert len(chosen) == 1 and float(chosen[0][2]) == min(float(r[2]) for r in mine)
