@@ -103,8 +103,8 @@ def _choose(analysis: Analysis, budget: float, metric: str, allocator: str | Non
     if proto is None or samples is None:
         raise InvalidOptionError("The auto allocator compares plans end to end on the calibration samples: this "
                                  "analysis has none; pass model= and calibration=.")
-    speed = None if context is None else context.speed
-    return choose_plan(proto, analysis, budget, metric, samples, speed, weight_only_plans)
+    speed, feed = (None, None) if context is None else (context.speed, context.timing_feed)
+    return choose_plan(proto, analysis, budget, metric, samples, speed, weight_only_plans, feed)
 
 
 def _default_allocator(analysis: Analysis, allocator: str | None) -> str:

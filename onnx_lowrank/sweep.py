@@ -158,7 +158,7 @@ def sweep(
                 deployed = as_deployed(compressed, recipe, calibration_samples)
                 check = verify(proto, deployed, feeds)
                 output_error, top1 = check.worst_relative_l2, check.lowest_top1_agreement
-                timing = compare_models(proto, compressed, [next(iter(feeds))], speed,
+                timing = compare_models(proto, compressed, [context.timing_feed()], speed,
                                         rounds=latency_repeats) if latency else None  # as compress times it
                 if timing is not None and analysis.guarded:  # the promise compress keeps, kept here too
                     try:

@@ -76,6 +76,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
 import onnx
 
 from onnx_lowrank.stages.allocate import FLOAT_ROUNDING, allocate
@@ -101,9 +102,12 @@ CANDIDATE_ALLOCATORS = ALLOCATORS
 
 
 def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metric: str, samples: Samples,
-                speed=None, weight_only_plans: bool = True) -> Plan:
+                speed=None, weight_only_plans: bool = True,
+                timing_feed: Callable[[], Mapping[str, np.ndarray]] | None = None) -> Plan:
     """The best plan for `budget` among the candidate allocators, judged end to end on `samples`; tied plans are
-    timed with `speed` (`settings.SpeedSettings`; None: the session settings the layers were timed with). With
+    timed with `speed` (`settings.SpeedSettings`; None: the session settings the layers were timed with) on the
+    feed `timing_feed()` gives, read only then (None: the first of `samples`; `pipeline.Context.timing_feed`, at the
+    shapes the layers were timed at). With
     `weight_only_plans` the allocators' plans on the weights alone are candidates too; a weight-only winner's
     settings say so (`pipeline.written_with` writes it from the weights)."""
     factorizes = analysis.method != "eliminate" and analysis.layers  # weight-only plans only factorize
@@ -154,8 +158,8 @@ def choose_plan(model: onnx.ModelProto, analysis: Analysis, budget: float, metri
     tied = [name for name in plans if _within_rounding(checks[name])
             or (len(folds) == 1 and _indistinguishable(checks[name], checks[least]))]
     if "latency" in analysis.costs and len(tied) > 1:
-        times = measured_times(model, analysis, {name: plans[name] for name in tied}, next(iter(samples)), speed,
-                               writers)
+        feed = next(iter(samples)) if timing_feed is None else timing_feed()
+        times = measured_times(model, analysis, {name: plans[name] for name in tied}, feed, speed, writers)
         best = min(tied, key=lambda name: (times[name], errors[name]))
         if best != least:
             faster = (f"; within two standard errors of {least}'s and measured faster: {times[best]:.3g} ms "
